@@ -1,0 +1,272 @@
+"""The core fused op: per-token logp, entropy and teacher-student divergence from hidden states."""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import chunked
+from .stats_config import DIVERGENCES, StatsConfig
+
+IMPLS = ("auto", "triton", "chunked", "reference")
+
+
+class TokenStats(NamedTuple):
+    """Per-row float32 outputs of :func:`token_stats`, each [N]; zeros on inactive rows."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    divergence: torch.Tensor
+
+
+def _backend(impl: str):
+    if impl == "triton":
+        from .kernels import token_stats as triton_backend
+
+        return triton_backend
+    return chunked
+
+
+class _TokenStatsFunction(torch.autograd.Function):
+    """One autograd node over a backend's forward and single-sweep recompute backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg, impl):
+        backend = _backend(impl)
+        ctx.cfg, ctx.backend = cfg, backend
+        if hidden.shape[0] == 0:  # nothing active: no sweep at all
+            ctx.save_for_backward(hidden, weight)
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty.clone(), empty.clone()
+        logp, entropy, div, lse_s, lse_t, grad_sum = backend.stats_forward(
+            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg)
+        ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
+                              lse_s, lse_t, entropy, grad_sum)
+        return logp, entropy, div
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy, g_div):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_hidden or need_weight):
+            return (None,) * 9
+        if len(ctx.saved_tensors) == 2:
+            hidden, weight = ctx.saved_tensors
+            return (torch.zeros_like(hidden) if need_hidden else None,
+                    torch.zeros_like(weight) if need_weight else None) + (None,) * 7
+        (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
+         lse_s, lse_t, entropy, grad_sum) = ctx.saved_tensors
+        d_hidden, d_weight = ctx.backend.stats_backward(
+            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, ctx.cfg,
+            lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div, need_weight)
+        if d_weight is not None:
+            d_weight = d_weight.to(weight.dtype)
+        return (d_hidden if need_hidden else None, d_weight, None, None, None, None, None, None, None)
+
+
+def _check_matrix(name, t, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}: all inputs must share a device")
+
+
+def _check_bias(name, b, vocab, weight_name, device):
+    if b is None:
+        return
+    if b.dim() != 1 or b.shape[0] != vocab:
+        raise ValueError(f"{name} must have shape [V]=[{vocab}] to match {weight_name}, got {tuple(b.shape)}")
+    if b.device != device:
+        raise ValueError(f"{name} is on {b.device} but hidden is on {device}")
+
+
+def _resolve_divergence(divergence, beta):
+    if divergence is None:
+        return None
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES} or None, got {divergence!r}")
+    if divergence == "jsd":
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        if beta == 0.0:
+            return "forward_kl"
+        if beta == 1.0:
+            return "reverse_kl"
+    return divergence
+
+
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    targets: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    divergence: Optional[str] = None,
+    beta: float = 0.5,
+    clip: Optional[float] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> TokenStats:
+    """Per-token logp, entropy and teacher-student divergence, never materializing the [N, V] logits.
+
+    Logits of each context: ``z = cap(h @ W.T + b) / temperature`` with ``cap(x) = softcap * tanh(x / softcap)``
+    when ``softcap`` is set (the model's cap on its raw logits, then the sampling temperature). Student
+    ``q = softmax(z_s)``, teacher ``p = softmax(z_t)``. All math runs in float32 whatever the input dtype.
+
+    Args:
+        hidden: student hidden states h_s, [N, H], float32/bfloat16/float16 (float64 on the chunked path).
+        weight: lm_head weight W, [V, H], same dtype as ``hidden``. Its gradient is computed only when it
+            requires grad (frozen under LoRA otherwise).
+        targets: token ids y, [N] int64 in [0, V) or ``ignore_index``. Rows with ``ignore_index`` are
+            inactive. Without targets ``logp`` is zeros.
+        teacher_hidden: teacher hidden states h_t, [N, H_t]; required when ``divergence`` is set. Never
+            receives a gradient.
+        teacher_weight: teacher lm_head W_t, [V, H_t]. Default: ``weight`` (self-distillation: one model,
+            two contexts; one read of each W tile serves both GEMMs on the Triton path).
+        bias, teacher_bias: optional [V] biases. ``teacher_bias`` defaults to ``bias`` when the head is
+            shared, and to no bias when ``teacher_weight`` is given. Biases get no gradient.
+        divergence: None, ``"forward_kl"`` (KL(p||q), mode-covering), ``"reverse_kl"`` (KL(q||p),
+            mode-seeking) or ``"jsd"``: generalized JSD_beta = beta KL(p||M) + (1-beta) KL(q||M),
+            M = beta p + (1-beta) q. Convention of TRL GKD and Liger: ``beta=0`` is exactly forward
+            KL(p||q) and ``beta=1`` exactly reverse KL(q||p) (the JSD formula itself tends to 0 there).
+        beta: JSD interpolation in [0, 1]; read only for ``"jsd"``.
+        clip: pointwise clip tau > 0 (OPSD v3): D = sum_v min(d_v, tau) over the per-entry terms d_v of
+            the chosen divergence (for forward KL d_v = p_v log(p_v / q_v)); terms may be negative, only
+            the top is bounded, and clipped entries pass no gradient.
+        temperature: T > 0, applied to both contexts.
+        softcap: c > 0 or None.
+        mask: optional [N] bool or numeric; rows that are False/0 are inactive. Inactive rows are gathered
+            out before any GEMM: they cost nothing, give 0 in every output and receive zero gradient.
+        ignore_index: the inactive-row marker in ``targets``.
+        impl: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"`` (CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``), ``"chunked"``, or ``"reference"`` (eager float64, materializes [N, V];
+            for tests).
+
+    Returns:
+        :class:`TokenStats` ``(logp, entropy, divergence)``, float32 [N] each, differentiable w.r.t.
+        ``hidden`` and ``weight``. A backward through any combination of them runs one recompute sweep.
+        An all-inactive batch gives zeros connected to the graph, so its loss backpropagates zero gradients.
+
+    Raises:
+        ValueError naming the argument for wrong shapes, dtypes, devices or out-of-range options.
+    """
+    _check_matrix("hidden", hidden, hidden.device if isinstance(hidden, torch.Tensor) else None)
+    device = hidden.device
+    _check_matrix("weight", weight, device)
+    n, width = hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != width:
+        raise ValueError(f"weight must have shape [V, H] with H={width} (hidden's), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    _check_bias("bias", bias, vocab, "weight", device)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip (tau) must be None or a finite number > 0, got {clip!r}")
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    resolved = _resolve_divergence(divergence, beta)
+
+    if resolved is not None:
+        if teacher_hidden is None:
+            raise ValueError(f"teacher_hidden [N, H_t] is required when divergence={divergence!r}")
+        _check_matrix("teacher_hidden", teacher_hidden, device)
+        if teacher_hidden.shape[0] != n:
+            raise ValueError(f"teacher_hidden must have N={n} rows like hidden, got {tuple(teacher_hidden.shape)}")
+        if teacher_weight is None:
+            teacher_weight = weight
+            if teacher_bias is None:
+                teacher_bias = bias
+        _check_matrix("teacher_weight", teacher_weight, device)
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(f"teacher_weight must have V={vocab} rows like weight, got {tuple(teacher_weight.shape)}")
+        if teacher_weight.shape[1] != teacher_hidden.shape[1]:
+            raise ValueError(f"teacher_weight must have shape [V, H_t] with H_t={teacher_hidden.shape[1]} "
+                             f"(teacher_hidden's), got {tuple(teacher_weight.shape)}")
+        if teacher_weight.dtype != teacher_hidden.dtype:
+            raise ValueError(f"teacher_weight dtype {teacher_weight.dtype} must match teacher_hidden dtype "
+                             f"{teacher_hidden.dtype}")
+        _check_bias("teacher_bias", teacher_bias, vocab, "teacher_weight", device)
+        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    elif teacher_hidden is not None or teacher_weight is not None:
+        raise ValueError("divergence must be set ('forward_kl', 'reverse_kl' or 'jsd') when teacher_hidden "
+                         "or teacher_weight is given")
+
+    active = None
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor) or targets.shape != (n,):
+            raise ValueError(f"targets must have shape [N]=[{n}], got "
+                             f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
+        if targets.device != device:
+            raise ValueError(f"targets is on {targets.device} but hidden is on {device}")
+        targets = targets.long()
+        active = targets != ignore_index
+        bad = active & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            first = int(targets[bad][0])
+            raise ValueError(f"targets must be in [0, V={vocab}) or ignore_index={ignore_index}, found {first}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != (n,):
+            raise ValueError(f"mask must have shape [N]=[{n}], got "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but hidden is on {device}")
+        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+            raise ValueError("mask must be finite (bool, or numeric where 0 marks an inactive row)")
+        mask = mask != 0
+        active = mask if active is None else active & mask
+
+    cfg = StatsConfig(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+                      divergence=resolved, beta=float(beta), clip=None if clip is None else float(clip),
+                      has_targets=targets is not None)
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" and _triton_available() else "chunked"
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise ValueError("impl='triton' takes float32, bfloat16 or float16 hidden states, got float64")
+
+    if impl == "reference":
+        from .reference import reference_token_stats
+
+        outs = reference_token_stats(hidden, weight, cfg, bias=bias, teacher_hidden=teacher_hidden,
+                                     teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                                     targets=targets, active=active)
+        return TokenStats(*(o.float() for o in outs))
+
+    if active is None or bool(active.all()):
+        return TokenStats(*_TokenStatsFunction.apply(hidden, weight, bias, teacher_hidden, teacher_weight,
+                                                     teacher_bias, targets, cfg, impl))
+    # Gather the active rows once: inactive rows never reach a GEMM, forward or backward.
+    rows = active.nonzero().squeeze(1)
+    outs = _TokenStatsFunction.apply(
+        hidden.index_select(0, rows), weight, bias,
+        None if teacher_hidden is None else teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
+        None if targets is None else targets.index_select(0, rows), cfg, impl)
+    return TokenStats(*(torch.zeros(n, device=device, dtype=o.dtype).index_copy(0, rows, o) for o in outs))
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
