@@ -1,0 +1,244 @@
+"""The chunked PyTorch backend of the core op against the float64 eager reference."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pydistill import token_stats
+from pydistill.chunked import chunk_size_for
+from tests.helpers import make_inputs, run, upstream
+
+OPTION_GRID = list(itertools.product(
+    [None, ("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)],
+    [None, 0.05],
+))
+
+
+def _options(div, clip, **extra):
+    opts = dict(divergence=None if div is None else div[0], beta=0.5 if div is None else div[1], clip=clip)
+    opts.update(extra)
+    return opts
+
+
+def _assert_close(got, want, atol, rtol=1e-4, what=""):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None
+            continue
+        err = (g - w).abs().max().item()
+        assert err <= atol + rtol * w.abs().max().item(), f"{what} output {i}: max error {err:.3e}"
+
+
+@pytest.mark.parametrize("div,clip", OPTION_GRID)
+@pytest.mark.parametrize("separate_teacher", [False, True])
+def test_chunked_matches_fp64_reference(div, clip, separate_teacher):
+    inputs = make_inputs(separate_teacher=separate_teacher, ignore_rows=(3, 20))
+    grads = upstream(37)
+    opts = _options(div, clip)
+    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    _assert_close(got, want, atol=2e-5, what=str(opts))
+    assert got[0][3] == 0 and got[1][20] == 0 and got[3][3].abs().sum() == 0
+
+
+@pytest.mark.parametrize("temperature,softcap,bias,teacher_width",
+                         [(0.7, None, True, None), (1.3, 4.0, False, 17), (1.0, 2.5, True, 31)])
+@pytest.mark.parametrize("div", [("forward_kl", 0.5), ("jsd", 0.3), ("reverse_kl", 0.5)])
+@pytest.mark.parametrize("clip", [None, 0.02])
+def test_chunked_temperature_softcap_bias_teacher_width(temperature, softcap, bias, teacher_width, div, clip):
+    inputs = make_inputs(n=29, width=20, vocab=777, bias=bias, teacher_width=teacher_width, seed=4)
+    grads = upstream(29, seed=5)
+    opts = _options(div, clip, temperature=temperature, softcap=softcap)
+    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    _assert_close(got, want, atol=2e-5, what=str(opts))
+
+
+def test_separate_teacher_bias_defaults():
+    """With a shared head the teacher reuses the student's bias; with its own head it has none unless given."""
+    base = make_inputs(n=9, width=8, vocab=50, bias=True, seed=2)
+    h, w, ht, b = base["hidden"], base["weight"], base["teacher_hidden"], base["bias"]
+    shared = token_stats(h, w, teacher_hidden=ht, bias=b, divergence="forward_kl").divergence
+    explicit = token_stats(h, w, teacher_hidden=ht, teacher_weight=w, bias=b, teacher_bias=b,
+                           divergence="forward_kl").divergence
+    no_teacher_bias = token_stats(h, w, teacher_hidden=ht, teacher_weight=w, bias=b,
+                                  divergence="forward_kl").divergence
+    torch.testing.assert_close(shared, explicit)
+    assert (shared - no_teacher_bias).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("div", [None, ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_low_precision_no_worse_than_eager(dtype, div):
+    """CCE's rule: |impl - fp64| <= |eager low-precision torch - fp64| + tol, for every output and gradient."""
+    inputs = make_inputs(n=33, width=40, vocab=1111, dtype=dtype, seed=7)
+    grads = upstream(33, seed=8)
+    opts = _options(div, None)
+    truth = run(token_stats, inputs, grads, impl="reference", **opts)
+    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+
+    def eager(hidden, weight, **kw):
+        from pydistill.reference import reference_token_stats
+        from pydistill.stats_config import StatsConfig
+
+        cfg = StatsConfig(divergence=kw["divergence"], beta=kw["beta"], has_targets=True)
+        tw = kw["teacher_weight"] if kw.get("teacher_weight") is not None else weight
+        return reference_token_stats(hidden, weight, cfg, teacher_hidden=kw.get("teacher_hidden"),
+                                     teacher_weight=tw, targets=kw["targets"], dtype=None)
+
+    low = run(eager, inputs, grads, **opts)
+    for i, (g, lo, t) in enumerate(zip(got, low, truth)):
+        err, base = (g - t).abs().max().item(), (lo - t).abs().max().item()
+        assert err <= base + 1e-3 * t.abs().max().item() + 1e-6, f"output {i}: {err:.3e} vs eager {base:.3e}"
+
+
+def test_weight_without_grad_and_upstream_subsets():
+    inputs = make_inputs(n=21, width=12, vocab=313, weight_grad=False, seed=3)
+    grads = upstream(21)
+    grads[1] = torch.zeros(21, dtype=torch.float64)  # entropy unused
+    opts = _options(("jsd", 0.5), 0.1)
+    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    assert got[4] is None
+    _assert_close(got, want, atol=2e-5)
+    # Only one output used: the others' upstream gradients arrive as None.
+    h = inputs["hidden"]
+    h.grad = None
+    token_stats(h, inputs["weight"], teacher_hidden=inputs["teacher_hidden"], divergence="reverse_kl").divergence.sum().backward()
+    g_one = h.grad.clone()
+    h.grad = None
+    token_stats(h, inputs["weight"], teacher_hidden=inputs["teacher_hidden"], divergence="reverse_kl",
+                impl="reference").divergence.sum().backward()
+    torch.testing.assert_close(g_one, h.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_all_masked_gives_zeros_and_zero_grads():
+    inputs = make_inputs(n=6, width=8, vocab=40)
+    h, w = inputs["hidden"], inputs["weight"]
+    out = token_stats(h, w, targets=torch.full((6,), -100), teacher_hidden=inputs["teacher_hidden"],
+                      divergence="jsd", clip=0.1)
+    loss = out.logp.sum() + out.entropy.sum() + out.divergence.sum()
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+    out = token_stats(h, w, mask=torch.zeros(6, dtype=torch.bool))
+    out.entropy.sum().backward()
+    assert not torch.isnan(h.grad).any()
+
+
+def test_mask_gathers_rows_out(monkeypatch):
+    """Masked rows never reach the backend: only active rows are handed to the sweeps."""
+    import pydistill.chunked as chunked
+
+    seen = []
+    real_forward, real_backward = chunked.stats_forward, chunked.stats_backward
+    monkeypatch.setattr(chunked, "stats_forward", lambda h, *a, **k: seen.append(h.shape[0]) or real_forward(h, *a, **k))
+    monkeypatch.setattr(chunked, "stats_backward", lambda h, *a, **k: seen.append(h.shape[0]) or real_backward(h, *a, **k))
+    inputs = make_inputs(n=20, width=8, vocab=64)
+    mask = torch.arange(20) % 2 == 0
+    out = token_stats(inputs["hidden"], inputs["weight"], mask=mask.float(), targets=inputs["targets"])
+    out.logp.sum().backward()
+    assert seen == [10, 10]
+    assert torch.all(out.logp[~mask] == 0) and torch.all(inputs["hidden"].grad[~mask] == 0)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("div", [("reverse_kl", 0.5), ("jsd", 0.5)])
+def test_chunked_never_allocates_n_by_v(div):
+    """Every tensor produced by any op in forward and backward stays far below N x V elements."""
+    n, width, vocab = 512, 32, 20000
+    inputs = make_inputs(n=n, width=width, vocab=vocab, seed=9)
+    tracker = _LargestAllocation()
+    with tracker:
+        out = token_stats(inputs["hidden"], inputs["weight"], targets=inputs["targets"],
+                          teacher_hidden=inputs["teacher_hidden"], divergence=div[0], beta=div[1], clip=0.05)
+        (out.logp.sum() + out.entropy.sum() + out.divergence.sum()).backward()
+    tile = n * chunk_size_for(n, vocab)
+    assert tracker.largest <= max(tile, vocab * width), (tracker.largest, n * vocab)
+    assert tracker.largest < n * vocab / 4
+    # the same tracker sees the eager reference's [N, V] logits, so it can fail
+    eager = _LargestAllocation()
+    with eager:
+        token_stats(inputs["hidden"], inputs["weight"], targets=inputs["targets"], impl="reference")
+    assert eager.largest >= n * vocab
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 23), width=st.integers(1, 19), vocab=st.integers(2, 300),
+       div=st.sampled_from([None, "forward_kl", "reverse_kl", "jsd"]), beta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+       clip=st.sampled_from([None, 0.01, 0.3]), temperature=st.sampled_from([0.5, 1.0, 2.0]),
+       softcap=st.sampled_from([None, 3.0]), seed=st.integers(0, 2 ** 16))
+def test_hypothesis_shapes_and_options(n, width, vocab, div, beta, clip, temperature, softcap, seed):
+    inputs = make_inputs(n=n, width=width, vocab=vocab, seed=seed, ignore_rows=(0,) if n > 2 else ())
+    grads = upstream(n, seed=seed + 1)
+    opts = dict(divergence=div, beta=beta, clip=clip, temperature=temperature, softcap=softcap)
+    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    _assert_close(got, want, atol=3e-5, what=str(opts))
+    for t in got[:3]:
+        assert torch.isfinite(t).all()
+
+
+def test_beta_endpoints_are_the_kls():
+    inputs = make_inputs(n=11, width=10, vocab=97)
+    h, w, ht = inputs["hidden"], inputs["weight"], inputs["teacher_hidden"]
+    for beta, name in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        torch.testing.assert_close(token_stats(h, w, teacher_hidden=ht, divergence="jsd", beta=beta).divergence,
+                                   token_stats(h, w, teacher_hidden=ht, divergence=name).divergence)
+    mid = token_stats(h, w, teacher_hidden=ht, divergence="jsd", beta=1e-9).divergence
+    assert mid.abs().max() < 1e-6  # the JSD formula itself vanishes at the endpoints
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(hidden=torch.randn(4, 8, 2)), "hidden must be 2-D"),
+    (dict(weight=torch.randn(30, 7)), r"weight must have shape \[V, H\] with H=8"),
+    (dict(weight=torch.randn(30, 8, dtype=torch.float64)), "weight dtype"),
+    (dict(hidden=torch.randn(4, 8).to(torch.int32)), "hidden must be float32"),
+    (dict(teacher_weight=torch.randn(31, 8)), "teacher_weight must have V=30"),
+    (dict(teacher_weight=torch.randn(30, 5)), r"teacher_weight must have shape \[V, H_t\]"),
+    (dict(teacher_hidden=torch.randn(5, 8)), "teacher_hidden must have N=4"),
+    (dict(temperature=0.0), "temperature must be"),
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(beta=1.5), r"beta must be a number in \[0, 1\]"),
+    (dict(beta=-0.1), r"beta must be a number in \[0, 1\]"),
+    (dict(clip=0.0), "clip"),
+    (dict(clip=-2.0), "clip"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(targets=torch.tensor([0, 1, 30, 2])), r"targets must be in \[0, V=30\)"),
+    (dict(targets=torch.tensor([0, 1, -5, 2])), r"targets must be in \[0, V=30\)"),
+    (dict(targets=torch.tensor([0, 1, 2])), r"targets must have shape \[N\]=\[4\]"),
+    (dict(targets=torch.tensor([0.0, 1, 2, 3])), "targets must be int64"),
+    (dict(mask=torch.ones(5, dtype=torch.bool)), r"mask must have shape \[N\]=\[4\]"),
+    (dict(divergence="kl"), "divergence must be one of"),
+    (dict(divergence=None), "divergence must be set"),
+    (dict(impl="cuda"), "impl must be one of"),
+    (dict(bias=torch.randn(29)), r"bias must have shape \[V\]=\[30\]"),
+    (dict(teacher_hidden=None), "teacher_hidden .* is required"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(30, 8), teacher_hidden=torch.randn(4, 8),
+                teacher_weight=None, divergence="forward_kl")
+    args.update(bad)
+    hidden, weight = args.pop("hidden"), args.pop("weight")
+    with pytest.raises(ValueError, match=match):
+        token_stats(hidden, weight, **args)
+
+
+def test_triton_impl_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
+        token_stats(torch.randn(3, 4), torch.randn(10, 4), impl="triton")
