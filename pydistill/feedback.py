@@ -1,0 +1,194 @@
+"""Feedback sources for Feedback Distillation: textual feedback on a student's attempt.
+
+Every source is a callable ``source(prompt, attempt, reference) -> str | None`` (None: nothing to say).
+``reference`` is the reference final answer when the source may use it (verifiers); a critic must not leak it.
+
+- :class:`VerifierFeedback`: for arithmetic word problems and GSM8K, which step is wrong, what value it should
+  have, and whether the final answer is right.
+- :class:`ModelFeedback`: a critic model (a second model, or the student itself) prompted to critique the
+  attempt without giving away the final answer; any leaked reference answer is redacted.
+- :class:`LeanFeedback`: writes the attempt to a .lean file, runs a local ``lean`` (or ``lake env lean``) with
+  a timeout and turns the compiler's errors into feedback. Without a Lean binary it refuses at construction
+  with a message that says so.
+
+:func:`collect_feedback` runs a source over a batch and never lets a failure or a timeout crash a run: it
+counts them in :class:`FeedbackStats` and returns None for those items.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+FeedbackSource = Callable[[str, str, Optional[str]], Optional[str]]
+
+
+class FeedbackUnavailable(RuntimeError):
+    """A feedback source cannot run on this machine (e.g. no Lean binary)."""
+
+
+@dataclass
+class FeedbackStats:
+    """Counts over the calls of one source: given feedback, nothing to say, failures and timeouts."""
+
+    given: int = 0
+    empty: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    errors: list = field(default_factory=list)  # the first few failure messages, for the logs
+
+    def as_metrics(self, prefix: str = "feedback/") -> dict:
+        return {f"{prefix}{k}": getattr(self, k) for k in ("given", "empty", "failures", "timeouts")}
+
+
+def collect_feedback(source: FeedbackSource, items: Sequence[tuple], stats: Optional[FeedbackStats] = None):
+    """Feedback for each ``(prompt, attempt, reference)`` in ``items``; a failing item gives None and is counted."""
+    stats = stats if stats is not None else FeedbackStats()
+    out = []
+    for prompt, attempt, reference in items:
+        try:
+            text = source(prompt, attempt, reference)
+        except subprocess.TimeoutExpired:
+            stats.timeouts += 1
+            text = None
+        except Exception as exc:  # a feedback source is outside code: log it, keep training
+            stats.failures += 1
+            if len(stats.errors) < 5:
+                stats.errors.append(f"{type(exc).__name__}: {exc}")
+            text = None
+        else:
+            if text and text.strip():
+                stats.given += 1
+            else:
+                stats.empty += 1
+                text = None
+        out.append(text)
+    return out, stats
+
+
+class VerifierFeedback:
+    """Step-checking verifier for "a op b = c" reasoning (the embedded arithmetic task and GSM8K)."""
+
+    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+        from .tasks import extract_answer, find_first_wrong_step
+
+        parts = []
+        error = find_first_wrong_step(attempt)
+        if error is not None:
+            parts.append(f'The step "{error.quote}" is wrong: {error.explanation}')
+        final = extract_answer(attempt)
+        if reference is not None:
+            if final is None:
+                parts.append("The attempt never states a final answer; end with it in \\boxed{}.")
+            elif _same_number(final, reference):
+                parts.append("The final answer is correct.")
+            else:
+                parts.append(f"The final answer {final} is not correct.")
+        return " ".join(parts) or None
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+CRITIC_INSTRUCTION = (
+    "You are a careful teacher. Read the problem and a student's attempt. Point out the first mistake in the "
+    "attempt and what should be done instead, in two or three sentences. Do not state the final answer."
+)
+
+
+class ModelFeedback:
+    """A critic model's feedback. ``generate`` maps rendered prompts to replies (e.g. the trainer's rollout engine
+    at low temperature, over a second model or the student itself)."""
+
+    def __init__(self, generate: Callable[[list[str]], list[str]], render: Callable[[str], str] = lambda s: s,
+                 instruction: str = CRITIC_INSTRUCTION):
+        self.generate = generate
+        self.render = render
+        self.instruction = instruction
+
+    def prompt(self, prompt: str, attempt: str) -> str:
+        return f"{self.instruction}\n\nProblem:\n{prompt}\n\nStudent's attempt:\n{attempt}"
+
+    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+        return self.batch([(prompt, attempt, reference)])[0]
+
+    def batch(self, items: Sequence[tuple]) -> list[Optional[str]]:
+        """One generate call for many items (what trainers use)."""
+        replies = self.generate([self.render(self.prompt(p, a)) for p, a, _ in items])
+        return [redact_answer(reply, reference).strip() or None for reply, (_, _, reference) in zip(replies, items)]
+
+
+def redact_answer(text: str, reference: Optional[str]) -> str:
+    """Replace standalone occurrences of the reference answer, so a critic cannot hand the teacher the result."""
+    if not reference:
+        return text
+    return re.sub(rf"(?<![\d.]){re.escape(reference.strip())}(?![\d]|\.\d)", "[answer withheld]", text)
+
+
+_LEAN_MESSAGE = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+):\s*(?P<kind>error|warning)\s*:?\s*(?P<msg>.*)$")
+
+
+def parse_lean_messages(output: str) -> list[dict]:
+    """Lean 4 diagnostics (``file:line:col: error: message`` plus continuation lines) as dicts."""
+    messages = []
+    for raw in output.splitlines():
+        match = _LEAN_MESSAGE.match(raw.strip())
+        if match:
+            messages.append(dict(line=int(match["line"]), col=int(match["col"]), kind=match["kind"],
+                                 message=match["msg"].strip()))
+        elif messages and raw.strip():
+            messages[-1]["message"] += "\n" + raw.rstrip()
+    return messages
+
+
+class LeanFeedback:
+    """Lean 4 compiler feedback. ``command`` defaults to ``lean`` on PATH, else ``lake env lean``.
+
+    The attempt (with ``header``, e.g. ``import Mathlib``, prepended) is written to a temporary file and checked
+    with a timeout; each error becomes a line of feedback with its position in the attempt.
+    """
+
+    def __init__(self, command: Optional[Sequence[str]] = None, timeout: float = 60.0, header: str = "",
+                 workdir: Optional[str] = None, max_errors: int = 3):
+        if command is None:
+            if shutil.which("lean"):
+                command = ["lean"]
+            elif shutil.which("lake"):
+                command = ["lake", "env", "lean"]
+            else:
+                raise FeedbackUnavailable(
+                    "LeanFeedback needs a Lean 4 toolchain: neither `lean` nor `lake` is on PATH. Install it "
+                    "with elan (https://lean-lang.org) or pass command=[path/to/lean].")
+        elif not shutil.which(command[0]) and not os.path.exists(command[0]):
+            raise FeedbackUnavailable(f"LeanFeedback command {command[0]!r} was not found")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.command, self.timeout, self.header = list(command), timeout, header
+        self.workdir, self.max_errors = workdir, max_errors
+
+    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+        header = self.header + ("\n" if self.header and not self.header.endswith("\n") else "")
+        offset = header.count("\n")
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            path = os.path.join(tmp, "Attempt.lean")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(header + attempt)
+            done = subprocess.run(self.command + [path], capture_output=True, text=True, timeout=self.timeout,
+                                  cwd=self.workdir or tmp)
+        errors = [m for m in parse_lean_messages(done.stdout + "\n" + done.stderr) if m["kind"] == "error"]
+        if not errors:
+            if done.returncode != 0:
+                raise RuntimeError(f"lean exited with {done.returncode} and no diagnostics: {done.stderr[-300:]}")
+            return "The proof compiles without errors."
+        lines = [f"Line {m['line'] - offset}, column {m['col']}: {m['message']}" for m in errors[: self.max_errors]]
+        more = len(errors) - len(lines)
+        tail = f" ({more} more errors)" if more > 0 else ""
+        return "The Lean compiler rejects the proof:\n" + "\n".join(lines) + tail
