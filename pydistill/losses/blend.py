@@ -1,0 +1,92 @@
+"""Distillation blended with a policy gradient, both from one pass of the core op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .distillation import distillation_per_token
+from .output import LossOutput, masked_mean
+from .policy_gradient import check_policy_options, policy_gradient_per_token, policy_metrics, reduce_policy_loss
+from .reductions import reduce_tokens
+from .stats import op_options, sequence_token_stats
+from .validation import check_per_token, check_positive, check_sequence_layout
+
+
+def blended_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    distillation_weight: float = 0.5,
+    teacher_weight: Optional[torch.Tensor] = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    clip: Optional[float] = None,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    delta: Optional[float] = None,
+    importance_sampling_level: str = "token",
+    loss_type: str = "dapo",
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[float] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+) -> LossOutput:
+    """``w * distillation + (1 - w) * policy gradient`` from a single call of the core op.
+
+    The op returns the sampled tokens' logp, the entropy and the teacher-student divergence in one sweep, so
+    the blend costs what either loss costs alone. The distillation part is :func:`distillation_loss`'s
+    token-mean (divided by ``num_items_in_batch`` when given); the policy part is :func:`grpo_loss` with
+    ``loss_type`` (its KL coefficient is ``kl_beta`` here, since ``beta`` is the JSD's). ``w`` =
+    ``distillation_weight`` in [0, 1]; its gradient is exactly the weighted sum of the two losses' gradients.
+    """
+    b, t, mask = check_sequence_layout(hidden, mask)
+    if not (isinstance(distillation_weight, (int, float)) and 0.0 <= distillation_weight <= 1.0):
+        raise ValueError(f"distillation_weight must be in [0, 1], got {distillation_weight!r}")
+    check_positive("clip (tau)", clip)
+    check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, kl_beta,
+                         max_completion_length, num_items_in_batch)
+    advantages = check_per_token("advantages", advantages, b, t, allow_sequence=True)
+    old_logp = check_per_token("old_logp", old_logp, b, t)
+    if kl_beta and ref_logp is None:
+        raise ValueError("ref_logp [B, T] is required when kl_beta > 0")
+    ref_logp = check_per_token("ref_logp", ref_logp, b, t)
+    logp, entropy, div = sequence_token_stats(
+        hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
+        **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
+                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip))
+    distill_tokens, _ = distillation_per_token(div, logp)
+    distill = reduce_tokens(distill_tokens, mask, "token_mean", num_items_in_batch)
+    pg_tokens, stats = policy_gradient_per_token(
+        logp, entropy, advantages.to(logp), mask, old_logp=old_logp, ref_logp=ref_logp, beta=kl_beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+        importance_sampling_level=importance_sampling_level)
+    policy = reduce_policy_loss(pg_tokens, mask, loss_type, max_completion_length=max_completion_length,
+                                num_items_in_batch=num_items_in_batch)
+    loss = distillation_weight * distill + (1.0 - distillation_weight) * policy
+    metrics = policy_metrics(stats, logp, entropy, mask)
+    metrics.update(divergence=masked_mean(div.detach(), mask), distillation_loss=float(distill.detach()),
+                   policy_loss=float(policy.detach()))
+    return LossOutput(loss, metrics, dict(logp=logp.detach(), entropy=entropy.detach(), divergence=div.detach()))
+
+
+class BlendedLoss(nn.Module):
+    """:func:`blended_loss` with its options fixed at construction."""
+
+    def __init__(self, distillation_weight: float = 0.5, **options):
+        super().__init__()
+        self.options = dict(distillation_weight=distillation_weight, **options)
+
+    def forward(self, hidden, weight, teacher_hidden, targets, advantages, mask=None, **kwargs) -> LossOutput:
+        return blended_loss(hidden, weight, teacher_hidden, targets, advantages, mask, **{**self.options, **kwargs})

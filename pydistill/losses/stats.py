@@ -1,0 +1,39 @@
+"""One call of the core op over the [B, T, H] trainer layout, returning [B, T] statistics."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..token_stats import token_stats
+from .validation import check_per_token
+
+
+def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=None, **op_options):
+    """(logp, entropy, divergence) as [B, T] float32, zeros outside ``mask``.
+
+    The [B, T, H] hidden states are flattened (a view) and the op gathers the masked rows out itself, so
+    tokens outside the mask cost no FLOPs in forward or backward.
+    """
+    b, t, width = hidden.shape
+    flat_targets = None
+    if targets is not None:
+        targets = check_per_token("targets", targets, b, t)
+        flat_targets = targets.reshape(-1).to(device=hidden.device, dtype=torch.long)
+        # padding positions may hold any id: make them ignore_index so that they are never range-checked
+        flat_targets = torch.where(mask.reshape(-1), flat_targets, torch.full_like(flat_targets, -100))
+    flat_teacher = None
+    if teacher_hidden is not None:
+        if teacher_hidden.dim() != 3 or tuple(teacher_hidden.shape[:2]) != (b, t):
+            raise ValueError(f"teacher_hidden must be [B, T, H_t] with B, T = {b}, {t} (aligned with the student's "
+                             f"response positions), got {tuple(teacher_hidden.shape)}")
+        flat_teacher = teacher_hidden.reshape(b * t, -1)
+    stats = token_stats(hidden.reshape(b * t, width), weight, targets=flat_targets, teacher_hidden=flat_teacher,
+                        mask=mask.reshape(-1), **op_options)
+    return tuple(s.reshape(b, t) for s in stats)
+
+
+def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None, impl="auto",
+               divergence: Optional[str] = None, beta: float = 0.5, clip: Optional[float] = None) -> dict:
+    return dict(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
+                softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip)
