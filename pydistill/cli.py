@@ -1,0 +1,166 @@
+"""Command line: `pydistill train <method>`, `pydistill eval`, `pydistill demo`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+
+from .trainers import TRAINERS
+
+
+def _parse_value(text: str, annotation):
+    kind = annotation if isinstance(annotation, type) else None
+    text_l = text.lower()
+    if "Optional" in str(annotation) and text_l in ("none", "null"):
+        return None
+    if annotation in (bool, "bool") or str(annotation) == "bool":
+        if text_l not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        return text_l in ("true", "1", "yes")
+    for candidate in (int, float):
+        if kind is candidate or candidate.__name__ in str(annotation):
+            return candidate(text)
+    return text
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls):
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        annotation = hints[f.name]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                            type=lambda text, a=annotation: _parse_value(text, a),
+                            help=f"(default: {f.default!r})")
+
+
+def load_config(config_cls, path: str | None, overrides: dict):
+    values = {}
+    if path:
+        if not os.path.exists(path):
+            raise ValueError(f"--config file {path!r} does not exist")
+        import yaml
+
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"--config file {path!r} must hold a mapping of config fields")
+    values.update(overrides)
+    return config_cls.from_dict(values).validate()
+
+
+def cmd_train(args, overrides):
+    config_cls, trainer_cls = TRAINERS[args.method]
+    config = load_config(config_cls, args.config, overrides)
+    trainer = trainer_cls(config)
+    summary = trainer.train()
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}, indent=2))
+    return 0
+
+
+def cmd_eval(args, _):
+    from .evaluation import evaluate
+    from .models import LoraSettings, load_model
+    from .tasks import get_task
+    from .trainers.checkpoint import latest_checkpoint, load_weights
+
+    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora_r else None
+    model, tokenizer = load_model(args.model, lora=lora)
+    if args.checkpoint:
+        path = latest_checkpoint(args.checkpoint) or args.checkpoint
+        load_weights(model, path)
+    task = get_task(args.task, **({"path": args.data_path} if args.task == "gsm8k" else {}))
+    problems = task.problems(args.split, n=args.n, seed=args.seed)
+    result = evaluate(model, tokenizer, task, problems, max_new_tokens=args.max_new_tokens,
+                      greedy=args.samples == 1, n_samples=args.samples, temperature=args.temperature)
+    print(json.dumps(result.as_metrics(prefix=""), indent=2))
+    return 0
+
+
+def demo_config(output_dir: str, minutes: float):
+    from .trainers import OPSDConfig
+
+    return OPSDConfig(model="SmolLM2-135M-Instruct", task="arithmetic", output_dir=output_dir, lora_r=64,
+                      lora_alpha=128, learning_rate=2e-4, batch_size=8, micro_batch_size=8, max_new_tokens=64,
+                      max_steps=1000, time_budget_s=60 * minutes, eval_problems=64, eval_max_new_tokens=64,
+                      save_every=10, warmup_steps=0)
+
+
+def cmd_demo(args, _):
+    """Evaluate SmolLM2-135M-Instruct, train it with OPSD for a bounded time, evaluate again, plot."""
+    from .plotting import plot_run
+    from .trainers import OPSDTrainer
+    from .trainers.core import write_summary
+
+    output_dir = args.output_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    config = demo_config(output_dir, args.minutes)
+    if args.steps:
+        config.max_steps = args.steps
+    print(f"[demo] loading {config.model} from the embedded GGUF file ...", flush=True)
+    trainer = OPSDTrainer(config)
+    print(f"[demo] evaluating on {config.eval_problems} held-out {config.task} problems ...", flush=True)
+    before = trainer.evaluate()["eval/accuracy"]
+    print(f"[demo] accuracy before: {before:.1%}; training with OPSD for up to {args.minutes:g} minutes ...",
+          flush=True)
+    started = time.time()
+    summary = trainer.train()
+    after = summary.get("eval/accuracy", float("nan"))
+    plot = plot_run(output_dir, baseline_accuracy=before)
+    result = dict(model=config.model, task=config.task, eval_problems=config.eval_problems, steps=trainer.step,
+                  train_minutes=round((time.time() - started) / 60, 2), accuracy_before=before,
+                  accuracy_after=after, gain_points=round(100 * (after - before), 2), plot=plot,
+                  config=dataclasses.asdict(config))
+    write_summary(output_dir, result)
+    print(f"[demo] accuracy before: {before:.1%}  after: {after:.1%}  ({trainer.step} steps)")
+    print(f"[demo] run folder: {output_dir} (metrics.jsonl, training_curves.png, summary.json, checkpoints)")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="pydistill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train with a method")
+    methods = train.add_subparsers(dest="method", required=True)
+    for name, (config_cls, _) in TRAINERS.items():
+        p = methods.add_parser(name, help=f"train with {name}")
+        p.add_argument("--config", help="YAML file of config fields (flags override it)")
+        add_config_flags(p, config_cls)
+    ev = sub.add_parser("eval", help="accuracy of a model or checkpoint on a task")
+    ev.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ev.add_argument("--checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ev.add_argument("--lora-r", type=int, default=0, help="LoRA rank the checkpoint was trained with (0: full)")
+    ev.add_argument("--lora-alpha", type=int, default=128)
+    ev.add_argument("--task", default="arithmetic")
+    ev.add_argument("--data-path")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--n", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--samples", type=int, default=1, help="samples per problem (> 1: sampled, with pass@k)")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    demo = sub.add_parser("demo", help="evaluate, train with OPSD, evaluate again, on the embedded default")
+    demo.add_argument("--minutes", type=float, default=9.0, help="training time budget")
+    demo.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: time budget only)")
+    demo.add_argument("--output-dir")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = dict(train=cmd_train, eval=cmd_eval, demo=cmd_demo)[args.command]
+    overrides = {}
+    if args.command == "train":
+        config_cls = TRAINERS[args.method][0]
+        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    try:
+        return handler(args, overrides)
+    except ValueError as exc:
+        print(f"pydistill: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The configuration shared by every trainer; each method extends it with its own dataclass."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from ..stats_config import DIVERGENCES
+
+TEACHER_KINDS = ("fixed", "ema", "live")
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = "SmolLM2-135M-Instruct"
+    task: str = "arithmetic"
+    data_path: Optional[str] = None  # GSM8K folder/file (task "gsm8k")
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_problems: int = 4096  # size of the training pool (cycled)
+    eval_problems: int = 64
+    # LoRA (r = 0: full fine-tune)
+    lora_r: int = 64
+    lora_alpha: int = 128
+    # optimization
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "constant_with_warmup"
+    max_steps: int = 100
+    batch_size: int = 32  # prompts per optimizer step, across all processes and micro-batches
+    micro_batch_size: int = 8  # prompts per forward/backward
+    max_grad_norm: float = 0.1
+    # rollouts
+    num_generations: int = 1
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # teacher
+    teacher: str = "fixed"
+    ema_rate: float = 0.001  # teacher <- (1 - rate) teacher + rate student
+    # run
+    seed: int = 0
+    output_dir: str = "runs/train"
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_max_new_tokens: int = 128
+    save_every: int = 0  # steps; 0: only at the end
+    time_budget_s: float = 0.0  # stop after this many seconds of training (0: no limit)
+    resume: bool = False
+    impl: str = "auto"  # the fused op's backend
+    progress: bool = True
+
+    def validate(self):
+        """Fail fast with a message naming the field."""
+        positive_ints = ["max_steps", "batch_size", "micro_batch_size", "num_generations", "max_new_tokens",
+                         "train_problems", "eval_max_new_tokens"]
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                label = "group size (num_generations)" if name == "num_generations" else name
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
+        for name in ("eval_problems", "warmup_steps", "eval_every", "save_every", "lora_r", "top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.teacher not in TEACHER_KINDS:
+            raise ValueError(f"teacher must be one of {TEACHER_KINDS}, got {self.teacher!r}")
+        if not 0 < self.ema_rate <= 1:
+            raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
+        if self.time_budget_s < 0:
+            raise ValueError(f"time_budget_s must be >= 0, got {self.time_budget_s}")
+        if self.task == "gsm8k" and self.data_path is not None and "/" in self.data_path \
+                and (self.data_path.startswith((".", "/")) or self.data_path.endswith(".jsonl")) \
+                and not os.path.exists(self.data_path):
+            raise ValueError(f"data_path {self.data_path!r} does not exist")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s) for {cls.__name__}: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def check_divergence(divergence: str, beta: float, clip: Optional[float]):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip (tau) must be > 0 or None, got {clip}")

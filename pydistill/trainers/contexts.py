@@ -1,0 +1,71 @@
+"""Student and teacher contexts that score the same rollout tokens, and the hidden states at those tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class ContextBatch:
+    input_ids: torch.Tensor  # [B, L] right-padded context + completion
+    attention_mask: torch.Tensor  # [B, L]
+    positions: torch.Tensor  # [B, T] index of the hidden state that predicts completion token t
+    completion_mask: torch.Tensor  # [B, T] bool
+    targets: torch.Tensor  # [B, T] completion token ids (pad positions hold the pad id)
+
+
+def build_context_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
+                        device=None) -> ContextBatch:
+    """Right-padded ``prompt + completion`` sequences, and for each completion token t of row b the position
+    ``len(prompt_b) - 1 + t`` whose hidden state predicts it. Two batches built from different prompts but
+    the same ``completion_ids`` (student and teacher contexts) line up row for row and token for token."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"prompt_ids and completion_ids must have one entry per rollout, got {len(prompt_ids)} "
+                         f"and {len(completion_ids)}")
+    b = len(prompt_ids)
+    t = max((len(c) for c in completion_ids), default=0)
+    length = max((len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)), default=0)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    positions = torch.zeros((b, t), dtype=torch.long)
+    completion_mask = torch.zeros((b, t), dtype=torch.bool)
+    targets = torch.full((b, t), pad_id, dtype=torch.long)
+    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        if not p:
+            raise ValueError(f"prompt {row} is empty: a completion needs at least one context token")
+        seq = list(p) + list(c)
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention[row, :len(seq)] = 1
+        positions[row, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        completion_mask[row, :len(c)] = True
+        targets[row, :len(c)] = torch.tensor(list(c), dtype=torch.long)
+    to = (lambda x: x.to(device)) if device is not None else (lambda x: x)  # noqa: E731
+    return ContextBatch(to(input_ids), to(attention), to(positions), to(completion_mask), to(targets))
+
+
+def causal_lm(model):
+    """The underlying transformers causal LM of a model that may be wrapped by peft or accelerate."""
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "get_base_model"):  # peft: LoRA layers live inside the base model
+        inner = inner.get_base_model()
+    return inner
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    return causal_lm(model).get_output_embeddings().weight
+
+
+def lm_head_bias(model):
+    return getattr(causal_lm(model).get_output_embeddings(), "bias", None)
+
+
+def response_hidden_states(model, batch: ContextBatch) -> torch.Tensor:
+    """Last-layer hidden states [B, T, H] (after the final norm) at the positions that predict the completion
+    tokens. Runs the decoder body only: the lm_head, and so any [B, T, V] logits, is never called."""
+    body = causal_lm(model).get_decoder()
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, index)

@@ -1,0 +1,210 @@
+"""The shared training loop: rollouts, teacher contexts, the fused-loss step, evaluation, checkpoints.
+
+A method subclasses :class:`Trainer` and provides two things: :meth:`Trainer.prepare` (sample rollouts for a
+micro-batch of problems and build whatever contexts its loss needs) and :meth:`Trainer.loss` (the loss of one
+prepared micro-batch from hidden states, through the fused op). Everything else — models, LoRA, the
+optimizer and schedule, gradient accumulation with global token normalization, DDP through accelerate,
+atomic checkpoints and exact resume, JSONL/TensorBoard logging, periodic evaluation and a time budget — is here.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+import random
+import resource
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluation import evaluate
+from ..models import LoraSettings, load_model
+from ..tasks import get_task
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLog
+from .rollout import HFRolloutEngine, SamplingSettings
+from .teacher import Teacher, causal_lm_wrapper
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer(abc.ABC):
+    """Base trainer; see the module docstring for what a method adds."""
+
+    def __init__(self, config: TrainConfig, model=None, tokenizer=None, rollout_engine=None, task=None):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.config = config.validate()
+        seed_everything(config.seed)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.world = self.accelerator.num_processes
+        if config.batch_size % (config.micro_batch_size * self.world):
+            raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
+                             f"{config.micro_batch_size} x {self.world} processes")
+        lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora_r else None
+        if model is None:
+            model, tokenizer = load_model(config.model, lora=lora, device=self.accelerator.device)
+        elif lora is not None and not hasattr(model, "disable_adapter"):
+            from ..models import apply_lora
+
+            model = apply_lora(model, lora)
+        self.tokenizer = tokenizer
+        self.task = task or get_task(config.task, **({"path": config.data_path} if config.task == "gsm8k" else {}))
+        self.train_pool = self.task.problems(config.train_split, n=config.train_problems, seed=config.seed)
+        if not self.train_pool:
+            raise ValueError(f"the {config.train_split!r} split of task {config.task!r} has no problems")
+        self.eval_set = self.task.problems(config.eval_split, n=config.eval_problems, seed=config.seed + 1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                                       num_training_steps=config.max_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.teacher = Teacher(self.model, config.teacher, config.ema_rate)
+        self.engine = rollout_engine or HFRolloutEngine(causal_lm_wrapper(self.model), tokenizer,
+                                                        batch_size=config.micro_batch_size * config.num_generations)
+        self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
+                                         config.num_generations)
+        self.step, self.data_position, self.train_seconds = 0, 0, 0.0
+        self.is_main = self.accelerator.is_main_process
+        self.log = MetricsLog(config.output_dir) if self.is_main else None
+        if config.resume:
+            self._resume()
+
+    # ----- what a method provides ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, problems: list) -> dict:
+        """Rollouts and contexts for one micro-batch; must include ``tokens`` (trained token count, int)."""
+
+    @abc.abstractmethod
+    def loss(self, prepared: dict, num_items_in_batch: float):
+        """The :class:`pydistill.losses.LossOutput` of one prepared micro-batch."""
+
+    # ----- the loop -------------------------------------------------------------------------------------
+    def _next_problems(self, count: int) -> list:
+        pool = self.train_pool
+        out = [pool[(self.data_position + i) % len(pool)] for i in range(count)]
+        self.data_position += count
+        return out
+
+    def training_step(self) -> dict:
+        cfg = self.config
+        started = time.perf_counter()
+        global_batch = self._next_problems(cfg.batch_size)
+        mine = global_batch[self.accelerator.process_index::self.world]  # each process its share
+        micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        prepared = [self.prepare(problems) for problems in micro]
+        generated = time.perf_counter()
+        # Global token count: every token of the optimizer step weighs the same, whatever its micro-batch.
+        tokens = torch.tensor(float(sum(p["tokens"] for p in prepared)), device=self.accelerator.device)
+        num_items = float(self.accelerator.reduce(tokens, reduction="sum")) if self.world > 1 else float(tokens)
+        self.model.train()
+        metrics, total = {}, 0.0
+        for i, batch in enumerate(prepared):
+            context = self.accelerator.no_sync(self.model) if i < len(prepared) - 1 else _null()
+            with context:
+                out = self.loss(batch, max(num_items, 1.0))
+                # DDP averages gradients over processes; the loss is already normalized globally.
+                self.accelerator.backward(out.loss * self.world)
+            total += float(out.loss.detach())
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
+            for k, v in batch.get("metrics", {}).items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.teacher.update()
+        elapsed = time.perf_counter() - started
+        generated_tokens = sum(p.get("generated_tokens", p["tokens"]) for p in prepared)
+        metrics.update(loss=total, grad_norm=float(grad_norm), learning_rate=self.scheduler.get_last_lr()[0],
+                       step_seconds=elapsed, rollout_seconds=generated - started,
+                       tokens_per_second=(generated_tokens + num_items / self.world) / max(elapsed, 1e-9),
+                       peak_memory_mb=peak_memory_mb(), trained_tokens=num_items)
+        return metrics
+
+    def evaluate(self, problems=None) -> dict:
+        result = evaluate(causal_lm_wrapper(self.model), self.tokenizer, self.task, problems or self.eval_set,
+                          batch_size=max(self.config.micro_batch_size, 8),
+                          max_new_tokens=self.config.eval_max_new_tokens, progress=False)
+        return result.as_metrics()
+
+    def train(self) -> dict:
+        """Run until ``max_steps`` or the time budget; returns the last metrics (with the final evaluation)."""
+        cfg = self.config
+        last = {}
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.method}",
+                   disable=not (cfg.progress and self.is_main))
+        while self.step < cfg.max_steps:
+            if cfg.time_budget_s and self.train_seconds >= cfg.time_budget_s:
+                break
+            started = time.perf_counter()
+            last = self.training_step()
+            self.step += 1
+            self.train_seconds += time.perf_counter() - started
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(self.evaluate())
+            if self.is_main:
+                self.log.log(self.step, last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        final = self.evaluate() if cfg.eval_problems else {}
+        if self.is_main and final:
+            self.log.log(self.step, final)
+        last.update(final)
+        return last
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return dict(data_position=self.data_position, train_seconds=self.train_seconds, method=self.method,
+                    config=dataclasses.asdict(self.config))
+
+    def save(self) -> Optional[str]:
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.config.output_dir, self.step, self.accelerator.unwrap_model(self.model),
+                               self.optimizer, self.scheduler, self.trainer_state(), self.teacher.state_dict())
+
+    def _resume(self):
+        path = latest_checkpoint(self.config.output_dir)
+        if path is None:
+            return
+        state, teacher_state = load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                               self.scheduler)
+        self.teacher.load_state_dict(teacher_state)
+        self.step, self.data_position = state["step"], state["data_position"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def write_summary(output_dir: str, summary: dict):
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)

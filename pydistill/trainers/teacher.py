@@ -1,0 +1,71 @@
+"""Teacher kinds for self-distillation: fixed (initial weights), EMA of the student, or live."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from .contexts import ContextBatch, causal_lm, lm_head_weight, response_hidden_states
+
+
+class Teacher:
+    """Scores teacher contexts under no_grad with the configured weights.
+
+    - ``fixed``: the initial weights. Under LoRA that is the base model with the adapter disabled (no second
+      copy); for a full fine-tune, a frozen copy taken at construction.
+    - ``ema``: a copy updated after each optimizer step, teacher <- (1 - rate) teacher + rate student.
+    - ``live``: the current student weights.
+    """
+
+    def __init__(self, model, kind: str, ema_rate: float = 0.001):
+        self.kind, self.ema_rate, self.student = kind, ema_rate, model
+        self.uses_adapter_switch = kind == "fixed" and hasattr(causal_lm_wrapper(model), "disable_adapter")
+        self.copy = None
+        if kind == "ema" or (kind == "fixed" and not self.uses_adapter_switch):
+            self.copy = copy.deepcopy(causal_lm_wrapper(model)).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    def _context(self):
+        if self.uses_adapter_switch:
+            return causal_lm_wrapper(self.student).disable_adapter()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def hidden_states(self, batch: ContextBatch) -> torch.Tensor:
+        model = self.copy if self.copy is not None else self.student
+        with self._context():
+            return response_hidden_states(model, batch)
+
+    def lm_head_weight(self):
+        """None when the teacher shares the student's head weight (one W read serves both contexts)."""
+        if self.copy is None:
+            return None
+        return lm_head_weight(self.copy)
+
+    @torch.no_grad()
+    def update(self):
+        if self.kind != "ema":
+            return
+        student = dict(causal_lm_wrapper(self.student).named_parameters())
+        for name, p in self.copy.named_parameters():
+            p.lerp_(student[name].detach(), self.ema_rate)
+
+    def state_dict(self):
+        return None if self.kind != "ema" else {k: v.detach().clone() for k, v in self.copy.named_parameters()}
+
+    def load_state_dict(self, state):
+        if state is None or self.copy is None:
+            return
+        params = dict(self.copy.named_parameters())
+        for name, value in state.items():
+            params[name].data.copy_(value)
+
+
+def causal_lm_wrapper(model):
+    """The model without a DDP wrapper (peft wrapper kept: it owns disable_adapter)."""
+    return getattr(model, "module", model)
+
+
+__all__ = ["Teacher", "causal_lm", "causal_lm_wrapper"]
