@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pydistill import token_stats
 from pydistill.chunked import chunk_size_for
-from tests.helpers import make_inputs, run, upstream
+from tests.helpers import assert_no_worse_than_eager, eager_low_precision, make_inputs, run, upstream
 
 OPTION_GRID = list(itertools.product(
     [None, ("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)],
@@ -79,19 +79,7 @@ def test_low_precision_no_worse_than_eager(dtype, div):
     truth = run(token_stats, inputs, grads, impl="reference", **opts)
     got = run(token_stats, inputs, grads, impl="chunked", **opts)
 
-    def eager(hidden, weight, **kw):
-        from pydistill.reference import reference_token_stats
-        from pydistill.stats_config import StatsConfig
-
-        cfg = StatsConfig(divergence=kw["divergence"], beta=kw["beta"], has_targets=True)
-        tw = kw["teacher_weight"] if kw.get("teacher_weight") is not None else weight
-        return reference_token_stats(hidden, weight, cfg, teacher_hidden=kw.get("teacher_hidden"),
-                                     teacher_weight=tw, targets=kw["targets"], dtype=None)
-
-    low = run(eager, inputs, grads, **opts)
-    for i, (g, lo, t) in enumerate(zip(got, low, truth)):
-        err, base = (g - t).abs().max().item(), (lo - t).abs().max().item()
-        assert err <= base + 1e-3 * t.abs().max().item() + 1e-6, f"output {i}: {err:.3e} vs eager {base:.3e}"
+    assert_no_worse_than_eager(got, run(eager_low_precision, inputs, grads, **opts), truth)
 
 
 def test_weight_without_grad_and_upstream_subsets():
