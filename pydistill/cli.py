@@ -82,8 +82,11 @@ def cmd_eval(args, _):
 def demo_config(output_dir: str, minutes: float):
     from .trainers import OPSDConfig
 
+    # CPU-sized OPSD: JSD(0.5) (OPSD's earlier default, bounded) rather than the clipped forward KL, whose
+    # negative entries let a few-step CPU run drift; a smaller LoRA learning rate for the same reason.
     return OPSDConfig(model="SmolLM2-135M-Instruct", task="arithmetic", output_dir=output_dir, lora_r=64,
-                      lora_alpha=128, learning_rate=2e-4, batch_size=8, micro_batch_size=8, max_new_tokens=64,
+                      lora_alpha=128, learning_rate=5e-5, divergence="jsd", beta=0.5, clip=None,
+                      batch_size=8, micro_batch_size=8, max_new_tokens=64,
                       max_steps=1000, time_budget_s=60 * minutes, eval_problems=64, eval_max_new_tokens=64,
                       save_every=10, warmup_steps=0)
 
