@@ -1,0 +1,2 @@
+"""pydistill benchmarks: `python -m benchmarks` (sweep, fresh process per case) or
+`pytest benchmarks/ --benchmark-only` (pytest-benchmark)."""
