@@ -64,8 +64,25 @@ def lm_head_bias(model):
 def response_hidden_states(model, batch: ContextBatch) -> torch.Tensor:
     """Last-layer hidden states [B, T, H] (after the final norm) at the positions that predict the completion
     tokens. Runs the decoder body only: the lm_head, and so any [B, T, V] logits, is never called."""
-    body = causal_lm(model).get_decoder()
-    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(1, index)
+    if isinstance(model, ResponseHiddenStates) or isinstance(getattr(model, "module", None), ResponseHiddenStates):
+        return model(batch.input_ids, batch.attention_mask, batch.positions)
+    return ResponseHiddenStates(model)(batch.input_ids, batch.attention_mask, batch.positions)
+
+
+class ResponseHiddenStates(torch.nn.Module):
+    """The decoder body as a module whose forward returns the response hidden states.
+
+    This is what the trainer hands to accelerate: DDP's gradient synchronisation hooks into a wrapped module's
+    forward, and the fused loss needs the body's output, not the model's logits. The lm_head weight stays a
+    parameter of the wrapped module (it receives its gradient through the fused op in the same backward).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, positions):
+        body = causal_lm(self.model).get_decoder()
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

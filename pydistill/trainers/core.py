@@ -28,7 +28,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .rollout import HFRolloutEngine, SamplingSettings
-from .teacher import Teacher, causal_lm_wrapper
+from .contexts import ResponseHiddenStates
+from .teacher import Teacher
 
 
 def seed_everything(seed: int):
@@ -74,9 +75,12 @@ class Trainer(abc.ABC):
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.max_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        model.to(self.accelerator.device)
+        # DDP wraps the body-as-a-module (see ResponseHiddenStates): its forward is what the loss runs.
+        self.policy, self.optimizer = self.accelerator.prepare(ResponseHiddenStates(model), optimizer)
+        self.model = model
         self.teacher = Teacher(self.model, config.teacher, config.ema_rate)
-        self.engine = rollout_engine or HFRolloutEngine(causal_lm_wrapper(self.model), tokenizer,
+        self.engine = rollout_engine or HFRolloutEngine(self.model, tokenizer,
                                                         batch_size=config.micro_batch_size * config.num_generations)
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                                          config.num_generations)
@@ -116,7 +120,7 @@ class Trainer(abc.ABC):
         self.model.train()
         metrics, total = {}, 0.0
         for i, batch in enumerate(prepared):
-            context = self.accelerator.no_sync(self.model) if i < len(prepared) - 1 else _null()
+            context = self.accelerator.no_sync(self.policy) if i < len(prepared) - 1 else _null()
             with context:
                 out = self.loss(batch, max(num_items, 1.0))
                 # DDP averages gradients over processes; the loss is already normalized globally.
@@ -140,7 +144,7 @@ class Trainer(abc.ABC):
         return metrics
 
     def evaluate(self, problems=None) -> dict:
-        result = evaluate(causal_lm_wrapper(self.model), self.tokenizer, self.task, problems or self.eval_set,
+        result = evaluate(self.model, self.tokenizer, self.task, problems or self.eval_set,
                           batch_size=max(self.config.micro_batch_size, 8),
                           max_new_tokens=self.config.eval_max_new_tokens, progress=False)
         return result.as_metrics()
@@ -183,14 +187,14 @@ class Trainer(abc.ABC):
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        return save_checkpoint(self.config.output_dir, self.step, self.accelerator.unwrap_model(self.model),
+        return save_checkpoint(self.config.output_dir, self.step, self.model,
                                self.optimizer, self.scheduler, self.trainer_state(), self.teacher.state_dict())
 
     def _resume(self):
         path = latest_checkpoint(self.config.output_dir)
         if path is None:
             return
-        state, teacher_state = load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.optimizer,
+        state, teacher_state = load_checkpoint(path, self.model, self.optimizer,
                                                self.scheduler)
         self.teacher.load_state_dict(teacher_state)
         self.step, self.data_position = state["step"], state["data_position"]

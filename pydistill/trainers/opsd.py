@@ -65,7 +65,7 @@ class OPSDTrainer(Trainer):
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
         student, teacher = prepared["student"], prepared["teacher"]
-        hidden = response_hidden_states(self.model, student)
+        hidden = response_hidden_states(self.policy, student)
         teacher_hidden = self.teacher.hidden_states(teacher)
         weight, bias = lm_head_weight(self.model), lm_head_bias(self.model)
         teacher_weight = self.teacher.lm_head_weight()
