@@ -15,6 +15,7 @@ TEACHER_KINDS = ("fixed", "ema", "live")
 class TrainConfig:
     # model and data
     model: str = "SmolLM2-135M-Instruct"
+    init_from: Optional[str] = None  # a run folder or checkpoint whose trained weights start this run (FD -> GRPO)
     task: str = "arithmetic"
     data_path: Optional[str] = None  # GSM8K folder/file (task "gsm8k")
     train_split: str = "train"
@@ -47,8 +48,11 @@ class TrainConfig:
     output_dir: str = "runs/train"
     eval_every: int = 0  # steps; 0: only at the end
     eval_max_new_tokens: int = 128
+    eval_samples: int = 0  # > 1: also sample this many completions per held-out problem -> eval/pass@k, diversity
+    eval_temperature: float = 1.0  # sampling temperature of that evaluation
     save_every: int = 0  # steps; 0: only at the end
     time_budget_s: float = 0.0  # stop after this many seconds of training (0: no limit)
+    generated_token_budget: int = 0  # stop once this many rollout tokens were generated (0: no limit)
     resume: bool = False
     impl: str = "auto"  # the fused op's backend
     progress: bool = True
@@ -64,11 +68,15 @@ class TrainConfig:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
-        for name in ("eval_problems", "warmup_steps", "eval_every", "save_every", "lora_r", "top_k"):
+        for name in ("eval_problems", "eval_samples", "warmup_steps", "eval_every", "save_every", "lora_r", "top_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.eval_samples == 1:
+            raise ValueError("eval_samples must be 0 (greedy evaluation only) or >= 2 (sampled pass@k), got 1")
+        if not self.eval_temperature > 0:
+            raise ValueError(f"eval_temperature must be > 0, got {self.eval_temperature}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -81,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
         if self.time_budget_s < 0:
             raise ValueError(f"time_budget_s must be >= 0, got {self.time_budget_s}")
+        if self.init_from is not None and not os.path.exists(self.init_from):
+            raise ValueError(f"init_from {self.init_from!r} does not exist (a run folder or a checkpoint folder)")
         if self.task == "gsm8k" and self.data_path is not None and "/" in self.data_path \
                 and (self.data_path.startswith((".", "/")) or self.data_path.endswith(".jsonl")) \
                 and not os.path.exists(self.data_path):

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..diversity import group_diversity
 from ..evaluation import evaluate
 from ..models import LoraSettings, load_model
 from ..tasks import get_task
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .rollout import HFRolloutEngine, SamplingSettings
@@ -65,6 +66,8 @@ class Trainer(abc.ABC):
             from ..models import apply_lora
 
             model = apply_lora(model, lora)
+        if config.init_from:
+            load_weights(model, latest_checkpoint(config.init_from) or config.init_from)
         self.tokenizer = tokenizer
         self.task = task or get_task(config.task, **({"path": config.data_path} if config.task == "gsm8k" else {}))
         self.train_pool = self.task.problems(config.train_split, n=config.train_problems, seed=config.seed)
@@ -79,12 +82,13 @@ class Trainer(abc.ABC):
         # DDP wraps the body-as-a-module (see ResponseHiddenStates): its forward is what the loss runs.
         self.policy, self.optimizer = self.accelerator.prepare(ResponseHiddenStates(model), optimizer)
         self.model = model
-        self.teacher = Teacher(self.model, config.teacher, config.ema_rate)
+        # A method without a teacher or reference model (GRPO with beta = 0) keeps no frozen copy.
+        self.teacher = Teacher(self.model, config.teacher, config.ema_rate) if self.uses_teacher() else None
         self.engine = rollout_engine or HFRolloutEngine(self.model, tokenizer,
                                                         batch_size=config.micro_batch_size * config.num_generations)
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                                          config.num_generations)
-        self.step, self.data_position, self.train_seconds = 0, 0, 0.0
+        self.step, self.data_position, self.train_seconds, self.generated_tokens = 0, 0, 0.0, 0
         self.is_main = self.accelerator.is_main_process
         self.log = MetricsLog(config.output_dir) if self.is_main else None
         if config.resume:
@@ -98,6 +102,14 @@ class Trainer(abc.ABC):
     @abc.abstractmethod
     def loss(self, prepared: dict, num_items_in_batch: float):
         """The :class:`pydistill.losses.LossOutput` of one prepared micro-batch."""
+
+    def uses_teacher(self) -> bool:
+        """Whether the method scores anything with a teacher or reference model (built from ``config.teacher``)."""
+        return True
+
+    def finalize_batch(self, prepared: list) -> None:
+        """Called once per optimizer step with this process's prepared micro-batches, before any loss: the
+        place for statistics over the whole batch (e.g. batch-scaled advantages)."""
 
     # ----- the loop -------------------------------------------------------------------------------------
     def _next_problems(self, count: int) -> list:
@@ -113,6 +125,7 @@ class Trainer(abc.ABC):
         mine = global_batch[self.accelerator.process_index::self.world]  # each process its share
         micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         prepared = [self.prepare(problems) for problems in micro]
+        self.finalize_batch(prepared)
         generated = time.perf_counter()
         # Global token count: every token of the optimizer step weighs the same, whatever its micro-batch.
         tokens = torch.tensor(float(sum(p["tokens"] for p in prepared)), device=self.accelerator.device)
@@ -134,20 +147,36 @@ class Trainer(abc.ABC):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.teacher.update()
+        if self.teacher is not None:
+            self.teacher.update()
         elapsed = time.perf_counter() - started
         generated_tokens = sum(p.get("generated_tokens", p["tokens"]) for p in prepared)
+        self.generated_tokens += generated_tokens
         metrics.update(loss=total, grad_norm=float(grad_norm), learning_rate=self.scheduler.get_last_lr()[0],
                        step_seconds=elapsed, rollout_seconds=generated - started,
                        tokens_per_second=(generated_tokens + num_items / self.world) / max(elapsed, 1e-9),
-                       peak_memory_mb=peak_memory_mb(), trained_tokens=num_items)
+                       peak_memory_mb=peak_memory_mb(), trained_tokens=num_items,
+                       generated_tokens_total=self.generated_tokens)
         return metrics
 
     def evaluate(self, problems=None) -> dict:
-        result = evaluate(self.model, self.tokenizer, self.task, problems or self.eval_set,
-                          batch_size=max(self.config.micro_batch_size, 8),
-                          max_new_tokens=self.config.eval_max_new_tokens, progress=False)
-        return result.as_metrics()
+        """Greedy accuracy (eval/accuracy); with ``eval_samples`` > 1 also a sampled evaluation of that many
+        completions per problem: eval/pass@k for k in {1, 2, 4, 8} up to ``eval_samples``, and the diversity
+        of each problem's samples (eval/distinct_answers, eval/distinct_2grams)."""
+        cfg, problems = self.config, problems or self.eval_set
+        batch_size = max(cfg.micro_batch_size, 8)
+        result = evaluate(self.model, self.tokenizer, self.task, problems, batch_size=batch_size,
+                          max_new_tokens=cfg.eval_max_new_tokens, progress=False)
+        metrics = result.as_metrics()
+        if cfg.eval_samples > 1:
+            sampled = evaluate(self.model, self.tokenizer, self.task, problems, batch_size=batch_size,
+                               max_new_tokens=cfg.eval_max_new_tokens, greedy=False, n_samples=cfg.eval_samples,
+                               temperature=cfg.eval_temperature, progress=False)
+            metrics.update({f"eval/pass@{k}": v for k, v in sampled.pass_at_k.items()})
+            metrics["eval/sampled_accuracy"] = sampled.accuracy
+            texts = [c for record in sampled.records for c in record["completions"]]
+            metrics.update(group_diversity(texts, cfg.eval_samples, prefix="eval/"))
+        return metrics
 
     def train(self) -> dict:
         """Run until ``max_steps`` or the time budget; returns the last metrics (with the final evaluation)."""
@@ -157,6 +186,8 @@ class Trainer(abc.ABC):
                    disable=not (cfg.progress and self.is_main))
         while self.step < cfg.max_steps:
             if cfg.time_budget_s and self.train_seconds >= cfg.time_budget_s:
+                break
+            if cfg.generated_token_budget and self.generated_tokens >= cfg.generated_token_budget:
                 break
             started = time.perf_counter()
             last = self.training_step()
@@ -181,14 +212,16 @@ class Trainer(abc.ABC):
     # ----- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return dict(data_position=self.data_position, train_seconds=self.train_seconds, method=self.method,
+                    generated_tokens=self.generated_tokens,
                     config=dataclasses.asdict(self.config))
 
     def save(self) -> Optional[str]:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
+        teacher_state = self.teacher.state_dict() if self.teacher is not None else None
         return save_checkpoint(self.config.output_dir, self.step, self.model,
-                               self.optimizer, self.scheduler, self.trainer_state(), self.teacher.state_dict())
+                               self.optimizer, self.scheduler, self.trainer_state(), teacher_state)
 
     def _resume(self):
         path = latest_checkpoint(self.config.output_dir)
@@ -196,9 +229,11 @@ class Trainer(abc.ABC):
             return
         state, teacher_state = load_checkpoint(path, self.model, self.optimizer,
                                                self.scheduler)
-        self.teacher.load_state_dict(teacher_state)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(teacher_state)
         self.step, self.data_position = state["step"], state["data_position"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.generated_tokens = state.get("generated_tokens", 0)
 
 
 class _null:

@@ -1,0 +1,90 @@
+"""Group rollouts: G completions per prompt, scored by reward functions (GRPO, ROSD, Feedback Distillation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..prompts import render, student_messages
+from ..rewards import AccuracyReward, combine_rewards, format_reward
+from .contexts import ContextBatch, build_context_batch
+from .rollout import Rollouts
+
+REWARD_FUNCTIONS = {"accuracy": AccuracyReward, "format": lambda task: format_reward}
+
+
+@dataclass
+class GroupBatch:
+    """One micro-batch of group rollouts. Rollout ``i`` belongs to prompt ``i // group_size``."""
+
+    problems: list  # the problem of each rollout (each problem repeated G times, adjacent)
+    rollouts: Rollouts
+    student: ContextBatch  # student context: prompt + completion
+    rewards: torch.Tensor  # [B*G] float32 combined reward (nan: unscorable)
+    reward_columns: dict  # reward function name -> [B*G] list of its values
+    correct: torch.Tensor  # [B*G] bool: the task's verifier accepts the completion
+    group_size: int
+
+    def groups(self) -> torch.Tensor:
+        """[B, G] rewards."""
+        return self.rewards.reshape(-1, self.group_size)
+
+
+def reward_function(task, names: str, weights: Optional[str] = None, functions: Optional[Sequence] = None,
+                    function_weights: Optional[Sequence[float]] = None):
+    """The combined reward function (its ``names`` attribute lists the components) from config names
+    ("accuracy,format") and weights ("1,0.1"), or from plain callables ``functions`` when given (they win)."""
+    if functions is None:
+        chosen, parsed = check_reward_names(names, weights)
+        functions = [REWARD_FUNCTIONS[n](task) for n in chosen]
+    else:
+        parsed = _parse_weights(weights)
+    if function_weights is None:
+        function_weights = parsed
+    combined, names = combine_rewards(functions, function_weights)
+    combined.names = names
+    return combined
+
+
+def _parse_weights(weights: Optional[str]):
+    if not weights:
+        return None
+    try:
+        return [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise ValueError(f"reward_weights must be comma-separated numbers, got {weights!r}") from None
+
+
+def check_reward_names(names: str, weights: Optional[str] = None):
+    """The config's reward names and weights, checked (a config's ``validate`` calls this to fail fast)."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else []
+    unknown = [n for n in chosen if n not in REWARD_FUNCTIONS]
+    if unknown or not chosen:
+        raise ValueError(f"reward_functions must name some of {sorted(REWARD_FUNCTIONS)}, got {names!r}")
+    parsed = _parse_weights(weights)
+    if parsed is not None and len(parsed) != len(chosen):
+        raise ValueError(f"reward_weights must have one entry per reward function ({len(chosen)}), "
+                         f"got {weights!r}")
+    return chosen, parsed
+
+
+def sample_groups(trainer, problems: list, reward, prompt_messages=student_messages) -> GroupBatch:
+    """Sample ``trainer.sampling.n`` completions per problem from the student context and score them."""
+    tok, n = trainer.tokenizer, trainer.sampling.n
+    prompts = [render(tok, prompt_messages(p.question)) for p in problems]
+    rollouts = trainer.engine.sample(prompts, trainer.sampling)
+    repeated = [p for p in problems for _ in range(n)]
+    combined, columns = reward(repeated, rollouts.texts)
+    names = getattr(reward, "names", [f"reward_{i}" for i in range(len(columns))])
+    student = build_context_batch(rollouts.prompt_ids, rollouts.completion_ids, tok.pad_token_id,
+                                  trainer.accelerator.device)
+    correct = torch.tensor([bool(trainer.task.is_correct(p, t)) for p, t in zip(repeated, rollouts.texts)])
+    return GroupBatch(repeated, rollouts, student, torch.tensor(combined, dtype=torch.float32),
+                      dict(zip(names, columns)), correct, n)
+
+
+def completion_length_metrics(batch: GroupBatch) -> dict:
+    lengths = [len(c) for c in batch.rollouts.completion_ids]
+    return dict(completion_tokens=sum(lengths) / len(lengths), completion_tokens_min=min(lengths),
+                completion_tokens_max=max(lengths))
