@@ -1,4 +1,4 @@
-"""Command line: `pydistill train <method>`, `pydistill eval`, `pydistill demo`."""
+"""Command line: `pydistill train <method>`, `pydistill eval`, `pydistill demo`, `pydistill ei generate`."""
 from __future__ import annotations
 
 import argparse
@@ -147,13 +147,42 @@ def build_parser():
     demo.add_argument("--minutes", type=float, default=9.0, help="training time budget")
     demo.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: time budget only)")
     demo.add_argument("--output-dir")
+    ei = sub.add_parser("ei", help="Explanatory Inversion data (ExGRPO stage 0)")
+    ei_commands = ei.add_subparsers(dest="ei_command", required=True)
+    gen = ei_commands.add_parser("generate", help="generate and filter EI probes into a jsonl cache")
+    gen.add_argument("--task", default="arithmetic")
+    gen.add_argument("--data-path")
+    gen.add_argument("--split", default="train")
+    gen.add_argument("--n", type=int, default=64, help="questions (the trainer's train_problems)")
+    gen.add_argument("--seed", type=int, default=0, help="question sampling seed (the trainer's seed)")
+    gen.add_argument("--teacher", default="SmolLM2-135M-Instruct", help="teacher model name or path")
+    gen.add_argument("--student", help="base student of the difficulty filter (default: the teacher)")
+    gen.add_argument("--cache", required=True, help="jsonl cache (the trainer's ei_cache)")
+    gen.add_argument("--filters", type=lambda text: _parse_value(text, bool), default=True,
+                     help="apply the EI-consistency and difficulty filters (default: true)")
+    gen.add_argument("--min-solved-fraction", type=float, default=0.2)
+    gen.add_argument("--rules", default="all", help="'all' or comma-separated rule names")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--batch-size", type=int, default=16)
     return parser
+
+
+def cmd_ei(args, _):
+    """`pydistill ei generate`: ExGRPO's stage 0 alone; prints the filter report."""
+    from .trainers.exgrpo import ei_generate
+
+    report = ei_generate(args.task, split=args.split, n=args.n, seed=args.seed, data_path=args.data_path,
+                         teacher=args.teacher, student=args.student, cache=args.cache, filters=args.filters,
+                         min_solved_fraction=args.min_solved_fraction, rules=args.rules,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = dict(train=cmd_train, eval=cmd_eval, demo=cmd_demo)[args.command]
+    handler = dict(train=cmd_train, eval=cmd_eval, demo=cmd_demo, ei=cmd_ei)[args.command]
     overrides = {}
     if args.command == "train":
         config_cls = TRAINERS[args.method][0]

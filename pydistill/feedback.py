@@ -46,12 +46,24 @@ class FeedbackStats:
 
 
 def collect_feedback(source: FeedbackSource, items: Sequence[tuple], stats: Optional[FeedbackStats] = None):
-    """Feedback for each ``(prompt, attempt, reference)`` in ``items``; a failing item gives None and is counted."""
+    """Feedback for each ``(prompt, attempt, reference)`` in ``items``; a failing item gives None and is counted.
+
+    A source with a ``batch(items)`` method (e.g. :class:`ModelFeedback`: one generate call) is called once
+    for all items; if that call fails, each item is retried alone so one bad item costs only itself."""
     stats = stats if stats is not None else FeedbackStats()
-    out = []
-    for prompt, attempt, reference in items:
+    items = list(items)
+    batched = None
+    if hasattr(source, "batch") and items:
         try:
-            text = source(prompt, attempt, reference)
+            batched = list(source.batch(items))
+            if len(batched) != len(items):
+                raise ValueError(f"batch() returned {len(batched)} replies for {len(items)} items")
+        except Exception:  # retried item by item below, where each failure is counted
+            batched = None
+    out = []
+    for i, (prompt, attempt, reference) in enumerate(items):
+        try:
+            text = batched[i] if batched is not None else source(prompt, attempt, reference)
         except subprocess.TimeoutExpired:
             stats.timeouts += 1
             text = None

@@ -37,3 +37,47 @@ def plot_run(run_dir: str, path: str | None = None, baseline_accuracy: float | N
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_comparison(run_dirs: dict, path: str) -> str:
+    """Several runs (label -> run folder) in one PNG: policy entropy per token over training, pass@k against k
+    at each run's last sampled evaluation, and the distinct final answers per group of samples over training
+    (solid, when the method logs it) and on the held-out problems (dashed) — e.g. Feedback Distillation vs GRPO."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    fig, (entropy_ax, pass_ax, diversity_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for index, (label, run_dir) in enumerate(run_dirs.items()):
+        color = f"C{index}"
+        records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        # a step whose loss saw no token (e.g. GRPO with only zero-spread groups) has no entropy to show
+        entropy = [(r["step"], r["entropy"]) for r in records if "entropy" in r and r.get("tokens", 1) > 0]
+        if entropy:
+            entropy_ax.plot(*zip(*entropy), marker=".", linewidth=1, color=color, label=label)
+        evals = [r for r in records if any(k.startswith("eval/pass@") for k in r)]
+        if evals:
+            last = evals[-1]
+            curve = sorted((int(k.split("@")[1]), v) for k, v in last.items() if k.startswith("eval/pass@"))
+            pass_ax.plot(*zip(*curve), marker="o", color=color, label=f"{label} (step {last['step']})")
+        for key, style, suffix in (("diversity/distinct_answers", "-", "train"),
+                                   ("eval/distinct_answers", "--", "held-out")):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                diversity_ax.plot(*zip(*points), style, marker=".", linewidth=1, color=color,
+                                  label=f"{label} ({suffix})")
+    entropy_ax.set(title="policy entropy per token", xlabel="step")
+    pass_ax.set_xscale("log", base=2)
+    pass_ax.set(title="held-out pass@k", xlabel="k", ylim=(0, 1))
+    pass_ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+    pass_ax.xaxis.set_minor_formatter(NullFormatter())
+    diversity_ax.set(title="distinct final answers per group", xlabel="step")
+    for ax in (entropy_ax, pass_ax, diversity_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

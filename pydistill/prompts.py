@@ -20,6 +20,30 @@ def opsd_teacher_messages(question: str, solution: str) -> list:
         f"and reach the same final answer.\n{STUDENT_INSTRUCTION}")}]
 
 
+def feedback_teacher_messages(question: str, feedback: str | None, sibling: str | None = None) -> list:
+    """Feedback Distillation teacher context: the problem, the feedback a previous attempt received, and
+    optionally a successful attempt by a sibling rollout. With neither, it is the student context itself."""
+    parts = [question]
+    if feedback:
+        parts.append(f"A previous attempt at this problem received this feedback:\n{feedback}")
+    if sibling:
+        parts.append(f"Here is a correct attempt by another student:\n{sibling}")
+    if len(parts) == 1:
+        return student_messages(question)
+    parts.append(f"Take this into account and solve the problem yourself.\n{STUDENT_INSTRUCTION}")
+    return [{"role": "user", "content": "\n\n".join(parts)}]
+
+
+def rosd_teacher_messages(question: str, sibling_solution: str, explanation: str | None) -> list:
+    """ROSD teacher context: the problem, a correct sibling rollout, the reflection's explanation of where the
+    attempt went wrong (never the quote itself), and a request to solve the original question correctly."""
+    parts = [question, f"Here is a correct solution by another student:\n{sibling_solution}"]
+    if explanation:
+        parts.append(f"A review of an earlier attempt at this problem says:\n{explanation}")
+    parts.append(f"Keep this in mind and solve the original question correctly.\n{STUDENT_INSTRUCTION}")
+    return [{"role": "user", "content": "\n\n".join(parts)}]
+
+
 def render(tokenizer, messages: list) -> str:
     """Messages as the prompt string the model continues (chat template with the generation prompt)."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from pydistill.feedback import (FeedbackStats, FeedbackUnavailable, LeanFeedback, ModelFeedback, collect_feedback,
-                                parse_lean_messages, redact_answer)
+from pydistill.feedback import (FeedbackStats, FeedbackUnavailable, LeanFeedback, ModelFeedback, VerifierFeedback,
+                                collect_feedback, parse_lean_messages, redact_answer)
 
 LEAN_OUTPUT = """{path}:3:2: error: unknown identifier 'foo'
 {path}:5:10: error: type mismatch
@@ -102,3 +102,38 @@ def test_collect_feedback_counts():
     assert stats.as_metrics() == {"feedback/given": 1, "feedback/empty": 1, "feedback/failures": 1,
                                   "feedback/timeouts": 0}
     assert isinstance(stats, FeedbackStats) and stats.errors == ["ValueError: bad"]
+
+
+def test_verifier_feedback_names_the_wrong_step_and_the_answer():
+    verify = VerifierFeedback()
+    text = verify("q", "Tom has 3 + 4 = 8 apples, 8 * 2 = 16. The answer is 16.", "14")
+    assert text == 'The step "3 + 4 = 8" is wrong: 3 + 4 = 7, not 8. The final answer 16 is not correct.'
+    assert verify("q", "3 + 4 = 7. The answer is 7.", "7") == "The final answer is correct."
+    assert verify("q", "I am not sure.", "7") == "The attempt never states a final answer; end with it in \\boxed{}."
+    assert verify("q", "2 * 3 = 6 so the answer is 6", None) is None  # nothing wrong, no reference to compare
+    # GSM8K-style calculator annotations are steps too
+    assert "48/2 = 24, not 25" in verify("q", "She sold 48/2 = <<48/2=25>>25 clips.", "72")
+
+
+def test_collect_feedback_batches_and_falls_back_per_item():
+    calls = []
+
+    class Source:
+        def __call__(self, prompt, attempt, reference):
+            calls.append(attempt)
+            if attempt == "bad":
+                raise ValueError("cannot read")
+            return f"about {attempt}"
+
+        def batch(self, items):
+            calls.append("batch")
+            if any(a == "bad" for _, a, _ in items):
+                raise RuntimeError("batch failed")
+            return [f"batched {a}" for _, a, _ in items]
+
+    texts, stats = collect_feedback(Source(), [("p", "x", None), ("p", "y", None)])
+    assert texts == ["batched x", "batched y"] and calls == ["batch"] and stats.given == 2
+    calls.clear()
+    texts, stats = collect_feedback(Source(), [("p", "x", None), ("p", "bad", None)])
+    assert texts == ["about x", None] and calls == ["batch", "x", "bad"]
+    assert (stats.given, stats.failures) == (1, 1) and stats.errors == ["ValueError: cannot read"]

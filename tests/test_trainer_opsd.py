@@ -152,6 +152,17 @@ def test_metrics_and_time_budget(tmp_path):
         assert key in records[0], key
 
 
+def test_generated_token_budget_stops_and_survives_resume(tmp_path):
+    # the scripted rollouts are 11 tokens each (10 + EOS); 4 rollouts a step
+    trainer = make_trainer(tmp_path, max_steps=50, generated_token_budget=60)
+    trainer.train()
+    assert trainer.step == 2 and trainer.generated_tokens == 88  # 44 < 60 after one step, 88 >= 60 after two
+    resumed = make_trainer(tmp_path, max_steps=50, generated_token_budget=100, resume=True)
+    assert resumed.generated_tokens == 88
+    resumed.train()
+    assert resumed.step == 3 and resumed.generated_tokens == 132
+
+
 def test_sampled_token_variant_trains(tmp_path):
     trainer = make_trainer(tmp_path, sampled_token=True)
     metrics = trainer.training_step()
@@ -167,6 +178,8 @@ def test_sampled_token_variant_trains(tmp_path):
     (dict(batch_size=6, micro_batch_size=4), "micro_batch_size 4 must divide batch_size 6"),
     (dict(clip=0.0), r"clip \(tau\) must be > 0"),
     (dict(beta=2.0), r"beta must be in \[0, 1\]"),
+    (dict(generated_token_budget=-1), "generated_token_budget must be >= 0"),
+    (dict(init_from="/no/such/run"), "init_from '/no/such/run' does not exist"),
 ])
 def test_bad_config_fails_fast(overrides, match):
     with pytest.raises(ValueError, match=match):

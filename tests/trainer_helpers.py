@@ -31,3 +31,55 @@ def tiny_config(tmp_path, **overrides):
 
 
 TASK = ArithmeticTask()
+
+
+class GroupEngine:
+    """Deterministic group rollouts with a scripted mix of right and wrong answers (GRPO, ROSD tests).
+
+    The problem behind a prompt is found by its question; ``patterns[i % len(patterns)]`` scripts the group of
+    the i-th problem of ``problems``, one letter per rollout (cycled over the group):
+    R correct, L correct and longer, W a wrong step "a op b = c+1" after a short lead-in (the step checker finds
+    it), P a right step but a wrong final answer (the step checker finds nothing). Prompts of no known problem
+    and reflection prompts are answered by ``reply(prompt)``.
+    """
+
+    PATTERNS = ("RWLP", "WWPW", "RRLR", "LWRW")
+
+    def __init__(self, tokenizer, problems, patterns=PATTERNS, reply=None):
+        self.tokenizer, self.problems, self.patterns, self.reply = tokenizer, list(problems), patterns, reply
+        self.calls = []
+
+    def problem_of(self, prompt):
+        for i, p in enumerate(self.problems):
+            if p.question in prompt:
+                return i, p
+        return None, None
+
+    @staticmethod
+    def text(problem, kind):
+        import re
+
+        expression = re.search(r"Step 1: (.+?) = -?\d+\.", problem.solution).group(1)
+        answer = int(problem.answer)
+        return {"R": f"{expression} = {answer}. The answer is {answer}.",
+                "L": f"We have {expression} = {answer}, so the answer is {answer}.",
+                "W": f"First, {expression} = {answer + 1}. The answer is {answer + 1}.",
+                "P": f"{expression} = {answer}. The answer is {answer + 2}."}[kind]
+
+    def sample(self, prompts, settings):
+        self.calls.append((list(prompts), settings))
+        tok = self.tokenizer
+        texts = []
+        for prompt in prompts:
+            index, problem = self.problem_of(prompt) if "Attempt to review" not in prompt else (None, None)
+            for j in range(settings.n):
+                if problem is None:
+                    texts.append(self.reply(prompt) if self.reply else "")
+                else:
+                    pattern = self.patterns[index % len(self.patterns)]
+                    texts.append(self.text(problem, pattern[j % len(pattern)]))
+        ids = [tok(t, add_special_tokens=False)["input_ids"][:settings.max_new_tokens - 1] + [tok.eos_token_id]
+               for t in texts]
+        repeated = [p for p in prompts for _ in range(settings.n)]
+        return Rollouts(repeated, [tok(p, add_special_tokens=False)["input_ids"] for p in repeated], ids,
+                        [tok.decode(i, skip_special_tokens=True) for i in ids])

@@ -68,7 +68,8 @@ class TrainConfig:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
-        for name in ("eval_problems", "eval_samples", "warmup_steps", "eval_every", "save_every", "lora_r", "top_k"):
+        for name in ("eval_problems", "eval_samples", "warmup_steps", "eval_every", "save_every", "lora_r", "top_k",
+                     "generated_token_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:

@@ -83,7 +83,8 @@ class Trainer(abc.ABC):
         self.policy, self.optimizer = self.accelerator.prepare(ResponseHiddenStates(model), optimizer)
         self.model = model
         # A method without a teacher or reference model (GRPO with beta = 0) keeps no frozen copy.
-        self.teacher = Teacher(self.model, config.teacher, config.ema_rate) if self.uses_teacher() else None
+        self.teacher = (Teacher(self.model, config.teacher, config.ema_rate, starts_from_base=not config.init_from)
+                        if self.uses_teacher() else None)
         self.engine = rollout_engine or HFRolloutEngine(self.model, tokenizer,
                                                         batch_size=config.micro_batch_size * config.num_generations)
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,

@@ -18,9 +18,12 @@ class Teacher:
     - ``live``: the current student weights.
     """
 
-    def __init__(self, model, kind: str, ema_rate: float = 0.001):
+    def __init__(self, model, kind: str, ema_rate: float = 0.001, starts_from_base: bool = True):
+        """``starts_from_base``: the run's initial weights are the base model's (no ``init_from``). Only then
+        is the LoRA adapter switch the initial weights; a run started from a checkpoint keeps a frozen copy."""
         self.kind, self.ema_rate, self.student = kind, ema_rate, model
-        self.uses_adapter_switch = kind == "fixed" and hasattr(causal_lm_wrapper(model), "disable_adapter")
+        self.uses_adapter_switch = (kind == "fixed" and starts_from_base
+                                    and hasattr(causal_lm_wrapper(model), "disable_adapter"))
         self.copy = None
         if kind == "ema" or (kind == "fixed" and not self.uses_adapter_switch):
             self.copy = copy.deepcopy(causal_lm_wrapper(model)).eval()

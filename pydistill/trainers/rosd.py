@@ -1,0 +1,234 @@
+"""ROSD — Reflective On-Policy Self-Distillation (arXiv 2605.28014).
+
+For each prompt the student samples G rollouts, scored by the task's verifier. Groups whose rewards have zero
+spread are dropped (``drop_zero_spread``), and a prompt with no successful rollout is always skipped: it has no
+correct solution to show the teacher. Each remaining rollout is paired with a correct sibling from its own group
+(never the dataset solution) and handed to a reflector, which returns the exact quote where the rollout's
+reasoning first goes wrong and an explanation (for a correct rollout, why it is right):
+
+- ``reflector="step_check"``: the task's programmatic step checker (the first wrong "a op b = c");
+- ``reflector="model"``: the student model itself, prompted to answer in a tagged format, sampled at
+  ``reflection_temperature`` (see :mod:`pydistill.reflection`).
+
+The quote becomes t*, the number of rollout tokens before it (through the tokenizer's character offsets); an
+unparsable reflection, a reflection without a quote or a quote that cannot be found falls back to t* = 0, and
+each case is counted. Tokens t >= t* of an incorrect rollout are distilled; correct rollouts are distilled
+whole. The teacher is the model at its initial weights (``teacher="fixed"``: the LoRA adapter disabled, or a
+frozen copy), reading the problem, the correct sibling, the reflection's explanation (not the quote) and an
+instruction to solve the original question, then the same rollout tokens. The loss is the full-vocabulary JSD
+(beta 0.5) between teacher and student through the fused op, each token weighted by the detached importance
+ratio exp(logp - logp_old) clipped at 2, token-mean over the distilled tokens of the whole batch; rows of the
+prefix before t* are gathered out before the op and cost nothing. No policy-gradient term.
+
+Sibling rule: an incorrect rollout takes the group's correct rollouts in turn (the k-th incorrect rollout the
+(k mod C)-th of the C correct ones), so the teacher contexts spread over the successes. A correct rollout takes
+the next other correct rollout of its group (cyclically); when it is the group's only success it is its own
+sibling (the teacher then sees this very solution, which distills it toward a confident copy of itself).
+
+Paper defaults: G = 8, JSD beta 0.5, importance clip 2, fixed teacher, lr 1e-5 with 10 warm-up steps, batch 32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..losses import distillation_loss, first_error_mask
+from ..prompts import render, rosd_teacher_messages
+from ..reflection import ModelReflector, StepCheckReflector, first_error_token_index
+from .config import TrainConfig, check_divergence
+from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from .core import Trainer
+from .groups import completion_length_metrics, reward_function, sample_groups
+from .rollout import SamplingSettings
+
+REFLECTORS = ("step_check", "model")
+
+
+@dataclass
+class ROSDConfig(TrainConfig):
+    num_generations: int = 8
+    temperature: float = 1.0
+    learning_rate: float = 1e-5
+    warmup_steps: int = 10
+    teacher: str = "fixed"
+    divergence: str = "jsd"  # forward_kl | reverse_kl | jsd
+    beta: float = 0.5  # JSD interpolation (0: forward KL, 1: reverse KL)
+    clip: Optional[float] = None  # optional pointwise clip tau (OPSD's); ROSD uses none
+    # cap on the detached per-token importance ratio exp(logp - logp_old); None disables. One update per batch of
+    # fresh rollouts makes logp_old = logp (weight 1) here; the cap matters for off-policy or stale rollouts.
+    importance_clip: Optional[float] = 2.0
+    drop_zero_spread: bool = True  # drop groups whose rollouts are all correct (all-wrong ones are always skipped)
+    reflector: str = "step_check"  # step_check | model
+    reflection_temperature: float = 0.6  # sampling temperature of the model reflector
+    reflection_max_new_tokens: int = 256
+    output_dir: str = "runs/rosd"
+
+    def validate(self):
+        super().validate()
+        check_divergence(self.divergence, self.beta, self.clip)
+        if self.importance_clip is not None and not self.importance_clip > 0:
+            raise ValueError(f"importance_clip must be > 0 or None, got {self.importance_clip}")
+        if self.reflector not in REFLECTORS:
+            raise ValueError(f"reflector must be one of {REFLECTORS}, got {self.reflector!r}")
+        if not self.reflection_temperature > 0:
+            raise ValueError(f"reflection_temperature must be > 0, got {self.reflection_temperature}")
+        if not isinstance(self.reflection_max_new_tokens, int) or self.reflection_max_new_tokens < 1:
+            raise ValueError(f"reflection_max_new_tokens must be a positive integer, "
+                             f"got {self.reflection_max_new_tokens!r}")
+        return self
+
+
+class GroupSelection(NamedTuple):
+    pairs: list  # (rollout index, sibling index) of every kept rollout, in rollout order
+    zero_spread: int  # groups whose rollouts are all correct or all incorrect
+    dropped: int  # groups left out (no success, or zero spread with drop_zero_spread)
+    skipped: int  # prompts without any successful rollout
+
+
+def select_siblings(correct: torch.Tensor, drop_zero_spread: bool = True) -> GroupSelection:
+    """Which rollouts ROSD trains on and the correct sibling of each; ``correct`` is [B, G] bool.
+
+    See the module docstring for the rule (incorrect rollouts take the successes in turn; a correct one the
+    next other success, or itself when it is the only one)."""
+    if correct.dim() != 2:
+        raise ValueError(f"correct must be [B, G], got {tuple(correct.shape)}")
+    pairs, zero_spread, dropped, skipped = [], 0, 0, 0
+    b, g = correct.shape
+    for group in range(b):
+        flags = [bool(x) for x in correct[group]]
+        successes = [j for j in range(g) if flags[j]]
+        spread_zero = len(successes) in (0, g)
+        zero_spread += spread_zero
+        if not successes:
+            skipped += 1
+            dropped += 1
+            continue
+        if spread_zero and drop_zero_spread:
+            dropped += 1
+            continue
+        wrong_seen = 0
+        for j in range(g):
+            if flags[j]:
+                others = [c for c in successes if c > j] + [c for c in successes if c < j]
+                sibling = others[0] if others else j
+            else:
+                sibling = successes[wrong_seen % len(successes)]
+                wrong_seen += 1
+            pairs.append((group * g + j, group * g + sibling))
+    return GroupSelection(pairs, zero_spread, dropped, skipped)
+
+
+class ROSDTrainer(Trainer):
+    method = "rosd"
+
+    def __init__(self, config: ROSDConfig, *args, reflector=None, **kwargs):
+        """``reflector``: any object with ``reflect_batch(items) -> list[Reflection]`` (see
+        :mod:`pydistill.reflection`); it replaces the one ``config.reflector`` names."""
+        super().__init__(config, *args, **kwargs)
+        self.reward = reward_function(self.task, "accuracy")  # ROSD's binary verifier reward
+        self.reflector = reflector or self._default_reflector()
+
+    def _default_reflector(self):
+        cfg = self.config
+        if cfg.reflector == "step_check":
+            return StepCheckReflector(self.task)
+        settings = SamplingSettings(cfg.reflection_max_new_tokens, cfg.reflection_temperature, 1.0, 0, 1)
+
+        def generate(prompts):  # the student itself, through the rollout engine
+            return self.engine.sample(prompts, settings).texts
+
+        return ModelReflector(generate, render=lambda text: render(self.tokenizer, [{"role": "user",
+                                                                                      "content": text}]))
+
+    def prepare(self, problems: list) -> dict:
+        cfg, tok = self.config, self.tokenizer
+        batch = sample_groups(self, problems, self.reward)
+        rollouts, correct = batch.rollouts, batch.correct
+        selection = select_siblings(correct.reshape(-1, cfg.num_generations), cfg.drop_zero_spread)
+        items = [dict(problem=batch.problems[i], question=batch.problems[i].question,
+                      correct_solution=rollouts.texts[s], attempt=rollouts.texts[i],
+                      answer=batch.problems[i].answer, attempt_is_correct=bool(correct[i]))
+                 for i, s in selection.pairs]
+        reflections = self.reflector.reflect_batch(items) if items else []
+        if len(reflections) != len(items):
+            raise ValueError(f"the reflector returned {len(reflections)} reflections for {len(items)} rollouts")
+        counts = dict(parse_failures=0, quote_missing=0, quote_not_found=0, located=0, incorrect=0)
+        t_stars, teacher_ids = [], []
+        for (i, s), reflection in zip(selection.pairs, reflections):
+            counts["parse_failures"] += not reflection.parsed
+            t_star = 0  # correct rollouts, and every fallback, distill the whole rollout
+            if not correct[i]:
+                counts["incorrect"] += 1
+                if reflection.parsed and reflection.quote is None:
+                    counts["quote_missing"] += 1
+                elif reflection.quote is not None:
+                    found = first_error_token_index(tok, rollouts.completion_ids[i], reflection.quote)
+                    if found is None:
+                        counts["quote_not_found"] += 1
+                    else:
+                        counts["located"] += 1
+                        t_star = found
+            t_stars.append(t_star)
+            question = batch.problems[i].question
+            prompt = render(tok, rosd_teacher_messages(question, rollouts.texts[s], reflection.explanation))
+            teacher_ids.append(tok(prompt, add_special_tokens=False)["input_ids"])
+
+        device = self.accelerator.device
+        kept = [i for i, _ in selection.pairs]
+        if kept:
+            completions = [rollouts.completion_ids[i] for i in kept]
+            student = build_context_batch([rollouts.prompt_ids[i] for i in kept], completions, tok.pad_token_id,
+                                          device)
+            teacher = build_context_batch(teacher_ids, completions, tok.pad_token_id, device)
+            mask = first_error_mask(torch.tensor(t_stars, device=device), student.completion_mask)
+        else:
+            # Every group dropped: one row with an empty mask keeps the step uniform (a forward, a zero loss,
+            # zero gradients) so that gradient accumulation and DDP need no special case.
+            student = build_context_batch(rollouts.prompt_ids[:1], rollouts.completion_ids[:1], tok.pad_token_id,
+                                          device)
+            teacher, mask = None, torch.zeros_like(student.completion_mask)
+        generated = sum(len(c) for c in rollouts.completion_ids)
+        counts.update(groups=len(problems), zero_spread=selection.zero_spread, dropped=selection.dropped,
+                      skipped=selection.skipped, kept=len(kept),
+                      kept_tokens=int(student.completion_mask.sum()) if kept else 0, distilled=int(mask.sum()))
+        metrics = dict(reward=float(batch.rewards.mean()), accuracy=float(correct.float().mean()),
+                       **completion_length_metrics(batch))
+        return dict(student=student, teacher=teacher, mask=mask, t_star=t_stars, pairs=selection.pairs,
+                    reflections=reflections, counts=counts, tokens=int(mask.sum()), generated_tokens=generated,
+                    metrics=metrics)
+
+    def finalize_batch(self, prepared: list) -> None:
+        """Counts over the optimizer step's micro-batches, written into each one's metrics (the core averages
+        metrics over micro-batches, so identical values log the batch total)."""
+        total = {k: sum(p["counts"][k] for p in prepared) for k in prepared[0]["counts"]}
+
+        def share(part: str, whole: str) -> float:
+            return total[part] / total[whole] if total[whole] else 0.0
+
+        step = dict(reflection_parse_failures=total["parse_failures"], quote_missing=total["quote_missing"],
+                    quote_not_found=total["quote_not_found"], first_error_located=total["located"],
+                    first_error_fallback_rate=1.0 - share("located", "incorrect") if total["incorrect"] else 0.0,
+                    zero_spread_fraction=share("zero_spread", "groups"), groups_dropped=total["dropped"],
+                    groups_dropped_fraction=share("dropped", "groups"), prompts_skipped=total["skipped"],
+                    prompts_skipped_fraction=share("skipped", "groups"), kept_rollouts=total["kept"],
+                    distilled_tokens=total["distilled"],
+                    distilled_token_fraction=share("distilled", "kept_tokens"))
+        for p in prepared:
+            p["metrics"] = dict(p["metrics"], **step)
+
+    def loss(self, prepared: dict, num_items_in_batch: float):
+        cfg = self.config
+        student, teacher, mask = prepared["student"], prepared["teacher"], prepared["mask"]
+        hidden = response_hidden_states(self.policy, student)
+        weight, bias = lm_head_weight(self.model), lm_head_bias(self.model)
+        if teacher is None:  # nothing to distill: no row reaches the op, the loss is an exact 0
+            teacher_hidden, teacher_weight = hidden.detach(), None
+        else:
+            teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher), self.teacher.lm_head_weight()
+        return distillation_loss(hidden, weight, teacher_hidden, mask, teacher_weight=teacher_weight,
+                                 divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, bias=bias,
+                                 teacher_bias=bias if teacher_weight is not None else None,
+                                 targets=student.targets, importance_clip=cfg.importance_clip,
+                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl)
