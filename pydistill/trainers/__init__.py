@@ -6,6 +6,7 @@ from .fd import FDConfig, FDTrainer
 from .grpo import GRPOConfig, GRPOTrainer
 from .opsd import OPSDConfig, OPSDTrainer
 from .rosd import ROSDConfig, ROSDTrainer
+from .sft import SFTConfig, SFTTrainer
 
 TRAINERS = {
     "exgrpo": (ExGRPOConfig, ExGRPOTrainer),
@@ -13,7 +14,9 @@ TRAINERS = {
     "grpo": (GRPOConfig, GRPOTrainer),
     "opsd": (OPSDConfig, OPSDTrainer),
     "rosd": (ROSDConfig, ROSDTrainer),
+    "sft": (SFTConfig, SFTTrainer),
 }
 
 __all__ = ["ExGRPOConfig", "ExGRPOTrainer", "FDConfig", "FDTrainer", "GRPOConfig", "GRPOTrainer", "OPSDConfig",
-           "OPSDTrainer", "ROSDConfig", "ROSDTrainer", "TRAINERS", "TrainConfig", "Trainer"]
+           "OPSDTrainer", "ROSDConfig", "ROSDTrainer", "SFTConfig",
+           "SFTTrainer", "TRAINERS", "TrainConfig", "Trainer"]
