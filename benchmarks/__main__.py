@@ -34,10 +34,15 @@ def default_cap_gb() -> float:
         return 0.0
 
 
-def child_env() -> dict:
-    """Freed blocks of 128 KiB or more go back to the OS at once, so a case's RSS follows its live tensors."""
+def child_env(memory: bool = True) -> dict:
+    """The environment of a case process. ``memory``: freed blocks of 128 KiB or more go back to the OS at once,
+    so the process's RSS follows its live tensors. CPU timing runs leave it out: it turns every large temporary
+    into a fresh mmap, which slows down (and so misreports) code that allocates many of them."""
     env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    if memory:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.pop("TRITON_INTERPRET", None)  # benchmarks time real kernels, never the interpreter
     return env
 
@@ -52,8 +57,17 @@ def run_case(case_name, n, h, v, dtype, device, args) -> dict:
            "--input-sets", str(args.input_sets)]
     if args.cap_gb and device != "cuda":
         cmd += ["--cap-gb", str(args.cap_gb)]
+    record = _run_child(cmd, case, n, h, v, dtype, device, args, memory=device == "cuda")
+    if device != "cuda" and record.get("status") == "ok":  # CPU: memory from a second, fresh process
+        memory = _run_child(cmd + ["--memory-only"], case, n, h, v, dtype, device, args, memory=True)
+        record["extra_mb"] = memory["extra_mb"] if memory.get("status") == "ok" else float("nan")
+        record["memory_status"] = memory.get("status")
+    return record
+
+
+def _run_child(cmd, case, n, h, v, dtype, device, args, memory: bool) -> dict:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=child_env())
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=child_env(memory))
     except subprocess.TimeoutExpired:
         return dict(base_record(case, n, h, v, dtype, device), status=f"timeout after {args.timeout} s",
                     cap_gb=args.cap_gb)

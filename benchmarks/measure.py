@@ -6,8 +6,10 @@ minus the memory allocated by the inputs and their gradients (measured apart fro
 flush buffer would otherwise count).
 CPU: wall-clock median over ``repeats`` steps after one warm-up step; extra memory = peak RSS of the timed
 steps (the kernel's peak mark is reset after the warm-up) minus the RSS once inputs, gradients and the
-warm-up's one-time buffers exist. The sweep runs this with ``MALLOC_MMAP_THRESHOLD_`` set so that glibc hands
-freed blocks back at once and RSS follows the live tensors. ``--cap-gb`` sets RLIMIT_AS so that a baseline
+warm-up's one-time buffers exist. On the CPU the sweep measures the two apart: time in a process with the
+default allocator, memory (``--memory-only``) in a second process with ``MALLOC_MMAP_THRESHOLD_`` set so that
+glibc hands freed blocks back at once and RSS follows the live tensors (that setting makes every large
+temporary a fresh mmap, which would slow down, and so misreport, the code that allocates many of them). ``--cap-gb`` sets RLIMIT_AS so that a baseline
 too large for the machine fails here, cleanly, and is recorded as OOM.
 
 Achieved GFLOP/s use the case's FLOP count (12 N H V for two contexts, 6 N H V for one, over unmasked rows)
@@ -118,8 +120,10 @@ def matmul_gflops(n, width, vocab, dtype, device, repeats=3) -> float:
     return 2 * n * width * cols / (ms / 1e3) / 1e9
 
 
-def measure_case(case, n, h, v, dtype, device, repeats=3, input_sets=1, compile_backend="inductor") -> dict:
-    """Time and extra memory of one case (status "ok"); raises what the case raises (OOM included)."""
+def measure_case(case, n, h, v, dtype, device, repeats=3, input_sets=1, compile_backend="inductor",
+                 memory_only=False) -> dict:
+    """Time and extra memory of one case (status "ok"); raises what the case raises (OOM included).
+    ``memory_only`` (CPU): one step after the warm-up, extra memory only."""
     from benchmarks.cases import make_inputs
 
     times, extras, first_ms = [], [], None
@@ -147,6 +151,11 @@ def measure_case(case, n, h, v, dtype, device, repeats=3, input_sets=1, compile_
             first_ms = first_ms if first_ms is not None else (time.perf_counter() - t) * 1e3
             if reset_peak_rss():  # measure the peak of the timed steps above what is resident after warm-up
                 base = rss_mb()
+            if memory_only:
+                step()
+                extras.append(peak_rss_mb() - base)
+                del step, inputs
+                continue
             for _ in range(repeats):
                 t = time.perf_counter()
                 step()
@@ -155,6 +164,8 @@ def measure_case(case, n, h, v, dtype, device, repeats=3, input_sets=1, compile_
         del step, inputs
         if device == "cuda":
             torch.cuda.empty_cache()
+    if memory_only:
+        return dict(status="ok", extra_mb=max(extras))
     ms = statistics.median(times)
     flops = case.flops(n, h, v)
     return dict(status="ok", ms=ms, ms_min=min(times), ms_max=max(times), first_ms=first_ms,
@@ -183,6 +194,7 @@ def main(argv=None):
     p.add_argument("--input-sets", type=int, default=1, help="independent input sets (median over them)")
     p.add_argument("--cap-gb", type=float, default=None, help="CPU: RLIMIT_AS cap of this process, in GiB")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--memory-only", action="store_true", help="CPU: extra memory of one step, no timing")
     args = p.parse_args(argv)
     case = CASES[args.case]
     record = base_record(case, args.n, args.h, args.v, args.dtype, args.device)
@@ -196,7 +208,8 @@ def main(argv=None):
         try:
             record.update(measure_case(case, args.n, args.h, args.v, getattr(torch, args.dtype), args.device,
                                        repeats=args.repeats, input_sets=args.input_sets,
-                                       compile_backend=args.compile_backend))
+                                       compile_backend=args.compile_backend,
+                                       memory_only=args.memory_only and args.device != "cuda"))
         except Exception as exc:  # noqa: BLE001 - every failure becomes a record, never a dropped case
             record["status"] = "OOM" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     print(json.dumps(record), flush=True)
