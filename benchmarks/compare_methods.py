@@ -6,7 +6,9 @@ Each method starts from the same base weights and draws the same training proble
 when it has generated ``--generated-token-budget`` rollout tokens (or ``--minutes`` of training, whichever
 comes first). The base model and every trained model are evaluated greedily on the in-domain held-out split
 and the harder out-of-domain split (and, with ``--eval-samples`` > 1, sampled pass@k). Writes
-``<out>/comparison.json``, ``<out>/comparison.md`` and, per method, the run folder with metrics.jsonl.
+``<out>/comparison.json``, ``<out>/comparison.md``, ``<out>/comparison.png`` (entropy per token, pass@k and
+distinct answers of each run: :func:`pydistill.plotting.plot_comparison`; pass@k needs the runs' own sampled
+evaluation, e.g. ``--set fd.eval_problems=32 --set fd.eval_samples=8``) and, per method, the run folder.
 Set any config field of one method with ``--set METHOD.FIELD=VALUE`` (e.g. ``--set grpo.learning_rate=1e-4``).
 """
 from __future__ import annotations
@@ -150,6 +152,9 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "comparison.json"), "w") as f:  # written after each method: partial runs
             json.dump(result, f, indent=2)
         del trainer
+    from pydistill.plotting import plot_comparison
+
+    plot_comparison({m: c.output_dir for m, c in configs.items()}, os.path.join(args.out, "comparison.png"))
     table = markdown(result)
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(table)
