@@ -185,10 +185,14 @@ def generate_ei_data(problems: Sequence, teacher: TextGenerator, cache_path: str
 
 def filter_ei_data(data: EIData, teacher: TextGenerator, student: TextGenerator, cache_path: str, *,
                    is_correct: Callable[[str, str], bool], min_solved_fraction: float = 0.2,
-                   batch_size: int = 8, extract_answer: Optional[Callable[[str], Optional[str]]] = None):
+                   batch_size: int = 8, extract_answer: Optional[Callable[[str], Optional[str]]] = None,
+                   student_prompt: Callable[[str], str] = probe_answer_prompt):
     """Apply the EI-consistency filter (per probe) then the difficulty filter (per question).
 
-    ``is_correct(completion, answer)`` verifies a completion against a reference answer. Probes whose teacher
+    ``is_correct(completion, answer)`` verifies a completion against a reference answer. ``student_prompt``
+    turns a probe into what the base student is asked (by default the teacher's format; a trainer passes the
+    student's own prompt, which also keeps a student that is the teacher model from merely repeating the
+    teacher's greedy solution). Probes whose teacher
     solution has no final answer cannot be graded and are dropped. Returns (kept EIData, FilterReport).
     """
     if extract_answer is None:
@@ -213,7 +217,7 @@ def filter_ei_data(data: EIData, teacher: TextGenerator, student: TextGenerator,
             report.removed_inconsistent += 1
 
     flat = [(i, p) for i, ps in consistent.items() for p in ps]
-    attempts = _run_cached(cache, [(f"student/{i}/{p['rule']}", probe_answer_prompt(p["probe"]),
+    attempts = _run_cached(cache, [(f"student/{i}/{p['rule']}", student_prompt(p["probe"]),
                                     {"kind": "student", "qid": i, "rule": p["rule"]}) for i, p in flat],
                            student, batch_size)
     solved = {i: 0 for i in consistent}

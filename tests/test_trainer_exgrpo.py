@@ -15,7 +15,7 @@ from pydistill.trainers import ExGRPOConfig, ExGRPOTrainer
 from pydistill.trainers import exgrpo
 from pydistill.trainers.checkpoint import latest_checkpoint
 from pydistill.trainers.contexts import response_hidden_states
-from pydistill.trainers.exgrpo import StageReference
+from pydistill.trainers.exgrpo import StageReference, probe_turn
 from pydistill.trainers.rollout import HFRolloutEngine, Rollouts, SamplingSettings
 
 RULES = "counterfactual,decomposition,explanation_challenge,reverse_reasoning"
@@ -156,6 +156,18 @@ def test_stage0_filters_known_cases_and_builds_the_pool(tmp_path):
     assert q3.probes[0] == dict(rule="counterfactual", probe="P3-counterfactual: what is 3 * 3?",
                                 probe_solution="3 * 3 = 9. The answer is \\boxed{9}.", probe_answer="9")
     assert len(trainer.sft_examples) == 5
+
+
+def test_difficulty_filter_asks_the_student_in_its_own_format(tmp_path):
+    asked = []
+
+    def student(prompts):
+        asked.extend(prompts)
+        return scripted_student(prompts)
+
+    make_trainer(tmp_path, student=student)
+    assert asked and all(p == probe_turn(p.split("\n")[0]) for p in asked)  # the inference prompt, not the teacher's
+    assert not any(p.startswith("Question: ") for p in asked)
 
 
 def test_stage0_without_filters_keeps_every_probe(tmp_path):

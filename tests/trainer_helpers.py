@@ -59,7 +59,7 @@ class GroupEngine:
     def text(problem, kind):
         import re
 
-        expression = re.search(r"Step 1: (.+?) = -?\d+\.", problem.solution).group(1)
+        expression = re.search(r"^(.+?) = -?\d+\.", problem.solution).group(1)
         answer = int(problem.answer)
         return {"R": f"{expression} = {answer}. The answer is {answer}.",
                 "L": f"We have {expression} = {answer}, so the answer is {answer}.",

@@ -76,7 +76,9 @@ def make_problem(rng: random.Random, d: Difficulty) -> Problem:
     else:
         sentences.append(f"How many {item} does {name} have now?")
     question = " ".join(sentences)
-    solution = " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps)) + f" The answer is {value}."
+    # The student's own answer format ("a op b = c", then "The answer is"): a teacher that reads this solution
+    # then scores the student's tokens in the style it asks for, not in a "Step 1:" style of its own.
+    solution = " ".join(f"{s}." for s in steps) + f" The answer is {value}."
     return Problem(question=question, solution=solution, answer=str(value), meta={"steps": len(steps)})
 
 

@@ -204,9 +204,10 @@ def build_ei_dataset(problems: Sequence, teacher: TextGenerator, student: TextGe
     data = generate_ei_data(problems, teacher, cache_path, rules=rules, batch_size=batch_size,
                             extract_answer=extract_answer)
     if filters:
+        # The base student answers each probe as it is asked at inference (its own prompt, as in the dialogues).
         return filter_ei_data(data, teacher, student, cache_path, is_correct=final_answer_matches,
                               min_solved_fraction=min_solved_fraction, batch_size=batch_size,
-                              extract_answer=extract_answer)
+                              extract_answer=extract_answer, student_prompt=probe_turn)
     probes = sum(len(v) for v in data.probes.values())
     kept = EIData({i: q for i, q in data.questions.items() if data.probes[i]},
                   {i: ps for i, ps in data.probes.items() if ps})

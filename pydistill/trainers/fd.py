@@ -27,7 +27,6 @@ from typing import Callable, Optional
 
 import torch
 
-from ..diversity import group_diversity
 from ..feedback import FeedbackStats, LeanFeedback, ModelFeedback, VerifierFeedback, collect_feedback
 from ..losses import blended_loss, distillation_loss
 from ..prompts import feedback_teacher_messages, render
@@ -178,7 +177,7 @@ class FDTrainer(GRPOTrainer):
         return out
 
     def finalize_batch(self, prepared: list) -> None:
-        """GRPO's advantages and group metrics, plus feedback counts and trajectory diversity."""
+        """GRPO's advantages and group metrics (trajectory diversity included), plus feedback counts."""
         super().finalize_batch(prepared)
         total = FeedbackStats()
         for p in prepared:
@@ -189,7 +188,6 @@ class FDTrainer(GRPOTrainer):
         step_metrics = dict(total.as_metrics(), **{"feedback/given_share": total.given / attempts})
         for p in prepared:
             p["metrics"].update(step_metrics)
-            p["metrics"].update(group_diversity(p["groups"].rollouts.texts, p["groups"].group_size))
             p["metrics"].update(teacher_prompt_tokens=p["teacher_prompt_tokens"], sibling_share=p["sibling_share"])
 
     # ----- the loss ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..diversity import group_diversity
 from ..losses import LOSS_TYPES, group_advantages, grpo_loss
 from ..losses.advantages import SCALINGS
 from ..token_stats import token_stats
@@ -108,7 +109,7 @@ class GRPOTrainer(Trainer):
         metrics = dict(reward=float(finite.mean()) if len(finite) else 0.0,
                        reward_std=float(finite.std()) if len(finite) > 1 else 0.0,
                        accuracy=float(batch.correct.float().mean()), zero_spread_fraction=zero_spread_fraction,
-                       **completion_length_metrics(batch))
+                       **completion_length_metrics(batch), **group_diversity(batch.rollouts.texts, batch.group_size))
         for name, column in batch.reward_columns.items():
             metrics[f"rewards/{name}"] = sum(column) / len(column)
         return metrics
