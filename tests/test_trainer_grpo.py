@@ -16,16 +16,8 @@ from tests.trainer_helpers import TASK, GroupEngine
 
 token_stats_module = importlib.import_module("pydistill.token_stats")  # the package re-exports the function
 
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two threads on a CPU shared with other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def grpo_config(tmp_path, **overrides):
