@@ -1,7 +1,6 @@
 """The GRPO baseline trainer on a tiny model: one step against an eager float64 computation of TRL's objective,
 gradient accumulation, zero-spread groups, the reference model, reward functions, config checks and the CLI."""
 import copy
-import importlib
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ from pydistill.prompts import render, student_messages
 from pydistill.trainers import GRPOConfig, GRPOTrainer
 from pydistill.trainers.contexts import lm_head_weight
 from pydistill.trainers.rollout import SamplingSettings
-from tests.trainer_helpers import TASK, GroupEngine
+from tests.trainer_helpers import TASK, GroupEngine, count_op_rows, step_gradients
 
-token_stats_module = importlib.import_module("pydistill.token_stats")  # the package re-exports the function
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
               pytest.mark.usefixtures("one_thread")]
@@ -35,20 +33,6 @@ def make_trainer(tmp_path, seed=0, patterns=GroupEngine.PATTERNS, callables=None
     engine = GroupEngine(tok, TASK.problems(cfg.train_split, n=cfg.train_problems, seed=cfg.seed), patterns)
     return GRPOTrainer(cfg, model=model, tokenizer=tok, task=TASK, rollout_engine=engine,
                        reward_functions=callables, reward_weights=callable_weights)
-
-
-def step_gradients(trainer):
-    """One real training step whose optimizer update is replaced by a copy of the accumulated gradients."""
-    grads = {}
-
-    def capture(*args, **kwargs):
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-
-    trainer.optimizer.step = capture
-    metrics = trainer.training_step()
-    return metrics, grads
 
 
 def eager_advantages(rewards, group_size, scaling):
@@ -152,19 +136,6 @@ def test_gradient_accumulation_is_equivalent(tmp_path, loss_type):
         assert loss == pytest.approx(loss0, abs=1e-6)
         for name in g0:
             torch.testing.assert_close(g[name], g0[name], rtol=1e-4, atol=1e-7, msg=name)
-
-
-def count_op_rows(monkeypatch):
-    """Record the number of rows each call of the fused op receives (after the mask's gather)."""
-    rows = []
-    original = token_stats_module._TokenStatsFunction.apply
-
-    def counting(hidden, *args):
-        rows.append(hidden.shape[0])
-        return original(hidden, *args)
-
-    monkeypatch.setattr(token_stats_module._TokenStatsFunction, "apply", counting)
-    return rows
 
 
 @pytest.mark.parametrize("skip", [True, False])

@@ -1,7 +1,6 @@
 """ROSD on a tiny model: group filters, sibling selection, reflections and t*, teacher contexts, the rows that reach
 the fused op, and one full step against an eager float64 computation of the objective (loss and gradients)."""
 import copy
-import importlib
 import re
 
 import pytest
@@ -15,9 +14,8 @@ from pydistill.trainers import TRAINERS, ROSDConfig, ROSDTrainer
 from pydistill.trainers.contexts import lm_head_weight
 from pydistill.trainers.rollout import SamplingSettings
 from pydistill.trainers.rosd import select_siblings
-from tests.trainer_helpers import TASK, GroupEngine
+from tests.trainer_helpers import TASK, GroupEngine, count_op_rows, step_gradients
 
-token_stats_module = importlib.import_module("pydistill.token_stats")  # the package re-exports the function
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
               pytest.mark.usefixtures("one_thread")]
 
@@ -38,31 +36,6 @@ def make_trainer(tmp_path, patterns=GroupEngine.PATTERNS, reply=None, seed=0, **
     model, tok = tiny_model(seed=seed)
     engine = GroupEngine(tok, TASK.problems(cfg.train_split, n=cfg.train_problems, seed=cfg.seed), patterns, reply)
     return ROSDTrainer(cfg, model=model, tokenizer=tok, task=TASK, rollout_engine=engine)
-
-
-def step_gradients(trainer):
-    """One real training step whose optimizer update is replaced by a copy of the accumulated gradients."""
-    grads = {}
-
-    def capture(*args, **kwargs):
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-
-    trainer.optimizer.step = capture
-    return trainer.training_step(), grads
-
-
-def count_op_rows(monkeypatch):
-    rows = []
-    original = token_stats_module._TokenStatsFunction.apply
-
-    def counting(hidden, *args):
-        rows.append(hidden.shape[0])
-        return original(hidden, *args)
-
-    monkeypatch.setattr(token_stats_module._TokenStatsFunction, "apply", counting)
-    return rows
 
 
 def decode(tok, ids):

@@ -83,3 +83,34 @@ class GroupEngine:
         repeated = [p for p in prompts for _ in range(settings.n)]
         return Rollouts(repeated, [tok(p, add_special_tokens=False)["input_ids"] for p in repeated], ids,
                         [tok.decode(i, skip_special_tokens=True) for i in ids])
+
+
+def step_gradients(trainer):
+    """One real training step whose optimizer update is replaced by a copy of the accumulated gradients."""
+    import torch
+
+    grads = {}
+
+    def capture(*args, **kwargs):
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+
+    trainer.optimizer.step = capture
+    return trainer.training_step(), grads
+
+
+def count_op_rows(monkeypatch):
+    """Record the number of rows each call of the fused op receives (after the mask's gather)."""
+    import importlib
+
+    module = importlib.import_module("pydistill.token_stats")  # the package re-exports the function
+    rows = []
+    original = module._TokenStatsFunction.apply
+
+    def counting(hidden, *args):
+        rows.append(hidden.shape[0])
+        return original(hidden, *args)
+
+    monkeypatch.setattr(module._TokenStatsFunction, "apply", counting)
+    return rows
