@@ -180,7 +180,8 @@ class Trainer(abc.ABC):
         return metrics
 
     def train(self) -> dict:
-        """Run until ``max_steps`` or the time budget; returns the last metrics (with the final evaluation)."""
+        """Run until ``max_steps``, the time budget or the generated-token budget; returns the last metrics (with
+        the final evaluation)."""
         cfg = self.config
         last = {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.method}",
