@@ -56,7 +56,7 @@ from ..dialogue import DialogueBuilder, DialogueTokens, Turn
 from ..evaluation import generate_completions
 from ..explanatory_inversion import (EI_RULES, RULES_BY_NAME, EIData, FilterReport, JsonlCache, filter_ei_data,
                                      generate_ei_data)
-from ..losses import LossOutput, group_advantages, nll_loss
+from ..losses import LossOutput, nll_loss
 from ..losses.output import masked_mean
 from ..losses.policy_gradient import policy_gradient_per_token, policy_metrics, reduce_policy_loss
 from ..losses.reductions import reduce_tokens
@@ -69,7 +69,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .contexts import ContextBatch, build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
 from .grpo import GRPOConfig
-from .groups import reward_function
+from .groups import reward_function, step_advantages
 from .metrics import MetricsLog
 from .rollout import HFRolloutEngine
 
@@ -526,25 +526,19 @@ class ExGRPOTrainer(Trainer):
 
     def finalize_batch(self, prepared: list) -> None:
         """Group advantages over each question's 2G rollouts, and the global SFT token count."""
-        cfg, size = self.config, 2 * self.config.num_generations
-        rewards = torch.cat([p["rewards"] for p in prepared])
-        start = 0
-        if cfg.scale_rewards == "batch" and self.world > 1:
-            rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
-            start = self.accelerator.process_index * sum(len(p["rewards"]) for p in prepared)
-        adv = group_advantages(rewards, size, scaling=cfg.scale_rewards)
+        cfg = self.config
+        advantages, zero_spread = step_advantages(self, [p["rewards"] for p in prepared],
+                                                  2 * cfg.num_generations, cfg.scale_rewards)
         sft = torch.tensor(float(sum(p["sft_tokens"] for p in prepared)), device=self.accelerator.device)
         sft_items = float(self.accelerator.reduce(sft, reduction="sum")) if self.world > 1 else float(sft)
-        for p in prepared:
-            count = len(p["rewards"])
-            p["advantages"] = adv.advantages[start:start + count]
-            start += count
+        for p, adv in zip(prepared, advantages):
+            p["advantages"] = adv
             p["sft_items"] = max(sft_items, 1.0)
             g = cfg.num_generations
             p["metrics"] = dict(reward=float(p["rewards"].mean()), accuracy_full=float(p["success"][:, :g].mean()),
                                 accuracy_partial=float(p["success"][:, g:].mean()),
                                 dsu_bonus_questions=float((p["bonus"] > 0).any(dim=1).float().mean()),
-                                zero_spread_fraction=adv.zero_spread_fraction,
+                                zero_spread_fraction=zero_spread,
                                 final_reply_tokens=p["final_tokens"],
                                 dialogue_reply_tokens=p["tokens"] / p["rollout_rows"])
 

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..losses import group_advantages
 from ..prompts import render, student_messages
 from ..rewards import AccuracyReward, combine_rewards, format_reward
 from .contexts import ContextBatch, build_context_batch
@@ -88,3 +89,20 @@ def completion_length_metrics(batch: GroupBatch) -> dict:
     lengths = [len(c) for c in batch.rollouts.completion_ids]
     return dict(completion_tokens=sum(lengths) / len(lengths), completion_tokens_min=min(lengths),
                 completion_tokens_max=max(lengths))
+
+
+def step_advantages(trainer, rewards: Sequence[torch.Tensor], group_size: int, scaling: str):
+    """Group advantages over one optimizer step: ``rewards`` holds each micro-batch's [b_i * group_size]
+    rewards on this process. Returns (one advantage tensor per micro-batch, share of zero-spread groups).
+    "batch" scaling sees the whole step, on every process (the rewards are gathered)."""
+    flat = torch.cat(list(rewards))
+    start = 0
+    if scaling == "batch" and trainer.world > 1:
+        flat = trainer.accelerator.gather(flat.to(trainer.accelerator.device)).cpu()
+        start = trainer.accelerator.process_index * sum(len(r) for r in rewards)
+    adv = group_advantages(flat, group_size, scaling=scaling)
+    out = []
+    for r in rewards:
+        out.append(adv.advantages[start:start + len(r)])
+        start += len(r)
+    return out, adv.zero_spread_fraction

@@ -15,13 +15,14 @@ from typing import Optional, Sequence
 import torch
 
 from ..diversity import group_diversity
-from ..losses import LOSS_TYPES, group_advantages, grpo_loss
+from ..losses import LOSS_TYPES, grpo_loss
 from ..losses.advantages import SCALINGS
 from ..token_stats import token_stats
 from .config import TrainConfig
 from .contexts import lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
-from .groups import check_reward_names, completion_length_metrics, reward_function, sample_groups
+from .groups import (check_reward_names, completion_length_metrics, reward_function, sample_groups,
+                     step_advantages)
 
 
 @dataclass
@@ -91,18 +92,11 @@ class GRPOTrainer(Trainer):
     def finalize_batch(self, prepared: list) -> None:
         """Advantages over the process's whole batch (so that "batch" scaling sees every group)."""
         cfg = self.config
-        rewards = torch.cat([p["groups"].rewards for p in prepared])
-        if cfg.scale_rewards == "batch" and self.world > 1:
-            rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
-            start = self.accelerator.process_index * sum(len(p["groups"].rewards) for p in prepared)
-        else:
-            start = 0
-        adv = group_advantages(rewards, cfg.num_generations, scaling=cfg.scale_rewards)
-        for p in prepared:
-            count = len(p["groups"].rewards)
-            p["advantages"] = adv.advantages[start:start + count]
-            start += count
-            p["metrics"] = self.group_metrics(p["groups"], adv.zero_spread_fraction)
+        advantages, zero_spread = step_advantages(self, [p["groups"].rewards for p in prepared],
+                                                  cfg.num_generations, cfg.scale_rewards)
+        for p, adv in zip(prepared, advantages):
+            p["advantages"] = adv
+            p["metrics"] = self.group_metrics(p["groups"], zero_spread)
 
     def group_metrics(self, batch, zero_spread_fraction: float) -> dict:
         finite = batch.rewards[~torch.isnan(batch.rewards)]
