@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="pydistill",
@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # kernels/ ships as pydistill.kernels: a top-level `kernels` would collide with Hugging Face's `kernels`.
-    packages=["pydistill", "pydistill.kernels"],
+    packages=find_packages(include=["pydistill", "pydistill.*"]) + ["pydistill.kernels"],
     package_dir={"pydistill": "pydistill", "pydistill.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -33,8 +33,8 @@ import torch
 from pydistill import token_stats
 from pydistill.losses import distillation_loss, grpo_loss
 from pydistill.losses.policy_gradient import policy_gradient_per_token, reduce_policy_loss
-from pydistill.reference import reference_token_stats
-from pydistill.stats_config import DIVERGENCES, StatsConfig
+from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.config import DIVERGENCES, StatsConfig
 
 SHAPES = {  # name: (N tokens on CUDA, H, V)
     "cpu-small": (512, 576, 8192),

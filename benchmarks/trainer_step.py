@@ -30,8 +30,8 @@ import torch
 from benchmarks.measure import device_name, is_oom, peak_rss_mb, reset_peak_rss, rss_mb, set_memory_cap, versions
 from pydistill.losses.output import LossOutput, masked_mean
 from pydistill.losses.reductions import reduce_tokens
-from pydistill.reference import reference_token_stats
-from pydistill.stats_config import StatsConfig
+from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.config import StatsConfig
 from pydistill.trainers import OPSDConfig, OPSDTrainer
 from pydistill.trainers.contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 
