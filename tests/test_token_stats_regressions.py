@@ -82,14 +82,15 @@ def test_double_backward_raises_a_clear_error():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("budget_mb", [0.02, 0.7])
-def test_tiny_budgets_split_rows_and_vocabulary_with_the_same_result(impl, budget_mb):
-    """Row blocks (dW accumulated per chunk) and narrow vocabulary chunks give the unsplit answer."""
+@pytest.mark.parametrize("split_rows", [True, False])
+def test_tiny_budgets_split_rows_and_vocabulary_with_the_same_result(impl, split_rows):
+    """Row blocks (dW accumulated per group) and narrow chunks and groups give the unsplit answer."""
+    budget_mb = 0.02 if split_rows else {"torch": 2.0, "triton": 0.5}[impl]
     inputs = make_inputs(n=41, width=20, vocab=1500, bias=True, separate_teacher=True, seed=18)
     plan = loop.plan_chunks(41, 20, 20, 1500, torch.float32, torch.device("cpu"), two_contexts=True,
                             shared_head=False, triton_folds=impl == "triton", budget_mb=budget_mb)
-    assert plan.cols < 1500
-    assert (plan.rows < 41) == (budget_mb < 0.1)
+    assert plan.cols < 1500 and plan.group % plan.cols == 0
+    assert (plan.rows < 41) == split_rows and (plan.group > plan.cols) != split_rows
     grads = upstream(41, seed=19)
     opts = dict(divergence="forward_kl", clip=0.03)
     want = run(token_stats, inputs, grads, impl="reference", **opts)
@@ -103,9 +104,10 @@ def test_default_plan_fits_256_mb_at_the_target_shape():
     n, h, v = 8192, 4096, 151936
     plan = loop.plan_chunks(n, h, h, v, torch.bfloat16, torch.device("cuda"), two_contexts=True, shared_head=True,
                             triton_folds=True)
-    extra = 2 * plan.rows * plan.cols * 4 + plan.rows * plan.cols * 2 + n * h * 4
+    extra = 2 * plan.rows * plan.cols * 4 + plan.rows * plan.group * 2 + n * h * 4
     extra += 2 * plan.rows * h * 2 if plan.stacked else 0
-    assert plan.rows == n and plan.cols >= 1024 and extra <= 256 * 2 ** 20, (plan, extra / 2 ** 20)
+    assert plan.rows == n and plan.cols >= 1024 and plan.group >= 4 * plan.cols, plan
+    assert extra <= 256 * 2 ** 20, (plan, extra / 2 ** 20)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -4,9 +4,10 @@ Forward: for each block of rows, for each vocabulary chunk, one GEMM (both conte
 the head and the copy fits the budget, else two GEMMs on the same W chunk) gives float32 logits — from 16-bit
 inputs on CUDA through ``torch.mm(..., out_dtype=torch.float32)``, never rounded to 16 bits — and a fold turns
 them into the online per-row state. JSD and the clip take a second sweep with the final log-sum-exps.
-Backward: vocabulary chunks outermost; per chunk, the same GEMM, a fold that writes the combined dlogits of all
-three outputs (bfloat16 for bfloat16 inputs, the compute dtype otherwise), ``dH += dZ W_c`` into a float32
-accumulator and ``dW_c = dZ^T h`` written once in the weight's dtype: no [V, H] float32 buffer, no atomics.
+Backward: vocabulary groups outermost; per chunk of a group, the same GEMM and a fold that writes the combined
+dlogits of all three outputs (bfloat16 for bfloat16 inputs, the compute dtype otherwise) into the group's
+buffer; per group, ``dH += dZ_g W_g`` into a float32 accumulator and ``dW_g = dZ_g^T h`` written once in the
+weight's dtype: no [V, H] float32 buffer, no atomics.
 
 The folds are :mod:`.folds` (torch) or ``pydistill.kernels.folds`` (Triton); both take the same arguments.
 Chunk sizes come from :func:`plan_chunks` and a memory budget.
@@ -29,14 +30,18 @@ TORCH_FOLD_TEMPORARIES = 6
 MIN_COLS = 256
 MAX_COLS = {"cuda": 16384, "cpu": 4096}
 COL_ALIGN = 128
+MAX_GROUP_CHUNKS = 8
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Rows per block, vocabulary columns per chunk, and whether both contexts share one stacked GEMM."""
+    """Rows per block, vocabulary columns per GEMM chunk, dlogits columns per backward dH/dW GEMM (a multiple
+    of ``cols``: wider groups mean fewer read-modify-writes of the float32 dH), and whether both contexts share
+    one stacked GEMM."""
 
     rows: int
     cols: int
+    group: int
     stacked: bool
 
 
@@ -55,19 +60,20 @@ def dlogits_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch.dtype, device: torch.device, *,
                 two_contexts: bool, shared_head: bool, triton_folds: bool,
                 budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> ChunkPlan:
-    """Largest chunks whose extra memory, forward or backward, stays within ``budget_mb``.
+    """Chunk sizes whose extra memory, forward or backward, stays within ``budget_mb``.
 
-    Counted: the float32 logits chunk(s), the dlogits chunk, the torch folds' temporaries, the float32 dH
-    accumulator (when the gradient is not float32 already), float32 copies of 16-bit operands where the GEMM
-    runs in float32, a float32 dW chunk accumulator when rows are split, and the stacked [2R, H] copy. Not
-    counted: inputs, returned gradients and O(N) state.
+    Counted: the float32 logits chunk(s) and the torch folds' temporaries (per GEMM chunk), the dlogits group
+    and, when rows are split, a float32 dW accumulator (per group), the float32 dH accumulator (when the
+    gradient is not float32 already), float32 copies of 16-bit operands where the GEMM runs in float32, and the
+    stacked [2R, H] copy. Not counted: inputs, returned gradients and O(N) state. At most half of what is left
+    after the fixed buffers goes to the logits chunk; the rest widens the dlogits group (up to MAX_GROUP_CHUNKS
+    chunks). Rows are halved only when even a MIN_COLS-wide chunk does not fit.
     """
     elem = 8 if dtype == torch.float64 else 4
     contexts = 2 if two_contexts else 1
     upcast = dtype in (torch.float16, torch.bfloat16) and not (device.type == "cuda" and dtype == torch.bfloat16)
     in_elem = torch.empty((), dtype=dtype).element_size()
     dz_elem = torch.empty((), dtype=dlogits_dtype(dtype, device)).element_size()
-    per_entry = contexts * elem + dz_elem + (0 if triton_folds else TORCH_FOLD_TEMPORARIES * contexts * elem)
     fixed = 0
     if dtype != compute_dtype(dtype):
         fixed += n * width * 4  # float32 dH accumulator
@@ -75,21 +81,31 @@ def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch
         fixed += (n * width + (n * teacher_width if two_contexts else 0)) * 4  # float32 copies of h (and h_t)
     budget = budget_mb * 2 ** 20
     max_cols = min(vocab, MAX_COLS["cuda" if device.type == "cuda" else "cpu"])
+    temporaries = 0 if triton_folds else TORCH_FOLD_TEMPORARIES * contexts * elem
 
-    def cols_for(rows, stacked):
-        extra = fixed + (2 * rows * width * in_elem if stacked else 0)
-        per_col = rows * per_entry + (width * 4 if rows < n else 0) + (width * 4 if upcast else 0)
-        cols = int((budget - extra) // per_col) if budget > extra else 0
-        return min(max_cols, cols if cols >= vocab else cols // COL_ALIGN * COL_ALIGN)
+    def plan_for(rows, stacked):
+        free = budget - fixed - (2 * rows * width * in_elem if stacked else 0)
+        logits_per_col = rows * (contexts * elem + temporaries) + (width * 4 if upcast else 0)
+        dz_per_col = rows * dz_elem + (width * 4 if rows < n else 0)
+        if free <= 0:
+            return None
+        cols = int(min(free / 2 / logits_per_col, free / (logits_per_col + dz_per_col)))
+        cols = min(max_cols, cols if cols >= vocab else cols // COL_ALIGN * COL_ALIGN)
+        if cols < min(MIN_COLS, vocab):
+            return None
+        chunks = int((free - cols * logits_per_col) // (cols * dz_per_col))
+        chunks = max(1, min(MAX_GROUP_CHUNKS, chunks, -(-vocab // cols)))
+        return ChunkPlan(rows=rows, cols=cols, group=cols * chunks, stacked=stacked)
 
     rows = n
     while True:
-        for stacked in ((True, False) if two_contexts and shared_head else (False,)):
-            cols = cols_for(rows, stacked)
-            if cols >= min(MIN_COLS, vocab):
-                return ChunkPlan(rows=rows, cols=max(cols, 1), stacked=stacked)
-        if rows == 1:
-            return ChunkPlan(rows=1, cols=min(MIN_COLS, vocab), stacked=False)  # over budget: smallest plan
+        for stacked in ((True, False) if two_contexts and shared_head and rows == n else (False,)):
+            plan = plan_for(rows, stacked)
+            if plan is not None:
+                return plan
+        if rows == 1:  # over budget whatever the split: the smallest plan
+            cols = min(MIN_COLS, vocab)
+            return ChunkPlan(rows=1, cols=cols, group=cols, stacked=False)
         rows = max(1, rows // 2)
 
 
@@ -221,7 +237,11 @@ def stats_forward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, 
 def stats_backward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                    targets, cfg: StatsConfig, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div,
                    need_weight_grad: bool):
-    """(d hidden, d weight or None) in the inputs' dtypes; any upstream gradient may be None (output unused)."""
+    """(d hidden, d weight or None) in the inputs' dtypes; any upstream gradient may be None (output unused).
+
+    Vocabulary groups outermost: the folds of a group's chunks write its dlogits side by side, then one GEMM
+    adds them into dH and one writes the group's rows of dW.
+    """
     use_div = cfg.divergence is not None and g_div is not None
     ops = _Operands(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                     cfg if use_div else StatsConfig(temperature=cfg.temperature, softcap=cfg.softcap))
@@ -236,32 +256,35 @@ def stats_backward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden,
     dz_dtype = dlogits_dtype(hidden.dtype, ops.device)
     rows = _row_blocks(n, plan)
     logits = [_Logits(ops, plan, r0, r1, use_div) for r0, r1 in rows] if len(rows) == 1 else None
-    dz_buffer = torch.empty(plan.rows * plan.cols, device=ops.device, dtype=dz_dtype)
+    dz_buffer = torch.empty(plan.rows * plan.group, device=ops.device, dtype=dz_dtype)
     # the dlogits GEMMs multiply in the dlogits dtype: bf16 operands on CUDA, the compute dtype elsewhere
     h_dz = ops.h if ops.h.dtype == dz_dtype else ops.h.to(dz_dtype)
-    for c0, c1 in _col_chunks(vocab, plan):
-        w_c = weight[c0:c1] if weight.dtype == dz_dtype else weight[c0:c1].to(dz_dtype)
+    for g0 in range(0, vocab, plan.group):
+        g1 = min(g0 + plan.group, vocab)
+        w_g = weight[g0:g1] if weight.dtype == dz_dtype else weight[g0:g1].to(dz_dtype)
         dw_acc = None
         if need_weight_grad and len(rows) > 1:
-            dw_acc = torch.zeros(c1 - c0, width, device=ops.device, dtype=ops.acc)
+            dw_acc = torch.zeros(g1 - g0, width, device=ops.device, dtype=ops.acc)
         for i, (r0, r1) in enumerate(rows):
-            chunk_logits = logits[i] if logits is not None else _Logits(ops, plan, r0, r1, use_div)
-            z_s, z_t = chunk_logits.chunk(c0, c1)
-            dz = dz_buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            folds.backward_fold(z_s, z_t if use_div else None, lse_s[r0:r1], lse_t[r0:r1], entropy[r0:r1],
-                                grad_sum[r0:r1], g_logp[r0:r1], g_entropy[r0:r1], g_div[r0:r1], y[r0:r1], c0, cfg,
-                                dz)
-            ops.addmm_(d_hidden[r0:r1], dz, w_c)
+            block_logits = logits[i] if logits is not None else _Logits(ops, plan, r0, r1, use_div)
+            dz_g = dz_buffer[: (r1 - r0) * (g1 - g0)].view(r1 - r0, g1 - g0)
+            for c0 in range(g0, g1, plan.cols):
+                c1 = min(c0 + plan.cols, g1)
+                z_s, z_t = block_logits.chunk(c0, c1)
+                folds.backward_fold(z_s, z_t if use_div else None, lse_s[r0:r1], lse_t[r0:r1], entropy[r0:r1],
+                                    grad_sum[r0:r1], g_logp[r0:r1], g_entropy[r0:r1], g_div[r0:r1], y[r0:r1], c0,
+                                    cfg, dz_g[:, c0 - g0:c1 - g0])
+            ops.addmm_(d_hidden[r0:r1], dz_g, w_g)
             if dw_acc is not None:
-                ops.addmm_(dw_acc, dz.t(), h_dz[r0:r1])
+                ops.addmm_(dw_acc, dz_g.t(), h_dz[r0:r1])
             elif need_weight_grad:
-                _write_weight_grad(ops, d_weight[c0:c1], dz.t(), h_dz)
+                _write_weight_grad(d_weight[g0:g1], dz_g.t(), h_dz)
         if dw_acc is not None:
-            d_weight[c0:c1].copy_(dw_acc)
+            d_weight[g0:g1].copy_(dw_acc)
     return d_hidden.to(hidden.dtype), d_weight
 
 
-def _write_weight_grad(ops: _Operands, out, dz_t, h):
+def _write_weight_grad(out, dz_t, h):
     """dW_c = dZ^T h straight into the weight's dtype (cuBLAS accumulates in float32 inside the GEMM)."""
     if dz_t.dtype == out.dtype:
         torch.mm(dz_t, h, out=out)
