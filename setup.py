@@ -20,7 +20,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "trl>=1.16,<1.17"],
         "train": ["transformers>=4.46", "accelerate>=1.0", "peft>=0.13", "safetensors", "gguf>=0.10",
                   "datasets>=3.0", "tqdm", "matplotlib", "pyyaml", "rich"],
         "cuda": ["flash-attn>=2.6"],
