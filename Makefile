@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo bench gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# The GPU session (CUDA torch; bring trl / liger-kernel / cut-cross-entropy as wheels: benchmarks/RESULTS.md).
+GPU_OUT ?= benchmarks/results/gpu
+gpu:
+	python3 -m benchmarks.gpu --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
