@@ -30,10 +30,15 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks
 
-# The GPU session (CUDA torch; bring trl / liger-kernel / cut-cross-entropy as wheels: benchmarks/RESULTS.md).
+# The GPU session, offline, with the machine's own python3 (CUDA torch): the package in editable mode, and the
+# baselines the image lacks (trl, liger-kernel, cut-cross-entropy, datasets...) from wheels in .whl/ when present
+# (benchmarks/RESULTS.md, "Bringing the baselines to an offline GPU machine").
 GPU_OUT ?= benchmarks/results/gpu
+GPU_SITE ?= /tmp/pydistill-gpu-site
 gpu:
-	python3 -m benchmarks.gpu --out $(GPU_OUT)
+	python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH python3 -m benchmarks.gpu --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
