@@ -35,26 +35,31 @@ def _transform_(x: torch.Tensor, cfg: StatsConfig) -> torch.Tensor:
     return x
 
 
-def _rescaled(z, m_old):
-    """exp(z - m_new), exp(m_old - m_new) and m_new for one chunk of a context."""
-    m_new = torch.maximum(m_old, z.amax(dim=1))
-    return torch.exp(z - m_new.unsqueeze(1)), torch.exp(m_old - m_new), m_new
+def _dot(x, y):
+    """Row-wise sum of x * y without an [R, C] temporary."""
+    return torch.linalg.vecdot(x, y, dim=1)
 
 
-def _entries(log_q, log_p, cfg: StatsConfig):
-    """Per-entry d_v and a_v of the configured divergence."""
-    q = log_q.exp()
+def _entries(log_q, log_p, q, cfg: StatsConfig):
+    """Per-entry d_v and a_v of the configured divergence (q = exp(log_q), passed in: both callers have it)."""
     if cfg.divergence == "forward_kl":
         p = log_p.exp()
-        return p * (log_p - log_q), -p
+        return p * (log_p - log_q), p.neg_()
     if cfg.divergence == "reverse_kl":
         r = log_q - log_p
-        return q * r, q * (r + 1.0)
+        d = q * r
+        return d, r.add_(1.0).mul_(q)
     beta = cfg.beta
     p = log_p.exp()
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     l_q = log_q - log_m
-    return beta * p * (log_p - log_m) + (1.0 - beta) * q * l_q, (1.0 - beta) * q * l_q
+    a = l_q.mul_(q).mul_(1.0 - beta)
+    return log_m.neg_().add_(log_p).mul_(p).mul_(beta).add_(a), a
+
+
+def _unclipped(a, d, cfg: StatsConfig):
+    """a_v on the entries the clip leaves alone, 0 elsewhere (a multiply: torch.where is slow on the CPU)."""
+    return a if cfg.clip is None else a.mul_(d <= cfg.clip)
 
 
 def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
@@ -73,19 +78,26 @@ def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
     inside = (local >= 0) & (local < width)
     picked = z_s.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
     z_y.copy_(torch.where(inside, picked, z_y))
-    e_s, scale_s, m_new = _rescaled(z_s, m_s)
+    gap = None
+    if z_t is not None:
+        _transform_(z_t, cfg)
+        gap = z_s - z_t
+    m_new = torch.maximum(m_s, z_s.amax(dim=1))
+    scale = torch.exp(m_s - m_new)
+    below = z_s.neg_().add_(m_new.unsqueeze(1))  # m - z >= 0, in place: z_s is not needed any more
+    e = torch.exp(below.neg())
     # sum e (m - z) under the new max: the old sum grows by (m_new - m_old) per unit of the old s.
     shift = torch.where(s_s > 0, (m_new - m_s) * s_s, torch.zeros_like(s_s))
-    a_s.copy_(scale_s * (a_s + shift) + (e_s * (m_new.unsqueeze(1) - z_s)).sum(1))
-    s_s.mul_(scale_s).add_(e_s.sum(1))
+    a_s.copy_(scale * (a_s + shift) + _dot(e, below))
+    s_s.mul_(scale).add_(e.sum(1))
     m_s.copy_(m_new)
     if z_t is None:
         return
-    _transform_(z_t, cfg)
-    gap = z_s - z_t
-    g_s.mul_(scale_s).add_((e_s * gap).sum(1))
-    e_t, scale_t, mt_new = _rescaled(z_t, m_t)
-    g_t.mul_(scale_t).add_((e_t * gap).sum(1))
+    g_s.mul_(scale).add_(_dot(e, gap))
+    mt_new = torch.maximum(m_t, z_t.amax(dim=1))
+    scale_t = torch.exp(m_t - mt_new)
+    e_t = z_t.sub_(mt_new.unsqueeze(1)).exp_()
+    g_t.mul_(scale_t).add_(_dot(e_t, gap))
     s_t.mul_(scale_t).add_(e_t.sum(1))
     m_t.copy_(mt_new)
 
@@ -95,14 +107,12 @@ def divergence_fold(z_s, z_t, lse_s, lse_t, sums, cfg: StatsConfig) -> None:
 
     Needs the final log-sum-exps, hence its own sweep (JSD and the clip only).
     """
-    _transform_(z_s, cfg)
-    _transform_(z_t, cfg)
-    d, a = _entries(z_s - lse_s.unsqueeze(1), z_t - lse_t.unsqueeze(1), cfg)
-    if cfg.clip is not None:
-        kept = d <= cfg.clip
-        d = torch.where(kept, d, torch.full_like(d, cfg.clip))
-        a = torch.where(kept, a, torch.zeros_like(a))
-    sums[0] += d.sum(1)
+    log_q = _transform_(z_s, cfg).sub_(lse_s.unsqueeze(1))
+    log_p = _transform_(z_t, cfg).sub_(lse_t.unsqueeze(1))
+    q = None if cfg.divergence == "forward_kl" else log_q.exp()
+    d, a = _entries(log_q, log_p, q, cfg)
+    a = _unclipped(a, d, cfg)
+    sums[0] += (d if cfg.clip is None else d.clamp_(max=cfg.clip)).sum(1)
     sums[1] += a.sum(1)
 
 
@@ -114,24 +124,29 @@ def backward_fold(z_s, z_t, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, 
     ``grad_sum`` is A per row; ``out`` is [R, C] in the dlogits dtype.
     """
     _transform_(z_s, cfg)
-    log_q = z_s - lse_s.unsqueeze(1)
+    cap_grad = None
+    if cfg.softcap is not None:
+        t = z_s * (cfg.temperature / cfg.softcap)
+        cap_grad = t.mul_(t).neg_().add_(1.0)
+    log_q = z_s.sub_(lse_s.unsqueeze(1))
     q = log_q.exp()
-    dz = -(g_entropy.unsqueeze(1) * q) * (log_q + entropy.unsqueeze(1))
-    dz -= g_logp.unsqueeze(1) * q
+    # every term proportional to q in one per-row coefficient: q (c - g_H log q), c = -g_logp - g_H H - g_D A
+    coef = -g_logp - g_entropy * entropy
+    div_term = None
+    if z_t is not None:
+        coef = coef - g_div * grad_sum
+        d, a = _entries(log_q, _transform_(z_t, cfg).sub_(lse_t.unsqueeze(1)), q, cfg)
+        div_term = _unclipped(a, d, cfg).mul_(g_div.unsqueeze(1))
+    dz = log_q.mul_(-g_entropy.unsqueeze(1)).add_(coef.unsqueeze(1)).mul_(q)
+    if div_term is not None:
+        dz += div_term
     width = z_s.shape[1]
     local = targets - col0
     inside = (local >= 0) & (local < width)
     dz.scatter_add_(1, local.clamp(0, width - 1).unsqueeze(1),
                     torch.where(inside, g_logp, torch.zeros_like(g_logp)).unsqueeze(1))
-    if z_t is not None:
-        _transform_(z_t, cfg)
-        d, a = _entries(log_q, z_t - lse_t.unsqueeze(1), cfg)
-        if cfg.clip is not None:
-            a = torch.where(d <= cfg.clip, a, torch.zeros_like(a))
-        dz += g_div.unsqueeze(1) * (a - q * grad_sum.unsqueeze(1))
-    if cfg.softcap is not None:
-        t = z_s * (cfg.temperature / cfg.softcap)
-        dz *= 1.0 - t * t
+    if cap_grad is not None:
+        dz *= cap_grad
     if cfg.temperature != 1.0:
         dz *= 1.0 / cfg.temperature
     out.copy_(dz)
