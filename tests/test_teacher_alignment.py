@@ -223,3 +223,25 @@ def test_step_check_reflector_hit_rate_on_corrupted_reference_steps():
     problem = TASK.problems("ood", n=1, seed=0)[0]
     assert reflector.reflect_batch([dict(problem=problem, attempt=problem.solution, answer=problem.answer,
                                          attempt_is_correct=True)])[0].quote is None
+
+
+def test_teacher_signal_diagnostic_runs_on_scripted_rollouts(monkeypatch):
+    """benchmarks.teacher_signal on a tiny model: every context is scored on the same kept rollouts."""
+    import pydistill.evaluation as evaluation
+    from benchmarks.teacher_signal import CONTEXTS, measure
+
+    model, tok = tiny_model()
+    problems = TASK.problems("train", n=2, seed=0)
+    engine = GroupEngine(tok, problems, patterns=("RWPW", "WWWW"))
+
+    def scripted(model, tokenizer, prompts, **kwargs):
+        out = engine.sample(sorted(set(prompts), key=prompts.index), type("S", (), dict(n=4, max_new_tokens=40))())
+        return out.texts, out.completion_ids
+
+    monkeypatch.setattr(evaluation, "generate_completions", scripted)
+    result = measure(model, tok, TASK, problems, generations=4)
+    assert (result["rollouts"], result["kept_rollouts"], result["kept_correct"]) == (8, 4, 1)
+    assert set(result["contexts"]) == set(CONTEXTS)
+    for c in result["contexts"].values():
+        assert c["forward_kl"] >= 0 and c["jsd"] >= 0 and c["teacher_entropy"] > 0
+        assert c["answer_slots"] == 3 and c["discrimination"] is not None

@@ -145,7 +145,8 @@ class Trainer(abc.ABC):
             for k, v in batch.get("metrics", {}).items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
+        if num_items > 0:  # a step without any trained token (ROSD dropping every group) carries no signal, yet
+            self.optimizer.step()  # AdamW's momentum alone would move every weight: no update instead
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None:
