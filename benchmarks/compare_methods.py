@@ -51,7 +51,7 @@ METHOD_DEFAULTS = {
     # the procedural Explanatory Inversion teacher: stage 0 needs no language model (see pydistill.ei_procedural)
     "exgrpo": dict(num_generations=4, batch_size=2, micro_batch_size=2, learning_rate=5e-5, ei_teacher="procedural",
                    train_problems=64, num_probes=2, partial_probes=1, sft_steps=8, sft_batch_size=8,
-                   sft_learning_rate=5e-5),
+                   sft_learning_rate=5e-5, ei_max_new_tokens=48),
     "sft": dict(learning_rate=5e-5),
 }
 ENTROPY_SAMPLES = 4
