@@ -15,6 +15,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -147,7 +148,9 @@ class Trainer(abc.ABC):
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         if num_items > 0:  # a step without any trained token (ROSD dropping every group) carries no signal, yet
             self.optimizer.step()  # AdamW's momentum alone would move every weight: no update instead
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows the step count, updated or not
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None:
             self.teacher.update()
