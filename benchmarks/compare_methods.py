@@ -348,7 +348,10 @@ def main(argv=None) -> int:
                 json.dump(result, f, indent=2)
     from pydistill.plotting import plot_comparison
 
-    plot_comparison(first_dirs, os.path.join(args.out, "comparison.png"))
+    # a run without a stage-2 log (ExGRPO's SFT-only stage) has no curves to plot
+    plotted = {k: d for k, d in first_dirs.items() if os.path.exists(os.path.join(d, "metrics.jsonl"))}
+    if plotted:
+        plot_comparison(plotted, os.path.join(args.out, "comparison.png"))
     table = markdown(result)
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(table)

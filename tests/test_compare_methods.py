@@ -75,3 +75,26 @@ def test_bad_runs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
         compare_methods.main(["--methods", "rosd:privileged=gold", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="labels must be distinct"):
         compare_methods.main(["--methods", "grpo", "grpo", "--out", str(tmp_path)])
+
+
+def test_exgrpo_equal_data_rows_smoke(tmp_path, one_thread):
+    """The ExGRPO comparison's rows (SFT-only stage, SFT + ExGRPO on the procedural teacher, plain SFT) run and
+    are tabled; the SFT-only run has no stage-2 log and is left out of the plot."""
+    model, tok = tiny_model()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "compare"
+    argv = ["--methods", "sft-only=exgrpo:stage=sft", "exgrpo", "sft=sft:train_problems=4,max_steps=1",
+            "--generated-token-budget", "8", "--eval-problems", "2", "--eval-max-new-tokens", "4",
+            "--entropy-problems", "1", "--model", str(folder), "--out", str(out)]
+    for field in ("lora_r=0", "train_problems=4", "max_new_tokens=4", "sft_steps=1", "num_generations=2",
+                  "batch_size=1", "micro_batch_size=1", "ei_filters=false"):
+        argv += ["--set", f"exgrpo.{field}"]
+    argv += ["--set", "sft.lora_r=0", "--set", "sft.batch_size=2", "--set", "sft.micro_batch_size=2"]
+    assert compare_methods.main(argv) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert set(result["runs"]) == {"sft-only", "exgrpo", "sft"}
+    assert result["runs"]["sft-only"]["seeds"][0]["configs"][0]["ei_teacher"] == "procedural"
+    assert result["runs"]["sft"]["summary"]["steps"]["mean"] == 1
+    assert (out / "comparison.png").exists() and "| sft-only | 1 |" in (out / "comparison.md").read_text()
