@@ -177,7 +177,7 @@ class ROSDTrainer(Trainer):
             raise ValueError(f"the reflector returned {len(reflections)} reflections for {len(items)} rollouts")
         counts = dict(parse_failures=0, quote_missing=0, quote_not_found=0, located=0, incorrect=0)
         t_stars, teacher_ids = [], []
-        for (i, s), reflection, solution in zip(selection.pairs, reflections, shown):
+        for (i, _), reflection, solution in zip(selection.pairs, reflections, shown):
             counts["parse_failures"] += not reflection.parsed
             t_star = 0  # correct rollouts, and every fallback, distill the whole rollout
             if not correct[i]:
