@@ -307,14 +307,23 @@ def verify(probe: Probe, story: Story) -> bool:
 
 def write_probes(question: str, rules: Sequence[Rule] = EI_RULES, seed: int = 0) -> list:
     """The verified probes of ``question`` for the rules that apply to it, in rule order."""
+    return _write(question, rules, seed)[0]
+
+
+def _write(question: str, rules: Sequence[Rule], seed: int) -> tuple:
+    """(verified probes, number of written probes that failed verification)."""
     story = parse_story(question)
-    out = []
+    out, failed = [], 0
     for rule in rules:
         rng = random.Random(f"{seed}:{rule.name}:{question}")
         probe = WRITERS[rule.name](story, rng)
-        if probe is not None and verify(probe, story):
+        if probe is None:
+            continue  # the rule does not apply to this story
+        if verify(probe, story):
             out.append(probe)
-    return out
+        else:
+            failed += 1
+    return out, failed
 
 
 _ASKED = re.compile(r"Question: (.*)\n")  # the prompts of pydistill.explanatory_inversion put one per line
@@ -329,7 +338,8 @@ class ProceduralTeacher:
         self.seed = seed
 
     def ei_data(self, problems: Sequence, rules: Sequence[Rule] = EI_RULES) -> tuple:
-        """(EIData, probes written before verification dropped any) for ``problems`` (question ids are positions)."""
+        """(EIData, number of written probes that failed verification) for ``problems`` (question ids are
+        positions). The rationale of each question is its worked solution in the student's answer format."""
         data, dropped = EIData(), 0
         for i, problem in enumerate(problems):
             try:
@@ -340,10 +350,8 @@ class ProceduralTeacher:
             if str(story.answer()) != str(problem.answer):
                 raise ValueError(f"question {i}: the story solves to {story.answer()}, the task says "
                                  f"{problem.answer}")
-            probes = write_probes(problem.question, rules, self.seed)
-            applicable = sum(WRITERS[r.name](story, random.Random(f"{self.seed}:{r.name}:{problem.question}"))
-                             is not None for r in rules)
-            dropped += applicable - len(probes)
+            probes, failed = _write(problem.question, rules, self.seed)
+            dropped += failed
             data.questions[i] = dict(question=problem.question, answer=str(problem.answer),
                                      rationale=story.solution())
             data.probes[i] = [p.as_dict() for p in probes]

@@ -4,7 +4,10 @@ Every source is a callable ``source(prompt, attempt, reference) -> str | None`` 
 ``reference`` is the reference final answer when the source may use it (verifiers); a critic must not leak it.
 
 - :class:`VerifierFeedback`: for arithmetic word problems and GSM8K, which step is wrong, what value it should
-  have, and whether the final answer is right.
+  have, and whether the final answer is right (``quote_attempt=False``: without repeating the attempt's wrong
+  numbers).
+- :class:`AttemptNumbersWithheld`: wraps any source and withholds the numbers only the attempt introduced.
+- :class:`ReferenceSolutionFeedback`: the task's reference solution as the feedback.
 - :class:`ModelFeedback`: a critic model (a second model, or the student itself) prompted to critique the
   attempt without giving away the final answer; any leaked reference answer is redacted.
 - :class:`LeanFeedback`: writes the attempt to a .lean file, runs a local ``lean`` (or ``lake env lean``) with
