@@ -111,7 +111,8 @@ class VerifierFeedback:
         final = extract_answer(attempt)
         if reference is not None:
             if final is None:
-                parts.append("The attempt never states a final answer; end with it in \\boxed{}.")
+                # in the student prompt's own answer format (prompts.STUDENT_INSTRUCTION), not another one
+                parts.append('The attempt never states a final answer; end with "The answer is" and the number.')
             elif _same_number(final, reference):
                 parts.append("The final answer is correct.")
             elif self.quote_attempt:
