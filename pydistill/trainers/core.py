@@ -15,6 +15,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -145,8 +146,11 @@ class Trainer(abc.ABC):
             for k, v in batch.get("metrics", {}).items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        if num_items > 0:  # a step without any trained token (ROSD dropping every group) carries no signal, yet
+            self.optimizer.step()  # AdamW's momentum alone would move every weight: no update instead
+        with warnings.catch_warnings():  # the schedule follows the step count, updated or not
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None:
             self.teacher.update()
