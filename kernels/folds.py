@@ -77,7 +77,7 @@ def _forward_fold_kernel(zs_ptr, zt_ptr, z_stride, state_ptr, state_stride, y_pt
         m_new = tl.maximum(m_s, tl.max(tl.where(ok, zs, float("-inf")), axis=0))
         scale = tl.exp(m_s - m_new)
         e = tl.where(ok, tl.exp(zs - m_new), 0.0)
-        shift = tl.where(s_s > 0, (m_new - m_s) * s_s, 0.0)
+        shift = tl.where(s_s > 0, m_new - m_s, 0.0) * s_s  # 0, not inf * 0, before the first block
         a_s = scale * (a_s + shift) + tl.sum(e * (m_new - zs), axis=0)
         s_s = s_s * scale + tl.sum(e, axis=0)
         if HAS_TEACHER:

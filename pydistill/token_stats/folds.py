@@ -87,7 +87,7 @@ def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
     below = z_s.neg_().add_(m_new.unsqueeze(1))  # m - z >= 0, in place: z_s is not needed any more
     e = torch.exp(below.neg())
     # sum e (m - z) under the new max: the old sum grows by (m_new - m_old) per unit of the old s.
-    shift = torch.where(s_s > 0, (m_new - m_s) * s_s, torch.zeros_like(s_s))
+    shift = torch.where(s_s > 0, m_new - m_s, torch.zeros_like(s_s)) * s_s  # 0, not inf * 0, at the start
     a_s.copy_(scale * (a_s + shift) + _dot(e, below))
     s_s.mul_(scale).add_(e.sum(1))
     m_s.copy_(m_new)
