@@ -13,9 +13,11 @@ pytest.importorskip("peft")
 
 import trl  # noqa: E402
 
+import pydistill.integrations.trl as pydistill_trl  # noqa: E402
 from pydistill.integrations.trl import GRPOTrainer, patch  # noqa: E402
 
-from .trl_helpers import assert_close_runs, eager_grpo_trainer, run_grpo  # noqa: E402
+from .trl_helpers import (assert_close_runs, eager_grpo_trainer, run_distillation, run_gkd, run_grpo,  # noqa: E402
+                          tiny_policy)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,3 +91,68 @@ def test_moe_aux_loss_is_refused(tmp_path):
     trainer.aux_loss_enabled = True
     with pytest.raises(ValueError, match="router_aux_loss_coef"):
         check_grpo(trainer)
+
+
+@pytest.mark.parametrize("options", [dict(beta=0.5), dict(beta=0.0, temperature=0.7), dict(beta=1.0)],
+                         ids=["jsd", "forward_kl-temperature", "reverse_kl"])
+def test_distillation_trainer_matches_trl(tmp_path, options):
+    ours = run_distillation(pydistill_trl.DistillationTrainer, tmp_path / "ours", forbid_logits=True, **options)
+    assert_close_runs(ours[:2], run_distillation(trl.DistillationTrainer, tmp_path / "trl", **options)[:2])
+
+
+def test_distillation_trainer_peft_and_accumulation_match_trl(tmp_path):
+    from peft import LoraConfig
+
+    options = dict(peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          task_type="CAUSAL_LM"),
+                   gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    ours = run_distillation(pydistill_trl.DistillationTrainer, tmp_path / "ours", forbid_logits=True, **options)
+    assert_close_runs(ours[:2], run_distillation(trl.DistillationTrainer, tmp_path / "trl", **options)[:2])
+
+
+def test_patch_switches_a_distillation_trainer(tmp_path):
+    ours = run_distillation(trl.DistillationTrainer, tmp_path / "ours", forbid_logits=True, patch=patch)
+    assert_close_runs(ours[:2], run_distillation(trl.DistillationTrainer, tmp_path / "trl")[:2])
+
+
+@pytest.mark.parametrize("options", [dict(beta=0.5), dict(beta=1.0, gradient_accumulation_steps=2,
+                                                          per_device_train_batch_size=2)],
+                         ids=["jsd", "reverse_kl-accumulation"])
+def test_gkd_trainer_matches_trl(tmp_path, options):
+    from trl.experimental.gkd import GKDTrainer
+
+    ours = run_gkd(pydistill_trl.GKDTrainer, tmp_path / "ours", forbid_logits=True, **options)
+    assert_close_runs(ours[:2], run_gkd(GKDTrainer, tmp_path / "trl", **options)[:2])
+
+
+def test_shared_head_is_one_op_with_the_same_divergence():
+    """Self-distillation (the teacher is the student model in another context) hands the op one head; the result
+    equals passing a separate copy of that head."""
+    import copy
+
+    import torch
+
+    from pydistill.integrations.trl.distillation import fused_divergence
+
+    model, _ = tiny_policy()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 5, 32, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    shared = fused_divergence(hidden, model, teacher, model, mask, beta=0.3, temperature=1.0, num_items_in_batch=None)
+    separate = fused_divergence(hidden, model, teacher, twin, mask, beta=0.3, temperature=1.0,
+                                num_items_in_batch=None)
+    torch.testing.assert_close(shared[0], separate[0], rtol=1e-6, atol=1e-7)
+    assert int(shared[2]) == 8
+
+
+def test_different_softcaps_are_refused():
+    from pydistill.integrations.trl.distillation import check_distillation
+
+    student, _ = tiny_policy()
+    teacher, _ = tiny_policy(seed=1)
+    teacher.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        check_distillation(object(), student, teacher)

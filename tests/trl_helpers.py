@@ -90,12 +90,19 @@ def run_grpo(trainer_cls, tmp_path, *, from_disk=False, peft_config=None, forbid
 
 
 def forbid_lm_head(model):
+    """Make the lm_head raise on anything wider than one position per row: generation (one new token per step)
+    still works, any [B, T, V] logits of a training forward fail the test."""
     from pydistill.integrations.trl._head import unwrap
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the lm_head forward ran: a [B, T, V] logits tensor was built")
+    head = unwrap(model).get_output_embeddings()
+    original = head.forward
 
-    unwrap(model).get_output_embeddings().forward = refuse
+    def guarded(hidden, *args, **kwargs):
+        if hidden.dim() == 3 and hidden.shape[1] > 1:
+            raise AssertionError(f"the lm_head forward ran on {tuple(hidden.shape)}: [B, T, V] logits were built")
+        return original(hidden, *args, **kwargs)
+
+    head.forward = guarded
 
 
 def eager_grpo_trainer():
@@ -130,3 +137,63 @@ def assert_close_runs(ours, theirs, rtol=1e-5, grad_atol=1e-6):
             scale = step_b[name].abs().max().item() + 1e-12
             err = (step_a[name] - step_b[name]).abs().max().item()
             assert err <= grad_atol + 1e-4 * scale, f"{name}: max gradient difference {err:.3e} (scale {scale:.3e})"
+
+
+def distillation_config(tmp_path, **overrides):
+    from trl import DistillationConfig
+
+    values = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, max_completion_length=8,
+                  learning_rate=1e-2, optim="sgd", report_to="none", use_cpu=True, logging_steps=1,
+                  save_strategy="no", seed=0, lr_scheduler_type="constant", bf16=False, beta=0.5)
+    values.update(overrides)
+    return DistillationConfig(**values)
+
+
+def run_distillation(trainer_cls, tmp_path, *, peft_config=None, forbid_logits=False, patch=None, **overrides):
+    """DistillationTrainer, 2 steps, a tiny student and a wider tiny teacher with its own head."""
+    from datasets import Dataset
+
+    student, tokenizer = tiny_policy(seed=0)
+    teacher, _ = tiny_policy(seed=1, hidden_size=48)
+    recorder = GradientRecorder()
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=distillation_config(tmp_path, **overrides),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                          callbacks=[recorder], peft_config=peft_config)
+    if patch is not None:
+        patch(trainer)
+    if forbid_logits:
+        forbid_lm_head(trainer.model)
+        forbid_lm_head(trainer.teacher_model)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, recorder.steps, trainer
+
+
+def gkd_config(tmp_path, **overrides):
+    from trl.experimental.gkd import GKDConfig
+
+    values = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, max_length=48,
+                  learning_rate=1e-2, optim="sgd", report_to="none", use_cpu=True, logging_steps=1,
+                  save_strategy="no", seed=0, lr_scheduler_type="constant", bf16=False, lmbda=0.0, beta=0.5)
+    values.update(overrides)
+    return GKDConfig(**values)
+
+
+def run_gkd(trainer_cls, tmp_path, *, peft_config=None, forbid_logits=False, **overrides):
+    """GKDTrainer on fixed conversations (lmbda=0: no generation), 2 steps."""
+    from datasets import Dataset
+
+    student, tokenizer = tiny_policy(seed=0)
+    teacher, _ = tiny_policy(seed=1, hidden_size=48)
+    rows = [[{"role": "user", "content": p}, {"role": "assistant", "content": f"{i} + 1 = {i + 1}."}]
+            for i, p in enumerate(PROMPTS)]
+    recorder = GradientRecorder()
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=gkd_config(tmp_path, **overrides),
+                          train_dataset=Dataset.from_dict({"messages": rows}), processing_class=tokenizer,
+                          callbacks=[recorder], peft_config=peft_config)
+    if forbid_logits:
+        forbid_lm_head(trainer.model)
+        forbid_lm_head(trainer.teacher_model)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, recorder.steps, trainer

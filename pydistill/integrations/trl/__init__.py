@@ -11,19 +11,38 @@ pydistill[trl]``); another TRL version is refused at construction with its versi
 from __future__ import annotations
 
 from ._compat import TESTED_TRL, check_trl_version
+from . import distillation
 from .grpo import GRPOTrainer, patch_grpo
 
-__all__ = ["GRPOTrainer", "TESTED_TRL", "patch"]
+__all__ = ["DistillationTrainer", "GKDTrainer", "GRPOTrainer", "TESTED_TRL", "patch"]
+
+_LAZY = {"DistillationTrainer": distillation.make_distillation_trainer, "GKDTrainer": distillation.make_gkd_trainer}
+_MADE = {}
+
+
+def __getattr__(name):
+    # Built on first use: GKDTrainer lives in trl.experimental, which is imported only when asked for.
+    if name in _LAZY:
+        if name not in _MADE:
+            _MADE[name] = _LAZY[name]()
+        return _MADE[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def patch(trainer):
     """Switch an already constructed TRL trainer to pydistill's fused op, in place; returns it.
 
-    Accepts ``trl.GRPOTrainer`` (and subclasses). Anything else raises a TypeError naming the type.
+    Accepts ``trl.GRPOTrainer``, ``trl.DistillationTrainer`` and ``trl.experimental.gkd.GKDTrainer`` (and
+    subclasses). Anything else raises a TypeError naming the type.
     """
     check_trl_version()
     import trl
 
     if isinstance(trainer, trl.GRPOTrainer):
         return patch_grpo(trainer)
-    raise TypeError(f"patch() takes a trl.GRPOTrainer; got {type(trainer).__name__}")
+    if isinstance(trainer, trl.DistillationTrainer):
+        return distillation.patch_distillation(trainer)
+    if type(trainer).__name__ == "GKDTrainer" or any(c.__name__ == "GKDTrainer" for c in type(trainer).__mro__):
+        return distillation.patch_distillation(trainer)
+    raise TypeError(f"patch() takes a trl.GRPOTrainer, trl.DistillationTrainer or GKDTrainer; "
+                    f"got {type(trainer).__name__}")
