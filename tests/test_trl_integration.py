@@ -17,7 +17,7 @@ import pydistill.integrations.trl as pydistill_trl  # noqa: E402
 from pydistill.integrations.trl import GRPOTrainer, patch  # noqa: E402
 
 from .trl_helpers import (assert_close_runs, eager_grpo_trainer, run_distillation, run_gkd, run_grpo,  # noqa: E402
-                          tiny_policy)
+                          run_self_distillation, tiny_policy)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,3 +156,48 @@ def test_different_softcaps_are_refused():
     teacher.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         check_distillation(object(), student, teacher)
+
+
+def _self_distillation_pair(kind, tmp_path, **options):
+    if kind == "sdft":
+        from trl.experimental.sdft import SDFTTrainer as theirs
+    else:
+        from trl.experimental.sdpo import SDPOTrainer as theirs
+    ours_cls = pydistill_trl.SDFTTrainer if kind == "sdft" else pydistill_trl.SDPOTrainer
+    ours = run_self_distillation(kind, ours_cls, tmp_path / "ours", forbid_logits=True, **options)
+    assert_close_runs(ours[:2], run_self_distillation(kind, theirs, tmp_path / "trl", **options)[:2])
+    return ours[2]
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("sdft", dict()),  # full-vocabulary JSD(0.5) to a frozen copy (its own head)
+    ("sdft", dict(distillation_mode="sampled_token", distillation_alpha=1.0, teacher_model_kind="live",
+                  num_loss_tokens_to_skip=2)),
+    ("sdpo", dict()),  # reverse KL to an EMA copy, importance clip
+    ("sdpo", dict(distillation_weight=0.5, teacher_model_kind="base", loss_type="grpo",
+                  gradient_accumulation_steps=2, per_device_train_batch_size=2)),
+], ids=["sdft-full", "sdft-sampled-live", "sdpo-ema", "sdpo-blend-accumulation"])
+def test_self_distillation_trainers_match_trl(tmp_path, kind, options):
+    _self_distillation_pair(kind, tmp_path, **options)
+
+
+def test_self_distillation_peft_base_teacher_shares_the_head(tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _self_distillation_pair("sdft", tmp_path, peft_config=lora, teacher_model_kind="base")
+    assert trainer.teacher_model is trainer.model  # adapter disabled for the teacher: one model, one head
+
+
+def test_top_k_distillation_is_refused_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="distillation_mode='topk_logits'"):
+        run_self_distillation("sdft", pydistill_trl.SDFTTrainer, tmp_path, distillation_mode="topk_logits",
+                              distillation_topk=5)
+
+
+def test_lm_head_adapters_are_refused(tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="target_modules includes the lm_head"):  # TRL's SDFT would train it
+        run_self_distillation("sdft", pydistill_trl.SDFTTrainer, tmp_path, peft_config=lora)

@@ -81,24 +81,39 @@ def run_grpo(trainer_cls, tmp_path, *, from_disk=False, peft_config=None, forbid
     if patch is not None:
         patch(trainer)
     if forbid_logits:
-        forbid_lm_head(trainer.model)
+        forbid_lm_head(trainer.model, trainer)
         if getattr(trainer, "ref_model", None) is not None:
-            forbid_lm_head(trainer.ref_model)
+            forbid_lm_head(trainer.ref_model, trainer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses, recorder.steps, trainer
 
 
-def forbid_lm_head(model):
-    """Make the lm_head raise on anything wider than one position per row: generation (one new token per step)
-    still works, any [B, T, V] logits of a training forward fail the test."""
+def forbid_lm_head(model, trainer=None):
+    """Make the lm_head raise on more than one position per row while gradients are on or while the trainer's
+    ``compute_loss`` runs (teacher forwards run without gradients): any [B, T, V] logits of a training forward
+    fail the test, while generation (no gradients, outside the loss) keeps working."""
     from pydistill.integrations.trl._head import unwrap
 
     head = unwrap(model).get_output_embeddings()
     original = head.forward
+    state = getattr(trainer, "_forbid_state", None) if trainer is not None else None
+    if trainer is not None and state is None:
+        state = trainer._forbid_state = {"in_loss": False}
+        compute_loss = trainer.compute_loss
+
+        def guarded_loss(*args, **kwargs):
+            state["in_loss"] = True
+            try:
+                return compute_loss(*args, **kwargs)
+            finally:
+                state["in_loss"] = False
+
+        trainer.compute_loss = guarded_loss
 
     def guarded(hidden, *args, **kwargs):
-        if hidden.dim() == 3 and hidden.shape[1] > 1:
+        training = torch.is_grad_enabled() or (state is not None and state["in_loss"])
+        if training and hidden.dim() == 3 and hidden.shape[1] > 1:
             raise AssertionError(f"the lm_head forward ran on {tuple(hidden.shape)}: [B, T, V] logits were built")
         return original(hidden, *args, **kwargs)
 
@@ -162,8 +177,8 @@ def run_distillation(trainer_cls, tmp_path, *, peft_config=None, forbid_logits=F
     if patch is not None:
         patch(trainer)
     if forbid_logits:
-        forbid_lm_head(trainer.model)
-        forbid_lm_head(trainer.teacher_model)
+        forbid_lm_head(trainer.model, trainer)
+        forbid_lm_head(trainer.teacher_model, trainer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses, recorder.steps, trainer
@@ -192,8 +207,50 @@ def run_gkd(trainer_cls, tmp_path, *, peft_config=None, forbid_logits=False, **o
                           train_dataset=Dataset.from_dict({"messages": rows}), processing_class=tokenizer,
                           callbacks=[recorder], peft_config=peft_config)
     if forbid_logits:
-        forbid_lm_head(trainer.model)
-        forbid_lm_head(trainer.teacher_model)
+        forbid_lm_head(trainer.model, trainer)
+        forbid_lm_head(trainer.teacher_model, trainer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, recorder.steps, trainer
+
+
+def run_self_distillation(kind, trainer_cls, tmp_path, *, peft_config=None, forbid_logits=False, patch=None,
+                          **overrides):
+    """SDFT (``kind="sdft"``: a demonstration as privileged context) or SDPO, 2 steps on a tiny model saved to
+    disk (TRL builds a separate EMA / base teacher from the path)."""
+    from datasets import Dataset
+
+    model, tokenizer = tiny_policy()
+    # Sharper next-token distributions: the two contexts then differ by a divergence well above float32 rounding
+    # (a random tiny model is nearly uniform, and a 1e-4 KL carries 1e-4 relative rounding in any float32 sum).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(tmp_path / "policy")
+    values = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                  max_completion_length=8, learning_rate=1e-2, optim="sgd", report_to="none", use_cpu=True,
+                  logging_steps=1, save_strategy="no", seed=0, lr_scheduler_type="constant", bf16=False,
+                  distillation_mode="full_logits")
+    values.update(overrides)
+    if kind == "sdft":
+        from trl.experimental.sdft import SDFTConfig
+
+        data = Dataset.from_dict({"prompt": PROMPTS, "privileged_context": [f"Answer: {i}." for i in range(8)]})
+        extra = {}
+        config = SDFTConfig(**values)
+    else:
+        from trl.experimental.sdpo import SDPOConfig
+
+        data = Dataset.from_dict({"prompt": PROMPTS})
+        extra = dict(reward_funcs=length_reward)
+        config = SDPOConfig(**values)
+    recorder = GradientRecorder()
+    trainer = trainer_cls(model=str(tmp_path / "policy"), args=config, train_dataset=data, processing_class=tokenizer,
+                          callbacks=[recorder], peft_config=peft_config, **extra)
+    if patch is not None:
+        patch(trainer)
+    if forbid_logits:
+        forbid_lm_head(trainer.model, trainer)
+        forbid_lm_head(trainer.teacher_model, trainer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses, recorder.steps, trainer

@@ -11,12 +11,13 @@ pydistill[trl]``); another TRL version is refused at construction with its versi
 from __future__ import annotations
 
 from ._compat import TESTED_TRL, check_trl_version
-from . import distillation
+from . import distillation, self_distillation
 from .grpo import GRPOTrainer, patch_grpo
 
-__all__ = ["DistillationTrainer", "GKDTrainer", "GRPOTrainer", "TESTED_TRL", "patch"]
+__all__ = ["DistillationTrainer", "GKDTrainer", "GRPOTrainer", "SDFTTrainer", "SDPOTrainer", "TESTED_TRL", "patch"]
 
-_LAZY = {"DistillationTrainer": distillation.make_distillation_trainer, "GKDTrainer": distillation.make_gkd_trainer}
+_LAZY = {"DistillationTrainer": distillation.make_distillation_trainer, "GKDTrainer": distillation.make_gkd_trainer,
+         "SDPOTrainer": self_distillation.make_sdpo_trainer, "SDFTTrainer": self_distillation.make_sdft_trainer}
 _MADE = {}
 
 
@@ -32,8 +33,8 @@ def __getattr__(name):
 def patch(trainer):
     """Switch an already constructed TRL trainer to pydistill's fused op, in place; returns it.
 
-    Accepts ``trl.GRPOTrainer``, ``trl.DistillationTrainer`` and ``trl.experimental.gkd.GKDTrainer`` (and
-    subclasses). Anything else raises a TypeError naming the type.
+    Accepts ``trl.GRPOTrainer``, ``trl.DistillationTrainer`` and ``trl.experimental``'s ``GKDTrainer``,
+    ``SDPOTrainer`` and ``SDFTTrainer`` (and subclasses). Anything else raises a TypeError naming the type.
     """
     check_trl_version()
     import trl
@@ -42,7 +43,11 @@ def patch(trainer):
         return patch_grpo(trainer)
     if isinstance(trainer, trl.DistillationTrainer):
         return distillation.patch_distillation(trainer)
-    if type(trainer).__name__ == "GKDTrainer" or any(c.__name__ == "GKDTrainer" for c in type(trainer).__mro__):
+    names = {c.__name__ for c in type(trainer).__mro__}
+    if "GKDTrainer" in names:
         return distillation.patch_distillation(trainer)
-    raise TypeError(f"patch() takes a trl.GRPOTrainer, trl.DistillationTrainer or GKDTrainer; "
+    if names & {"SDPOTrainer", "SDFTTrainer"}:
+        return self_distillation.patch_self_distillation(trainer)
+    raise TypeError(f"patch() takes a trl.GRPOTrainer, trl.DistillationTrainer, GKDTrainer, SDPOTrainer or "
+                    f"SDFTTrainer; "
                     f"got {type(trainer).__name__}")

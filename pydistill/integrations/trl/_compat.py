@@ -47,6 +47,12 @@ def check_not_zero3(trainer) -> None:
 
 
 def check_text_peft(model) -> None:
+    """Adapters must leave the positions and the lm_head alone: the op reads the head's weight directly."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "base_layer"):
+        raise ValueError("peft_config: target_modules includes the lm_head; pydistill's fused op reads the head's "
+                         "weight directly, so adapt the decoder body only")
     config = getattr(model, "active_peft_config", None)
     if config is not None and getattr(config, "is_prompt_learning", False):
         raise ValueError("peft_config: prompt-learning adapters (prefix/prompt tuning) shift the positions the "

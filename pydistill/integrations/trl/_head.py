@@ -101,6 +101,19 @@ def _fused_forward(model, args, kwargs, request):
     hidden = hidden[:, hidden.shape[1] - keep - 1:-1]  # position i predicts token i + 1
     if request.get("hidden_only"):
         return hidden
+    return head_stats(model, hidden, request["labels"], temperature=float(request.get("temperature", 1.0)),
+                      teacher_hidden=request.get("teacher_hidden"), teacher_weight=request.get("teacher_weight"),
+                      teacher_bias=request.get("teacher_bias"), divergence=request.get("divergence"),
+                      beta=request.get("beta", 0.5), clip=request.get("clip"))
+
+
+def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, teacher_weight=None,
+               teacher_bias=None, divergence=None, beta=0.5, clip=None) -> TokenStats:
+    """:func:`pydistill.token_stats` of [B, K, H] hidden states through ``model``'s head (its logit scale and
+    softcap applied), scoring ``labels`` [B, K] (``-100``: skipped row). Returns [B, K] fields.
+
+    A teacher context (``teacher_hidden`` [B, K, H_t]) is read through the same logit scale and softcap: it is
+    the same model in another context, or a model of the same architecture (``teacher_weight``)."""
     weight, bias = head_parameters(model)
     b, t, width = hidden.shape
     scale = logit_scale(model.config)
@@ -108,19 +121,18 @@ def _fused_forward(model, args, kwargs, request):
     if scale != 1.0:  # cap(s * (h W + b)) == cap((s h) W + s b): fold the scale into the inputs
         hidden = hidden * scale
         bias = None if bias is None else bias * scale
-    labels = request["labels"].to(weight.device).reshape(-1)
-    teacher_hidden = request.get("teacher_hidden")
+    labels = labels.to(weight.device).reshape(-1)
     options = {}
     if teacher_hidden is not None:
-        teacher_weight = request.get("teacher_weight")
         teacher_hidden = teacher_hidden.to(device=weight.device,
                                            dtype=weight.dtype if teacher_weight is None else teacher_weight.dtype)
+        if scale != 1.0:
+            teacher_hidden = teacher_hidden * scale
+            teacher_bias = None if teacher_bias is None else teacher_bias * scale
         options = dict(teacher_hidden=teacher_hidden.reshape(b * t, -1), teacher_weight=teacher_weight,
-                       teacher_bias=request.get("teacher_bias"), divergence=request["divergence"],
-                       beta=request.get("beta", 0.5), clip=request.get("clip"))
+                       teacher_bias=teacher_bias, divergence=divergence, beta=beta, clip=clip)
     # The op computes in float32 itself; autocast must not re-cast its GEMMs.
     with torch.autocast(weight.device.type, enabled=False):
         stats = token_stats(hidden.reshape(b * t, width), weight, targets=labels, bias=bias,
-                            temperature=float(request.get("temperature", 1.0)), softcap=softcap(model.config),
-                            **options)
+                            temperature=float(temperature), softcap=softcap(model.config), **options)
     return TokenStats(*(s.reshape(b, t) for s in stats))
