@@ -201,3 +201,29 @@ def test_lm_head_adapters_are_refused(tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match="target_modules includes the lm_head"):  # TRL's SDFT would train it
         run_self_distillation("sdft", pydistill_trl.SDFTTrainer, tmp_path, peft_config=lora)
+
+
+@pytest.mark.slow  # ~30 s: two processes each train both trainers
+def test_grpo_under_two_ddp_processes_matches_trl(tmp_path):
+    """Two CPU processes (gloo, through accelerate): the fused forward goes through DDP like TRL's."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from .test_trainer_distributed import ROOT, _env, _free_port
+
+    port, out = str(_free_port()), tmp_path / "runs.pt"
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.trl_ddp_worker", str(out), str(tmp_path / f"r{r}")],
+                              cwd=ROOT, env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                                 TRL_EXPERIMENTAL_SILENCE="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    runs = torch.load(out)
+    assert runs["ours"]["world"] == 2 and runs["ours"]["wrapped"] == "DistributedDataParallel"
+    assert_close_runs((runs["ours"]["losses"], runs["ours"]["grads"]), (runs["trl"]["losses"], runs["trl"]["grads"]))
+    assert not os.environ.get("WORLD_SIZE")  # the parent stayed a single process
