@@ -109,6 +109,9 @@ def main(argv=None):
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="processes per variant, alternated (trl, pydistill, trl, ...) so that a CPU shared with "
+                             "other jobs biases neither; the table takes each variant's median step and largest peak")
     parser.add_argument("--out", default=None, help="write results.json and results.md here")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
@@ -116,19 +119,28 @@ def main(argv=None):
         print("RESULT " + json.dumps(_child(args)))
         return
     command = "python -m benchmarks.trl_step " + " ".join(argv if argv is not None else sys.argv[1:])
-    records = []
-    for variant in VARIANTS:
+    runs = []
+    for variant in [v for _ in range(args.rounds) for v in VARIANTS]:
         # MALLOC_MMAP_THRESHOLD_: large buffers go back to the OS when freed, so RSS follows the live tensors
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         proc = subprocess.run([sys.executable, "-m", "benchmarks.trl_step", "--variant", variant,
                                *(argv if argv is not None else sys.argv[1:])], capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            records.append(dict(variant=variant, status=f"failed: {proc.stderr.strip().splitlines()[-1:]}"))
+            runs.append(dict(variant=variant, status=f"failed: {proc.stderr.strip().splitlines()[-1:]}"))
             continue
-        records.append(dict(json.loads(line[0][7:]), status="ok"))
+        runs.append(dict(json.loads(line[0][7:]), status="ok"))
+    records = []
+    for variant in VARIANTS:
+        done = [r for r in runs if r["variant"] == variant and r["status"] == "ok"]
+        if not done:
+            records.append(next(r for r in runs if r["variant"] == variant))
+            continue
+        steps = [t for r in done for t in r["step_times"]]
+        records.append(dict(done[0], step_s=statistics.median(steps), step_times=steps,
+                            peak_mb=max(r["peak_mb"] for r in done), extra_mb=max(r["extra_mb"] for r in done)))
     date = datetime.date.today().isoformat()
-    rows = ["| variant | tokens / step | step (s) | peak memory (MB) | peak above pre-step (MB) | losses | status |",
+    rows = ["| variant | tokens / step | median step (s) | peak memory (MB) | peak above pre-step (MB) | losses | status |",
             "|---|---|---|---|---|---|---|"]
     for r in records:
         if r["status"] != "ok":
@@ -145,7 +157,7 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(command=command, date=date, records=records), f, indent=1)
+            json.dump(dict(command=command, date=date, records=records, runs=runs), f, indent=1)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(text)
 

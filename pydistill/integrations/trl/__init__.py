@@ -10,6 +10,12 @@ pydistill[trl]``); another TRL version is refused at construction with its versi
 """
 from __future__ import annotations
 
+try:
+    import trl as _trl  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("pydistill.integrations.trl needs TRL: pip install 'pydistill[trl]' (TRL >=1.16,<1.17)") \
+        from error
+
 from ._compat import TESTED_TRL, check_trl_version
 from . import distillation, self_distillation
 from .grpo import GRPOTrainer, patch_grpo
