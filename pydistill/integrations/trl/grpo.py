@@ -7,7 +7,9 @@ tensors: the policy's per-token log-probabilities and entropies, produced by its
 integration replaces that hook only: it runs the decoder body, gathers the completion rows whose label is not
 padding, and computes their log-probability and entropy (at TRL's temperature, with the model's logit scale and
 softcap) straight from the hidden states and the lm_head weight. Every loss type, normalization and config field
-is then TRL's own code, so the loss is TRL's to float32 rounding, and no [B, T, V] logits exist.
+is then TRL's own code, so the loss is TRL's to float32 rounding, and no [B, T, V] logits exist. The head
+always runs in float32 with autocast off: under ``bf16=True`` autocast, TRL's CPU path rounds the logits to
+bfloat16, so there the two differ by bf16 rounding (this path being the closer one to float32 logits).
 
 Refused at construction, with the field named: MoE load-balancing losses (``router_aux_loss_coef``), DeepSpeed
 ZeRO-3, prompt-learning PEFT adapters; at the first step: multimodal inputs (``pixel_values`` and co.).
