@@ -41,7 +41,7 @@ def test_grpo_default_matches_trl_fused_and_eager(tmp_path):
     dict(loss_type="bnpo", top_entropy_quantile=0.5),
     dict(loss_type="dr_grpo", entropy_coef=0.02, scale_rewards="batch"),
     dict(loss_type="luspo", importance_sampling_level="sequence"),
-    dict(loss_type="cispo", num_iterations=2),
+    dict(loss_type="cispo", num_iterations=2, off_policy_mask_threshold=0.5),
     dict(loss_type="sapo"),
     dict(loss_type="vespo", num_iterations=2),
     dict(loss_type="dapo", epsilon=0.1, epsilon_high=0.3, delta=1.5, num_iterations=2, mask_truncated_completions=True,
@@ -52,7 +52,8 @@ def test_grpo_loss_types_match_trl(tmp_path, options):
 
 
 def test_grpo_kl_to_reference_model_matches_trl(tmp_path):
-    trainer = compare(tmp_path, from_disk=True, beta=0.1, loss_type="grpo")
+    trainer = compare(tmp_path, from_disk=True, beta=0.1, loss_type="grpo", num_iterations=2,
+                      use_bias_correction_kl=True)
     assert trainer.ref_model is not None
 
 
