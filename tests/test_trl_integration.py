@@ -228,3 +228,17 @@ def test_grpo_under_two_ddp_processes_matches_trl(tmp_path):
     assert runs["ours"]["world"] == 2 and runs["ours"]["wrapped"] == "DistributedDataParallel"
     assert_close_runs((runs["ours"]["losses"], runs["ours"]["grads"]), (runs["trl"]["losses"], runs["trl"]["grads"]))
     assert not os.environ.get("WORLD_SIZE")  # the parent stayed a single process
+
+
+@pytest.mark.slow  # two fresh processes with TRL and a SmolLM2-shaped model
+def test_trl_step_benchmark_smoke(tmp_path):
+    import json
+
+    from benchmarks.trl_step import main
+
+    main(["--layers", "1", "--completion-length", "8", "--generations", "2", "--steps", "1", "--rounds", "1",
+          "--out", str(tmp_path)])
+    records = json.load(open(tmp_path / "results.json"))["records"]
+    assert [r["variant"] for r in records] == ["trl", "pydistill"]
+    assert all(r["status"] == "ok" and r["peak_mb"] > 0 for r in records)
+    assert records[0]["losses"] == pytest.approx(records[1]["losses"], rel=1e-5, abs=1e-7)
