@@ -140,7 +140,8 @@ def main(argv=None):
         records.append(dict(done[0], step_s=statistics.median(steps), step_times=steps,
                             peak_mb=max(r["peak_mb"] for r in done), extra_mb=max(r["extra_mb"] for r in done)))
     date = datetime.date.today().isoformat()
-    rows = ["| variant | tokens / step | median step (s) | peak memory (MB) | peak above pre-step (MB) | losses | status |",
+    rows = ["| variant | tokens / step | median step (s) | peak memory (MB) | peak above pre-step (MB) | losses "
+            "| status |",
             "|---|---|---|---|---|---|---|"]
     for r in records:
         if r["status"] != "ok":

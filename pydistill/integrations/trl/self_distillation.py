@@ -123,7 +123,8 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
             per_token = (stats.logp - teacher_logp).detach() * stats.logp
         old = inputs.get("old_per_token_logps")
         if args.distillation_is_clip is not None and old is not None:
-            ratio = torch.exp((stats.logp - old).detach().clamp(min=-20.0, max=20.0)).clamp(max=args.distillation_is_clip)
+            log_ratio = (stats.logp - old).detach().clamp(min=-20.0, max=20.0)
+            ratio = torch.exp(log_ratio).clamp(max=args.distillation_is_clip)
             per_token = per_token * ratio
         loss_mask = _loss_mask(self, inputs)
         if loss_mask.sum() == 0:
