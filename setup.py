@@ -20,7 +20,9 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
+        # trl: the range pydistill.integrations.trl is tested with (it refuses other versions at construction)
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "trl>=1.16,<1.17"],
+        "trl": ["trl>=1.16,<1.17", "transformers>=4.56", "accelerate>=1.4"],
         "train": ["transformers>=4.46", "accelerate>=1.0", "peft>=0.13", "safetensors", "gguf>=0.10",
                   "datasets>=3.0", "tqdm", "matplotlib", "pyyaml", "rich"],
         "cuda": ["flash-attn>=2.6"],

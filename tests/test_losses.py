@@ -136,14 +136,16 @@ def eager_grpo(logp, advantages, mask, old_logp, ref_logp, beta, eps_low, eps_hi
     per = -torch.minimum(ratio * a, clipped * a)
     if beta:
         per = per + beta * (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1)
-    if entropy_coef:
-        per = per - entropy_coef * entropy
     per = per * mask
     if loss_type == "grpo":
-        return (per.sum(1) / mask.sum(1).clamp_min(1)).mean()
-    if loss_type in ("bnpo", "dapo"):
-        return per.sum() / (num_items if num_items is not None else mask.sum().clamp_min(1))
-    return per.sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+        loss = (per.sum(1) / mask.sum(1).clamp_min(1)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = per.sum() / (num_items if num_items is not None else mask.sum().clamp_min(1))
+    else:
+        loss = per.sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+    if entropy_coef:  # TRL: the token-mean entropy is subtracted after the loss type's reduction
+        loss = loss - entropy_coef * (entropy * mask).sum() / mask.sum().clamp_min(1)
+    return loss
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
@@ -169,6 +171,20 @@ def test_grpo_loss_matches_eager(loss_type, group_size, level, beta, delta):
     assert abs(out.loss.item() - want.item()) <= 1e-5 * (1 + abs(want.item()))
     assert_same(grads(out.loss, hidden, weight), grads(want, hidden, weight))
     assert 0.0 <= out.metrics["clip_ratio"] <= 1.0 and out.metrics["tokens"] == int(mask.sum())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_grpo_entropy_bonus_is_trls_token_mean_after_the_reduction(loss_type):
+    """TRL 1.16: loss = L_policy - coef * mean entropy over the masked tokens, for every loss type; with zero
+    advantages only the bonus is left."""
+    hidden, weight, _, targets, mask, g = batch(seed=7)
+    log_q = eager_logprobs(hidden, weight)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    out = grpo_loss(hidden, weight, targets, torch.zeros(B), mask, loss_type=loss_type, entropy_coef=0.1,
+                    max_completion_length=2 * T)
+    want = -0.1 * (entropy * mask).sum() / mask.sum()
+    assert abs(out.loss.item() - want.item()) <= 1e-5 * (1 + abs(want.item()))
+    assert_same(grads(out.loss, hidden, weight), grads(want, hidden, weight))
 
 
 def test_grpo_on_policy_and_per_token_advantages():

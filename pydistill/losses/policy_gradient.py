@@ -23,7 +23,9 @@ def policy_gradient_per_token(logp, entropy, advantages, mask, *, old_logp=None,
     ratio w = exp(logp - old_logp) per token, or for ``"sequence"`` level (GSPO) exp of the masked mean of the
     log-ratio over each sequence; L = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A), with w first capped at
     ``delta`` when given (two-sided clipping); plus ``beta`` times the k3 estimate of KL(pi || ref)
-    exp(ref - logp) - (ref - logp) - 1; minus ``entropy_coef`` times the entropy.
+    exp(ref - logp) - (ref - logp) - 1; minus ``entropy_coef`` times the entropy, per token (a per-token
+    bonus, normalized with the policy term; :func:`grpo_loss` instead applies TRL's bonus, see
+    :func:`entropy_bonus`).
     """
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     old = logp.detach() if old_logp is None else old_logp.to(logp)
@@ -62,6 +64,23 @@ def reduce_policy_loss(per_token, mask, loss_type: str, *, max_completion_length
         return masked.sum() / count
     length = max_completion_length if max_completion_length is not None else mask.shape[1]
     return masked.sum() / (mask.shape[0] * length)
+
+
+def entropy_bonus(entropy, mask, loss_type: str, *, num_items_in_batch: Optional[float] = None):
+    """TRL's entropy bonus H: the mean entropy over the masked tokens, whatever the loss type (TRL 1.16 subtracts
+    ``entropy_coef * H`` after reducing the policy term, L = L_policy - coef * H, so the bonus is not rescaled by
+    grpo's per-sequence or dr_grpo's B * max-length normalization).
+
+    Under gradient accumulation TRL divides each micro-batch's token mean by the accumulation steps. Here the
+    count follows the loss type's own: for the token-normalized types (bnpo, dapo) ``num_items_in_batch`` when
+    given, so the micro-batch bonuses sum to the global token mean (TRL's value when micro-batches hold equal
+    token counts); for grpo and dr_grpo, whose micro-batch losses the caller rescales by its share of the batch,
+    this call's own tokens.
+    """
+    masked = torch.where(mask, entropy, torch.zeros_like(entropy))
+    if loss_type in ("bnpo", "dapo") and num_items_in_batch is not None:
+        return masked.sum() / float(num_items_in_batch)
+    return masked.sum() / mask.sum().clamp_min(1)
 
 
 def check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
@@ -124,10 +143,14 @@ def grpo_loss(
         importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO: the ratio of each sequence is
             exp of its mean token log-ratio).
         loss_type: normalization, as TRL: ``"grpo"`` mean over each sequence's tokens then over sequences;
-            ``"bnpo"`` and ``"dapo"`` token sum / token count (``num_items_in_batch`` overrides the count: pass
-            the global count under gradient accumulation); ``"dr_grpo"`` token sum / (B *
+            ``"dapo"`` token sum / token count (``num_items_in_batch`` overrides the count: pass the global count
+            under gradient accumulation); ``"bnpo"`` the same here, which differs from TRL 1.16 under gradient
+            accumulation: TRL's bnpo ignores ``num_items_in_batch`` and divides each micro-batch's token mean by
+            the accumulation steps (for TRL's exactly, leave ``num_items_in_batch`` unset and divide the loss by
+            the steps yourself, or use :mod:`pydistill.integrations.trl`); ``"dr_grpo"`` token sum / (B *
             ``max_completion_length``, default T).
-        entropy_coef: entropy bonus coefficient (subtracted per token).
+        entropy_coef: TRL's entropy bonus: ``entropy_coef`` times the masked mean entropy is subtracted after the
+            loss type's normalization (:func:`entropy_bonus`), for every loss type.
 
     Returns:
         :class:`LossOutput`; metrics: clip_ratio_low / clip_ratio_high / clip_ratio (share of masked tokens),
@@ -147,10 +170,11 @@ def grpo_loss(
     advantages = advantages.to(logp)
     per_token, stats = policy_gradient_per_token(
         logp, entropy, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, beta=beta, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level,
-        entropy_coef=entropy_coef)
+        epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level)
     loss = reduce_policy_loss(per_token, mask, loss_type, max_completion_length=max_completion_length,
                               num_items_in_batch=num_items_in_batch)
+    if entropy_coef:
+        loss = loss - entropy_coef * entropy_bonus(entropy, mask, loss_type, num_items_in_batch=num_items_in_batch)
     return LossOutput(loss, policy_metrics(stats, logp, entropy, mask), dict(logp=logp.detach(),
                                                                              entropy=entropy.detach()))
 

@@ -1,0 +1,1 @@
+"""Integrations of pydistill's fused op into other training libraries (``pydistill.integrations.trl``)."""

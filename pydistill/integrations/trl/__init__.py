@@ -1,0 +1,59 @@
+"""pydistill inside TRL: one line puts the fused op into TRL's trainers.
+
+    from pydistill.integrations.trl import GRPOTrainer      # instead of `from trl import GRPOTrainer`
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+
+or, for a trainer already built, ``patch(trainer)``. Each subclass keeps TRL's constructor and config; what
+changes is where the per-token statistics come from (the decoder body's hidden states and the lm_head weight,
+through :func:`pydistill.token_stats`, never [B, T, V] logits). Tested with TRL >=1.16,<1.17 (``pip install
+pydistill[trl]``); another TRL version is refused at construction with its version named.
+"""
+from __future__ import annotations
+
+try:
+    import trl as _trl  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("pydistill.integrations.trl needs TRL: pip install 'pydistill[trl]' (TRL >=1.16,<1.17)") \
+        from error
+
+from ._compat import TESTED_TRL, check_trl_version
+from . import distillation, self_distillation
+from .grpo import GRPOTrainer, patch_grpo
+
+__all__ = ["DistillationTrainer", "GKDTrainer", "GRPOTrainer", "SDFTTrainer", "SDPOTrainer", "TESTED_TRL", "patch"]
+
+_LAZY = {"DistillationTrainer": distillation.make_distillation_trainer, "GKDTrainer": distillation.make_gkd_trainer,
+         "SDPOTrainer": self_distillation.make_sdpo_trainer, "SDFTTrainer": self_distillation.make_sdft_trainer}
+_MADE = {}
+
+
+def __getattr__(name):
+    # Built on first use: GKDTrainer lives in trl.experimental, which is imported only when asked for.
+    if name in _LAZY:
+        if name not in _MADE:
+            _MADE[name] = _LAZY[name]()
+        return _MADE[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def patch(trainer):
+    """Switch an already constructed TRL trainer to pydistill's fused op, in place; returns it.
+
+    Accepts ``trl.GRPOTrainer``, ``trl.DistillationTrainer`` and ``trl.experimental``'s ``GKDTrainer``,
+    ``SDPOTrainer`` and ``SDFTTrainer`` (and subclasses). Anything else raises a TypeError naming the type.
+    """
+    check_trl_version()
+    import trl
+
+    if isinstance(trainer, trl.GRPOTrainer):
+        return patch_grpo(trainer)
+    if isinstance(trainer, trl.DistillationTrainer):
+        return distillation.patch_distillation(trainer)
+    names = {c.__name__ for c in type(trainer).__mro__}
+    if "GKDTrainer" in names:
+        return distillation.patch_distillation(trainer)
+    if names & {"SDPOTrainer", "SDFTTrainer"}:
+        return self_distillation.patch_self_distillation(trainer)
+    raise TypeError(f"patch() takes a trl.GRPOTrainer, trl.DistillationTrainer, GKDTrainer, SDPOTrainer or "
+                    f"SDFTTrainer; "
+                    f"got {type(trainer).__name__}")

@@ -1,0 +1,175 @@
+"""TRL's DistillationTrainer and GKDTrainer with pydistill's divergence.
+
+Both TRL trainers minimise the generalized JSD_beta between the teacher's and the student's next-token
+distributions on the completion tokens (``beta`` 0 is forward KL(teacher || student), 1 reverse KL, else
+beta KL(p || M) + (1 - beta) KL(q || M) with M = beta p + (1 - beta) q), summed over the valid tokens and
+divided by ``num_items_in_batch`` when the trainer passes it, by their count otherwise. That is
+:func:`pydistill.token_stats`'s ``divergence="jsd"`` with the same ``beta`` convention, so the integration keeps
+TRL's inputs, masks and normalization and swaps only the divergence computation:
+
+- ``DistillationTrainer``: its protected ``_compute_loss`` (run inside the student wrapper's forward, so DDP and
+  FSDP behave as in TRL) takes the student and teacher hidden states from TRL's own ``_get_last_hidden_state`` and
+  hands them, with both heads, to the fused op; at TRL's ``temperature``, with each model's logit scale.
+- ``GKDTrainer`` (``trl.experimental.gkd``): ``compute_loss`` runs both models' decoder bodies only (through
+  their wrappers) instead of their full-logits forward; TRL's GKD divides neither model's logits by the
+  temperature in its loss, and neither does this.
+
+When the teacher's head is the student's own (one model, two contexts), the op is given the head once and one
+GEMM per vocabulary tile serves both contexts; otherwise the teacher's head is passed separately (its
+vocabulary must match; its width may differ). Refused with the field named: models whose final-logit softcaps
+differ (``final_logit_softcapping``), DeepSpeed ZeRO-3, prompt-learning adapters, multimodal inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...token_stats import token_stats
+from . import _head
+from ._compat import check_hook, check_not_zero3, check_text_peft, check_trl_version
+
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+               "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def check_distillation(trainer, student, teacher) -> None:
+    check_not_zero3(trainer)
+    check_text_peft(student)
+    if teacher is None:
+        raise ValueError("teacher_model: pydistill's distillation integration needs a local teacher model "
+                         "(server-side teachers keep TRL's own loss)")
+    s_cap, t_cap = _head.softcap(_head.unwrap(student).config), _head.softcap(_head.unwrap(teacher).config)
+    if s_cap != t_cap:
+        raise ValueError(f"final_logit_softcapping: student {s_cap} and teacher {t_cap} differ; pydistill's op "
+                         "applies one softcap to both contexts")
+
+
+def fused_divergence(student_hidden, student_model, teacher_hidden, teacher_model, mask, *, beta, temperature,
+                     num_items_in_batch):
+    """(loss, entropy sum, valid-token count) of TRL's distillation losses from [B, K, H] hidden states."""
+    weight, bias = _head.head_parameters(student_model)
+    teacher_weight, teacher_bias = _head.head_parameters(teacher_model)
+    shared = teacher_weight is weight  # one model, two contexts: one GEMM per tile serves both
+    hidden = student_hidden.to(device=weight.device, dtype=weight.dtype)
+    t_hidden = teacher_hidden.to(device=weight.device, dtype=teacher_weight.dtype)
+    s_scale, t_scale = _head.logit_scale(student_model.config), _head.logit_scale(teacher_model.config)
+    if s_scale != 1.0:
+        hidden, bias = hidden * s_scale, None if bias is None else bias * s_scale
+    if t_scale != 1.0:
+        t_hidden = t_hidden * t_scale
+        teacher_bias = None if teacher_bias is None else teacher_bias * t_scale
+    b, k, width = hidden.shape
+    valid = mask.to(weight.device).reshape(-1) != 0
+    with torch.autocast(weight.device.type, enabled=False):
+        stats = token_stats(hidden.reshape(b * k, width), weight, bias=bias,
+                            teacher_hidden=t_hidden.reshape(b * k, -1),
+                            teacher_weight=None if shared else teacher_weight.detach(),
+                            teacher_bias=None if shared else teacher_bias,
+                            divergence="jsd", beta=float(beta), temperature=float(temperature),
+                            softcap=_head.softcap(student_model.config), mask=valid)
+    count = valid.sum()
+    total = stats.divergence.sum()
+    if num_items_in_batch is None:
+        loss = total / count.clamp(min=1)
+    else:
+        loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                        else num_items_in_batch)
+    return loss, stats.entropy.sum().detach(), count
+
+
+def _distillation_compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+    """Drop-in for ``trl.DistillationTrainer._compute_loss`` (same inputs, same returned triple)."""
+    given = [k for k in _MULTIMODAL if inputs.get(k) is not None]
+    if given:
+        raise ValueError(f"{given[0]}: pydistill.integrations.trl distils text-only batches")
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+    keep = inputs["completion_ids"].size(1)
+    student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep)
+    self.teacher_model.eval()
+    unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+    with torch.no_grad():
+        teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+                                                   unwrapped_teacher, input_ids, attention_mask, keep)
+    return fused_divergence(student_hidden, _head.unwrap(unwrapped_student), teacher_hidden,
+                            _head.unwrap(unwrapped_teacher), mask, beta=self.beta, temperature=self.temperature,
+                            num_items_in_batch=num_items_in_batch)
+
+
+def _gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """Drop-in for ``GKDTrainer.compute_loss``: TRL's GKD loss from the decoder bodies' hidden states."""
+    if return_outputs:
+        raise ValueError("return_outputs: pydistill's GKD loss builds no logits to return")
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    keep = ids.size(1) - 1  # every position but the last predicts the next token
+    labels = inputs["labels"][:, 1:]
+    student_hidden = model(input_ids=ids, attention_mask=attention, pydistill=dict(keep=keep, hidden_only=True))
+    self.teacher_model.eval()
+    with torch.no_grad():
+        teacher_hidden = self.teacher_model(input_ids=ids, attention_mask=attention,
+                                            pydistill=dict(keep=keep, hidden_only=True))
+    loss, _, _ = fused_divergence(student_hidden, _head.unwrap(model), teacher_hidden, _head.unwrap(self.teacher_model),
+                                  labels != -100, beta=self.beta, temperature=1.0,
+                                  num_items_in_batch=num_items_in_batch)
+    return loss
+
+
+def _install_models(*models):
+    for model in models:
+        _head.install(_head.unwrap(model))
+
+
+def make_distillation_trainer():
+    import trl
+
+    check_hook(trl.DistillationTrainer, "_compute_loss", ("unwrapped_student", "inputs", "num_items_in_batch"))
+    check_hook(trl.DistillationTrainer, "_get_last_hidden_state",
+               ("unwrapped_model", "input_ids", "attention_mask", "logits_to_keep"))
+
+    class DistillationTrainer(trl.DistillationTrainer):
+        """``trl.DistillationTrainer`` with the same constructor, whose divergence comes from pydistill's fused
+        op (see :mod:`pydistill.integrations.trl.distillation`)."""
+
+        def __init__(self, *args, **kwargs):
+            check_trl_version()
+            super().__init__(*args, **kwargs)
+            check_distillation(self, self.model, self.teacher_model)
+
+        _compute_loss = _distillation_compute_loss
+
+    DistillationTrainer.__module__ = __name__
+    return DistillationTrainer
+
+
+def make_gkd_trainer():
+    from trl.experimental.gkd import GKDTrainer as _GKDTrainer
+
+    check_hook(_GKDTrainer, "compute_loss", ("model", "inputs", "return_outputs", "num_items_in_batch"))
+
+    class GKDTrainer(_GKDTrainer):
+        """``trl.experimental.gkd.GKDTrainer`` with the same constructor, whose generalized JSD comes from
+        pydistill's fused op on the decoder bodies' hidden states (no [B, T, V] logits)."""
+
+        def __init__(self, *args, **kwargs):
+            check_trl_version()
+            super().__init__(*args, **kwargs)
+            check_distillation(self, self.model, self.teacher_model)
+            _install_models(self.model, self.teacher_model)
+
+        compute_loss = _gkd_compute_loss
+
+    GKDTrainer.__module__ = __name__
+    return GKDTrainer
+
+
+def patch_distillation(trainer):
+    """Switch a constructed ``trl.DistillationTrainer`` (or GKDTrainer) instance to the fused divergence."""
+    import types
+
+    check_distillation(trainer, trainer.model, trainer.teacher_model)
+    if hasattr(trainer, "_get_last_hidden_state"):
+        trainer._compute_loss = types.MethodType(_distillation_compute_loss, trainer)
+    else:
+        _install_models(trainer.model, trainer.teacher_model)
+        trainer.compute_loss = types.MethodType(_gkd_compute_loss, trainer)
+    return trainer

@@ -1,0 +1,181 @@
+"""TRL's experimental SDPO and SDFT trainers (OPSD's family) with pydistill's fused op.
+
+Both train the policy to match the same model reading a teacher context (feedback for SDPO, a demonstration for
+SDFT) on the policy's own completions. TRL forwards both contexts to full [B, K, V] logits; here the teacher
+context runs the decoder body only (no grad, under TRL's teacher context: adapter disabled, EMA adapter or
+EMA copy), and the student's forward hands its hidden states, the teacher's and the head(s) to one call of
+:func:`pydistill.token_stats`. When the teacher is the student model itself (``teacher_model_kind`` "live", or
+"base"/"ema" realised as adapters of the same model) the head is shared: one GEMM per vocabulary tile serves
+both contexts. A separate EMA copy passes its own head.
+
+TRL's semantics are kept: logits divided by ``temperature``; ``distillation_mode="full_logits"`` is the
+generalized JSD with ``distillation_alpha`` (0 forward KL, 1 reverse KL); ``"sampled_token"`` (alpha 1) is
+``stopgrad(logp_s - logp_t) * logp_s`` on the sampled tokens; ``distillation_is_clip`` multiplies by the detached
+``min(exp(clamp(logp - old_logp, -20, 20)), clip)`` when old log-probs exist; the loss is the mean over sequences of
+each sequence's mean over its loss mask (SDPO: ``self_distillation_mask``; SDFT: the first
+``num_loss_tokens_to_skip`` tokens left out); SDPO blends ``(1 - w) * policy + w * distillation`` with
+``distillation_weight`` w and its grpo/bnpo/dr_grpo/dapo policy term; the total is divided by the accumulation
+steps. Refused at construction, with the field named: ``distillation_mode="topk_logits"`` (needs the student's
+top-k support, i.e. logits), ``use_teacher_server``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _head
+from ._compat import check_hook, check_not_zero3, check_text_peft, check_trl_version
+
+HOOKS = ("_get_teacher_context_for_self_distillation", "_log_self_distillation_metric")
+
+
+def check_self_distillation(trainer) -> None:
+    args = trainer.args
+    if getattr(args, "use_teacher_server", False):
+        raise ValueError("use_teacher_server: teacher log-probs from a vLLM server are not computed by pydistill's "
+                         "fused op; use a local teacher (use_teacher_server=False)")
+    if args.distillation_mode not in ("full_logits", "sampled_token"):
+        raise ValueError(f"distillation_mode={args.distillation_mode!r}: pydistill's fused op computes "
+                         "'full_logits' (the full-vocabulary divergence) and 'sampled_token'; top-k distillation "
+                         "needs the student's logits")
+    if args.distillation_mode == "sampled_token" and args.distillation_alpha != 1.0:
+        raise ValueError(f"distillation_alpha must be 1.0 (reverse KL) with distillation_mode='sampled_token', "
+                         f"got {args.distillation_alpha}")
+    check_not_zero3(trainer)
+    check_text_peft(trainer.model)
+    for model in (trainer.model, trainer.teacher_model):
+        _head.install(_head.unwrap(model))
+
+
+def _loss_mask(trainer, inputs):
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask
+    if inputs.get("self_distillation_mask") is not None:  # SDPO: groups without a usable teacher context
+        mask = completion_mask * inputs["self_distillation_mask"].unsqueeze(1)
+    skip = getattr(trainer, "num_loss_tokens_to_skip", 0) or 0
+    if skip > 0:  # SDFT: the first tokens carry teacher-prompt artifacts
+        positions = torch.arange(completion_mask.size(1), device=completion_mask.device).unsqueeze(0)
+        mask = completion_mask * (positions >= skip).long()
+    return mask
+
+
+def _policy_loss(trainer, inputs, logp):
+    """SDPO's clipped-surrogate term from the fused log-probs (its grpo / bnpo / dr_grpo / dapo reductions)."""
+    mask = inputs["completion_mask"]
+    old = inputs.get("old_per_token_logps")
+    old = logp.detach() if old is None else old
+    advantages = inputs["advantages"]
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    log_ratio = logp - old
+    if trainer.importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages) * mask
+    loss_type = trainer.loss_type
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type in ("bnpo", "dapo"):  # SDPO normalizes both by the micro-batch's token count
+        loss = per_token.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (per_token.size(0) * trainer.max_completion_length)
+    else:
+        raise ValueError(f"loss_type={loss_type!r}: SDPO's policy term takes grpo, bnpo, dr_grpo or dapo")
+    mode = "train" if trainer.model.training else "eval"
+    trainer._metrics[mode]["self_distillation/policy_loss"].append(
+        trainer.accelerator.gather(loss.detach()).mean().item())
+    return loss
+
+
+def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """Drop-in for SDPOTrainer / SDFTTrainer ``compute_loss`` with a local teacher."""
+    if return_outputs:
+        raise ValueError("return_outputs: pydistill's self-distillation loss builds no logits to return")
+    args = self.args
+    weight = getattr(args, "distillation_weight", 1.0)
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    keep = completion_ids.size(1)
+    ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    labels = completion_ids.masked_fill(completion_mask == 0, -100)
+    request = dict(keep=keep, labels=labels, temperature=self.temperature)
+    mode = "train" if self.model.training else "eval"
+    if weight == 0.0:
+        loss = _policy_loss(self, inputs, model(input_ids=ids, attention_mask=attention, pydistill=request).logp)
+    else:
+        with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+            teacher_hidden = self.teacher_model(input_ids=inputs["teacher_input_ids"],
+                                                attention_mask=inputs["teacher_attention_mask"],
+                                                pydistill=dict(keep=keep, hidden_only=True))
+        student, teacher = _head.unwrap(model), _head.unwrap(self.teacher_model)
+        full = args.distillation_mode == "full_logits"
+        if full:
+            teacher_weight, teacher_bias = _head.head_parameters(teacher)
+            shared = teacher_weight is _head.head_parameters(student)[0]  # one model: one GEMM for both contexts
+            request.update(teacher_hidden=teacher_hidden, divergence="jsd", beta=float(args.distillation_alpha),
+                           teacher_weight=None if shared else teacher_weight.detach(),
+                           teacher_bias=None if shared else teacher_bias)
+        stats = model(input_ids=ids, attention_mask=attention, pydistill=request)
+        if full:
+            per_token = stats.divergence
+        else:
+            with torch.no_grad():
+                teacher_logp = _head.head_stats(teacher, teacher_hidden, labels, temperature=self.temperature).logp
+            per_token = (stats.logp - teacher_logp).detach() * stats.logp
+        old = inputs.get("old_per_token_logps")
+        if args.distillation_is_clip is not None and old is not None:
+            log_ratio = (stats.logp - old).detach().clamp(min=-20.0, max=20.0)
+            ratio = torch.exp(log_ratio).clamp(max=args.distillation_is_clip)
+            per_token = per_token * ratio
+        loss_mask = _loss_mask(self, inputs)
+        if loss_mask.sum() == 0:
+            self._log_self_distillation_metric(mode, 0.0)
+            distillation = stats.logp.sum() * 0.0  # stays on the graph: zero gradients, not a stopped backward
+        else:
+            masked = per_token * loss_mask
+            distillation = (masked.sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
+            token_mean = masked.sum() / loss_mask.sum().clamp(min=1.0)
+            self._log_self_distillation_metric(mode, self.accelerator.gather(token_mean.detach()).mean().item())
+        loss = distillation
+        if weight < 1.0:
+            loss = (1 - weight) * _policy_loss(self, inputs, stats.logp) + weight * distillation
+    return loss / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
+
+
+def _make(base):
+    for hook in HOOKS:
+        check_hook(base, hook, ())
+
+    class Trainer(base):
+        __doc__ = (f"``trl.experimental.{base.__name__}`` with the same constructor, whose self-distillation loss "
+                   "comes from pydistill's fused op (see :mod:`pydistill.integrations.trl.self_distillation`).")
+
+        def __init__(self, *args, **kwargs):
+            check_trl_version()
+            super().__init__(*args, **kwargs)
+            check_self_distillation(self)
+
+        compute_loss = _compute_loss
+
+    Trainer.__name__ = Trainer.__qualname__ = base.__name__
+    Trainer.__module__ = __name__
+    return Trainer
+
+
+def make_sdpo_trainer():
+    from trl.experimental.sdpo import SDPOTrainer
+
+    return _make(SDPOTrainer)
+
+
+def make_sdft_trainer():
+    from trl.experimental.sdft import SDFTTrainer
+
+    return _make(SDFTTrainer)
+
+
+def patch_self_distillation(trainer):
+    import types
+
+    check_self_distillation(trainer)
+    trainer.compute_loss = types.MethodType(_compute_loss, trainer)
+    return trainer
