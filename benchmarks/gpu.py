@@ -14,8 +14,10 @@ a section or case that does not fit, fails, is not installed or runs out of memo
    kernels vs Liger vs CCE — each time beside the cost model's prediction from the rates measured in (1);
 5. masked rows 0 / 50 / 75 %;
 6. OPSD trainer steps on a randomly initialised Qwen2.5-0.5B-shaped model, fused vs eager loss: tokens/s and
-   the largest batch under a memory cap.
-Everything lands in ``--out``: ``gpu.json`` (all records), ``gpu.md`` (tables), ``sweep.png``, ``tests.log``.
+   the largest batch under a memory cap;
+7. a GRPO step on the same model through TRL's GRPOTrainer: TRL's default head vs ``pydistill.integrations.trl``.
+Everything lands in ``--out``: ``gpu.json`` (all records), ``gpu.md`` (tables), ``sweep.png``, ``tests.log``, and the
+step benchmarks' own folders ``trainer-step/`` and ``trl-step/``.
 """
 from __future__ import annotations
 
@@ -39,12 +41,15 @@ REAL = dict(sweep_shapes=[(8192, 4096, 151936), (8192, 4096, 128256), (2048, 409
             check=(8192, 4096, 151936), check_rows=64, mask_shape=(8192, 4096, 151936), dtype="bfloat16",
             tests=["tests/test_token_stats.py", "tests/test_token_stats_regressions.py",
                    "tests/test_triton_token_stats.py", "tests/test_losses.py"],
-            trainer=["--model", "random-qwen2.5-0.5b", "--layers", "24", "--max-batch", "256", "--cap-gb", "60",
-                     "--completion-len", "256", "--repeats", "2"])
+            trainer=["--model", "random-qwen2.5-0.5b", "--layers", "24", "--start-batch", "8", "--max-batch", "128",
+                     "--cap-gb", "60", "--completion-len", "256", "--repeats", "2"],
+            grpo=["--model", "qwen2.5-0.5b", "--layers", "24", "--completion-length", "1024", "--generations", "16",
+                  "--rounds", "1"])
 SMOKE = dict(sweep_shapes=[(64, 32, 512)], check=(96, 32, 700), check_rows=8, mask_shape=(64, 32, 512),
              dtype="float32", tests=["tests/test_token_stats_regressions.py::test_entropy_never_negative_on_peaked_rows"],
              trainer=["--model", "tiny", "--max-batch", "2", "--completion-len", "8", "--prompt-len", "8",
-                      "--teacher-prompt-len", "12", "--repeats", "1", "--cap-gb", "0"])
+                      "--teacher-prompt-len", "12", "--repeats", "1", "--cap-gb", "0"],
+            grpo=["--layers", "1", "--completion-length", "8", "--generations", "2", "--steps", "1", "--rounds", "1"])
 # (variant of the cost model, case names by implementation); ours is Triton on CUDA, the torch folds elsewhere
 SWEEP = [
     ("ce", {"ours": "ce-{ours}", "eager": "ce-eager", "trl": "ce-trl", "cce": "ce-cce"}),
@@ -202,22 +207,25 @@ def sweep(shapes, dtype_name, device, env, clock: Clock, masks_shape, reserve_s:
     return records
 
 
-def trainer_steps(args_list, out_dir: Path, device: str, clock: Clock) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.trainer_step", "--device", device, "--out", str(out_dir / "trainer-step"),
-           *args_list]
+def trainer_steps(args_list, out_dir: Path, device: str, clock: Clock, module: str = "trainer_step",
+                  reserve_s: float = 0.0) -> dict:
+    """One of the step benchmarks in a subprocess under what is left of the budget (less ``reserve_s`` kept for
+    what follows); its results.json's records."""
+    folder = out_dir / module.replace("_", "-")
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--device", device, "--out", str(folder), *args_list]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if clock.left() < 30:
+    if clock.left() - reserve_s < 30:
         return dict(status="not run: time budget")
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env,
-                              timeout=max(30, int(clock.left() - 10)))
+                              timeout=max(30, int(clock.left() - reserve_s - 10)))
     except subprocess.TimeoutExpired:
         return dict(status="timeout: ran out of the time budget", command=" ".join(cmd[2:]))
-    path = out_dir / "trainer-step" / "results.json"
+    path = folder / "results.json"
     if done.returncode != 0 or not path.exists():
         return dict(status=f"failed (exit {done.returncode}): {done.stderr[-300:]}", command=" ".join(cmd[2:]))
     data = json.loads(path.read_text())
-    return dict(status="ok", command=" ".join(cmd[2:]), stops=data["stops"], records=data["records"])
+    return dict(status="ok", command=" ".join(cmd[2:]), stops=data.get("stops", {}), records=data["records"])
 
 
 def markdown(result: dict) -> str:
@@ -244,6 +252,12 @@ def markdown(result: dict) -> str:
     for r in steps.get("records", []):
         lines.append(f"- {r['loss']} batch {r['batch']}: {r.get('status')}"
                      + (f", {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_mb']:.0f} MB" if r.get("status") == "ok" else ""))
+    grpo = result["grpo"]
+    lines += ["", f"GRPO step through TRL's GRPOTrainer: {grpo.get('status')}"]
+    for r in grpo.get("records", []):
+        lines.append(f"- {r['variant']}: {r.get('status')}" + (
+            f", {r['tokens']} tokens, step {r['step_s']:.2f} s, peak {r['peak_mb']:.0f} MB (+{r['extra_mb']:.0f} MB)"
+            if r.get("status") == "ok" else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -294,9 +308,10 @@ def main(argv=None):
     if device == "cuda":
         torch.cuda.empty_cache()
     result["sweep"] = sweep(settings["sweep_shapes"], settings["dtype"], device, result["environment"], clock,
-                            settings["mask_shape"], reserve_s=60.0 if not args.smoke else 0.0,
+                            settings["mask_shape"], reserve_s=0.0 if args.smoke else 180.0,
                             compile_backend="eager" if args.smoke else "inductor")
-    result["trainer"] = trainer_steps(settings["trainer"], out, device, clock)
+    result["trainer"] = trainer_steps(settings["trainer"], out, device, clock, reserve_s=0.0 if args.smoke else 70.0)
+    result["grpo"] = trainer_steps(settings["grpo"], out, device, clock, module="trl_step")
     result["wall_s"] = time.perf_counter() - clock.start
     (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "gpu.md").write_text(markdown(result))

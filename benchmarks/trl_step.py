@@ -2,6 +2,7 @@
 
     python -m benchmarks.trl_step                                  # CPU: random SmolLM2-shaped model, 4 layers
     python -m benchmarks.trl_step --device cuda --layers 30 --completion-length 1024 --generations 16   # a GPU
+    python -m benchmarks.trl_step --device cuda --model qwen2.5-0.5b --layers 24 --completion-length 1024
 
 Each variant runs in a fresh process: TRL 1.16's GRPOTrainer as shipped (its fused LM head, `add_fused_lm_head`)
 and `pydistill.integrations.trl.GRPOTrainer` (one line changed), on the same model, data and scripted rollouts
@@ -36,12 +37,17 @@ def _child(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
     from benchmarks.measure import device_name, peak_rss_mb, reset_peak_rss, rss_mb
-    from benchmarks.trainer_step import SMOLLM2
+    from benchmarks.trainer_step import QWEN25_05B, SMOLLM2
     from pydistill.models import tiny_tokenizer
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=8192, **SMOLLM2))
+    if args.model == "qwen2.5-0.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=args.layers, max_position_embeddings=8192, **QWEN25_05B))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=8192, **SMOLLM2))
     tokenizer = tiny_tokenizer()  # token ids of the scripted rollouts stay inside its small vocabulary
     tokenizer.padding_side = "left"
     cuda = args.device == "cuda"
@@ -104,6 +110,8 @@ def _child(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "qwen2.5-0.5b"),
+                        help="random model of that shape (Qwen2.5-0.5B: hidden 896, vocabulary 151936, 24 layers)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8, help="rollouts per step (one prompt's group)")
     parser.add_argument("--completion-length", type=int, default=256)

@@ -29,6 +29,9 @@ def test_gpu_session_smoke_writes_every_section(tmp_path):
     ours = next(r for r in result["sweep"] if r["case"] == "core-reverse_kl-torch")
     assert ours["status"] == "ok" and ours["predicted_ms"] > 0 and ours["ms"] > 0
     assert result["trainer"]["status"] == "ok" and {r["loss"] for r in result["trainer"]["records"]} == {"fused", "eager"}
+    grpo = result["grpo"]
+    assert grpo["status"] == "ok" and {r["variant"] for r in grpo["records"]} == {"trl", "pydistill"}, grpo
+    assert all(r["status"] == "ok" for r in grpo["records"]), grpo
     text = (out / "gpu.md").read_text()
     assert "| core-reverse_kl-torch | 64 | 32 | 512 | ours |" in text and "Trainer steps: ok" in text
     assert (out / "sweep.png").stat().st_size > 1000 and (out / "tests.log").exists()
