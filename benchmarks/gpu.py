@@ -91,7 +91,6 @@ def environment(device: str, smoke: bool) -> dict:
     src = torch.empty(2 ** (20 if smoke else 29), device=device, dtype=torch.float32)  # 2 GiB on the GPU
     dst = torch.empty_like(src)
     env["bandwidth_tbs"] = 2 * src.numel() * 4 / (_bench(lambda: dst.copy_(src), device) / 1e3) / 1e12
-    del a, b, src, dst
     return env
 
 

@@ -50,7 +50,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         two = cfg.divergence is not None
         plan = loop.plan_chunks(
             hidden.shape[0], hidden.shape[1], teacher_hidden.shape[1] if two else 0, weight.shape[0], hidden.dtype,
-            hidden.device, two_contexts=two, shared_head=two and teacher_weight is weight,
+            hidden.device, two_contexts=two, shared_head=two and loop.same_tensor(teacher_weight, weight),
             triton_folds=impl == "triton", budget_mb=budget_mb)
         ctx.cfg, ctx.folds, ctx.plan = cfg, folds, plan
         logp, entropy, div, lse_s, lse_t, grad_sum = loop.stats_forward(

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from .config import StatsConfig
@@ -122,7 +120,7 @@ class _Operands:
         self.w = weight
         self.b = None if bias is None else bias.to(self.acc)
         self.two = cfg.divergence is not None
-        self.shared = self.two and _same_tensor(teacher_weight, weight)
+        self.shared = self.two and same_tensor(teacher_weight, weight)
         self.ht = self._operand(teacher_hidden) if self.two else None
         self.wt = teacher_weight if self.two else None
         self.bt = None if (not self.two or teacher_bias is None) else teacher_bias.to(self.acc)
@@ -149,7 +147,8 @@ class _Operands:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
 
 
-def _same_tensor(a, b) -> bool:
+def same_tensor(a, b) -> bool:
+    """The same memory seen the same way (a detached view of a head is still that head)."""
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
                       and a.dtype == b.dtype)
 
