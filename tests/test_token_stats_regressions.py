@@ -127,3 +127,18 @@ def test_more_bad_input_names_the_argument(bad, match):
 def test_meta_device_is_refused_with_its_own_message():
     with pytest.raises(ValueError, match="meta device"):
         token_stats(torch.randn(4, 8, device="meta"), torch.randn(30, 8, device="meta"))
+
+
+def test_shared_head_takes_one_stacked_gemm_per_chunk(monkeypatch):
+    """token_stats detaches the teacher's head; it must still be recognised as the student's (one GEMM per chunk
+    for both contexts), and a separate head must not be."""
+    calls = []
+    real_mm = loop._Operands.mm
+    monkeypatch.setattr(loop._Operands, "mm", lambda self, a, b, out: calls.append(a.shape[0]) or real_mm(self, a, b, out))
+    inputs = make_inputs(n=12, width=8, vocab=300, seed=20)
+    token_stats(inputs["hidden"], inputs["weight"], teacher_hidden=inputs["teacher_hidden"], divergence="forward_kl")
+    assert calls == [24]  # one chunk, student and teacher rows stacked
+    calls.clear()
+    token_stats(inputs["hidden"], inputs["weight"], teacher_hidden=inputs["teacher_hidden"],
+                teacher_weight=inputs["weight"].detach().clone(), divergence="forward_kl")
+    assert calls == [12, 12]
