@@ -13,40 +13,57 @@ from .trainers import TRAINERS
 
 
 def _parse_value(text: str, annotation):
-    kind = annotation if isinstance(annotation, type) else None
-    text_l = text.lower()
-    if "Optional" in str(annotation) and text_l in ("none", "null"):
-        return None
-    if annotation in (bool, "bool") or str(annotation) == "bool":
-        if text_l not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        return text_l in ("true", "1", "yes")
-    for candidate in (int, float):
-        if kind is candidate or candidate.__name__ in str(annotation):
-            return candidate(text)
-    return text
+    """Flag text as ``annotation``'s type (the same parsing as YAML values); argparse shows the one-line error."""
+    from .trainers.fields import coerce
+
+    try:
+        return coerce("flag", text, annotation)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("flag must be ", "expected ")) from None
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls):
+    """One flag per config field, built by transformers' HfArgumentParser (``--learning-rate`` and
+    ``--learning_rate``, choices of Literal fields, help from the field metadata), parsed with the config's own
+    typed parsing, and absent from the namespace unless given (so that flags override the YAML file only when
+    present)."""
+    from transformers import HfArgumentParser
+
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        annotation = hints[f.name]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                            type=lambda text, a=annotation: _parse_value(text, a),
-                            help=f"(default: {f.default!r})")
+    built = HfArgumentParser(config_cls, add_help=False)
+    for action in built._actions:
+        if action.dest not in hints:
+            continue
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == action.dest)
+        kwargs = dict(dest=action.dest, default=argparse.SUPPRESS, help=f"{action.help or ''} (default: {default!r})"
+                      if not action.option_strings[0].startswith("--no") else f"set {action.dest} to false")
+        if action.nargs == 0:  # --no-<flag>
+            parser.add_argument(*action.option_strings, action="store_false", **kwargs)
+            continue
+        annotation = hints[action.dest]
+        parser.add_argument(*action.option_strings, type=lambda text, a=annotation: _parse_value(text, a),
+                            nargs=action.nargs, const=action.const, metavar=action.metavar or
+                            (("{" + ",".join(map(str, action.choices)) + "}") if action.choices else None), **kwargs)
 
 
 def load_config(config_cls, path: str | None, overrides: dict):
     values = {}
     if path:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise ValueError(f"--config file {path!r} does not exist")
         import yaml
 
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"--config file {path!r} is not valid YAML{where}: {problem}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"--config file {path!r} must hold a mapping of config fields")
+            raise ValueError(f"--config file {path!r} must hold a mapping of config fields, got "
+                             f"{type(values).__name__}")
     values.update(overrides)
     return config_cls.from_dict(values).validate()
 
@@ -191,8 +208,9 @@ def main(argv=None) -> int:
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
     try:
         return handler(args, overrides)
-    except ValueError as exc:
-        print(f"pydistill: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # user errors: one line, no traceback
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"pydistill: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -65,7 +65,8 @@ from ..models import load_model
 from ..prompts import render, student_messages
 from ..rewards import dialogue_structure_bonus
 from ..tasks import extract_answer, same_answer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import run_folder
+from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint
 from .contexts import ContextBatch, build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
 from .grpo import GRPOConfig
@@ -307,7 +308,7 @@ class ExGRPOTrainer(Trainer):
         super().__init__(config, *args, **kwargs)  # defers resume (see _resume): stage 0 needs the initial weights
         cfg = self.config
         self.reward = reward_function(self.task, cfg.reward_functions, cfg.reward_weights, reward_functions,
-                                      reward_weights)
+                                      reward_weights, max_failures=cfg.max_reward_failures)
         self.builder = DialogueBuilder(self.tokenizer)
         if isinstance(self.engine, HFRolloutEngine):
             self.engine.batch_size = cfg.micro_batch_size * 2 * cfg.num_generations
@@ -318,6 +319,8 @@ class ExGRPOTrainer(Trainer):
         self.sft_examples = [(p["probe"], p["probe_solution"]) for q in self.train_pool for p in q.probes]
         random.Random(cfg.seed).shuffle(self.sft_examples)
         self.sft_dir = os.path.join(cfg.output_dir, "sft")
+        if self.is_main:
+            clean_stale(self.sft_dir)
         self.sft_step, self.sft_position, self.sft_optimizer, self.sft_scheduler = 0, 0, None, None
         self.sft_log = MetricsLog(cfg.output_dir, "sft_metrics.jsonl", tensorboard=False) if self.is_main else None
         if self._resume_requested:
@@ -460,13 +463,17 @@ class ExGRPOTrainer(Trainer):
             self._sft_optimizer()
             state, _ = load_checkpoint(path, self.model, self.sft_optimizer, self.sft_scheduler)
             self.sft_step, self.sft_position = state["step"], state["sft_position"]
+            if self.is_main:
+                run_folder.truncate_metrics(self.sft_log.path, self.sft_step)
 
     # ----- the run --------------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def _train(self) -> dict:
         cfg = self.config
         last = {}
         if self.runs_sft and self.sft_step < cfg.sft_steps:
+            self._in_sft = True  # an emergency checkpoint of the core would claim a stage-2 step
             last = self.train_sft()
+            self._in_sft = False
         if cfg.stage == "sft":
             final = self.evaluate() if cfg.eval_problems else {}
             if self.is_main and final:
@@ -474,7 +481,11 @@ class ExGRPOTrainer(Trainer):
             return dict(last, **final)
         if cfg.beta > 0 and self.teacher is None:
             self.teacher = StageReference(self.model)
-        return super().train()
+        return super()._train()
+
+    def _emergency_save(self, exc: BaseException):
+        if not getattr(self, "_in_sft", False):
+            super()._emergency_save(exc)
 
     # ----- stage 2 --------------------------------------------------------------------------------------
     def dialogue_probes(self, item: EIQuestion) -> list:

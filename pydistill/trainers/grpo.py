@@ -9,6 +9,7 @@ tokens are left out of the op (no FLOPs) while still counting in the normalizati
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -79,7 +80,7 @@ class GRPOTrainer(Trainer):
         config's named ones (with ``reward_weights``)."""
         super().__init__(config, *args, **kwargs)
         self.reward = reward_function(self.task, config.reward_functions, config.reward_weights,
-                                      reward_functions, reward_weights)
+                                      reward_functions, reward_weights, max_failures=config.max_reward_failures)
 
     def uses_teacher(self) -> bool:
         return self.config.beta > 0  # the reference model of the KL term
@@ -105,7 +106,8 @@ class GRPOTrainer(Trainer):
                        accuracy=float(batch.correct.float().mean()), zero_spread_fraction=zero_spread_fraction,
                        **completion_length_metrics(batch), **group_diversity(batch.rollouts.texts, batch.group_size))
         for name, column in batch.reward_columns.items():
-            metrics[f"rewards/{name}"] = sum(column) / len(column)
+            finite_column = [v for v in column if math.isfinite(v)]  # unscorable values are counted apart
+            metrics[f"rewards/{name}"] = sum(finite_column) / len(finite_column) if finite_column else 0.0
         return metrics
 
     def trained_mask(self, prepared: dict) -> torch.Tensor:

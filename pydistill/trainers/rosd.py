@@ -127,7 +127,8 @@ class ROSDTrainer(Trainer):
         """``reflector``: any object with ``reflect_batch(items) -> list[Reflection]`` (see
         :mod:`pydistill.reflection`); it replaces the one ``config.reflector`` names."""
         super().__init__(config, *args, **kwargs)
-        self.reward = reward_function(self.task, "accuracy")  # ROSD's binary verifier reward
+        # ROSD's binary verifier reward
+        self.reward = reward_function(self.task, "accuracy", max_failures=self.config.max_reward_failures)
         self.reflector = reflector or self._default_reflector()
 
     def _default_reflector(self):
