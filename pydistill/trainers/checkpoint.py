@@ -117,6 +117,9 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, tra
     name = f"checkpoint-{step}"
     final = os.path.join(output_dir, name)
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=_TMP_PREFIX)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from the user's group
     try:
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
         if teacher is not None:

@@ -328,7 +328,9 @@ class Trainer(abc.ABC):
 
     def _resume(self):
         path = latest_checkpoint(self.config.output_dir)
-        if path is None:
+        if path is None:  # killed before its first checkpoint: start over, without the old log lines
+            if self.is_main:
+                run_folder.truncate_metrics(self.log.path, 0)
             return
         state, teacher_state = load_checkpoint(path, self.model, self.optimizer,
                                                self.scheduler)

@@ -61,7 +61,8 @@ class FDConfig(GRPOConfig):
     critic_max_new_tokens: int = 128
     lean_command: Optional[str] = None  # e.g. "lake env lean" or a path; None: `lean` on PATH, else `lake env lean`
     lean_header: str = ""  # prepended to every attempt, e.g. "import Mathlib"
-    lean_timeout: float = 60.0  # seconds per compile
+    lean_timeout: float = 60.0  # seconds per compile (wall clock and CPU time; the process group is killed)
+    lean_memory_mb: int = 32768  # address-space limit of the Lean process (Mathlib maps its .olean files)
     teacher: str = "ema"  # ema | fixed (initial weights) | live (the current student)
     ema_rate: float = 0.01
     include_sibling: bool = False  # add a correct attempt from the same group to the teacher context
@@ -123,7 +124,7 @@ class FDTrainer(GRPOTrainer):
             # Before any model is loaded: no Lean binary fails at start-up with a message that says so.
             command = shlex.split(config.lean_command) if config.lean_command else None
             self.feedback_source = LeanFeedback(command=command, timeout=config.lean_timeout,
-                                                header=config.lean_header)
+                                                header=config.lean_header, memory_mb=config.lean_memory_mb)
         super().__init__(config, *args, **kwargs)
         if self.feedback_source is None:
             self.feedback_source = VerifierFeedback() if config.feedback == "verifier" else self._critic()
