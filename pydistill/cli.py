@@ -140,8 +140,15 @@ def cmd_demo(args, _):
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="pydistill", description=__doc__)
+    parser = _Parser(prog="pydistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with a method")
     methods = train.add_subparsers(dest="method", required=True)
@@ -200,7 +207,10 @@ def cmd_ei(args, _):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument, already reported in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     handler = dict(train=cmd_train, eval=cmd_eval, demo=cmd_demo, ei=cmd_ei)[args.command]
     overrides = {}
     if args.command == "train":
