@@ -12,14 +12,14 @@ import typing
 from .trainers import TRAINERS
 
 
-def _parse_value(text: str, annotation):
+def _parse_value(text: str, annotation, name: str = "value"):
     """Flag text as ``annotation``'s type (the same parsing as YAML values); argparse shows the one-line error."""
     from .trainers.fields import coerce
 
     try:
-        return coerce("flag", text, annotation)
+        return coerce(name, text, annotation)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).replace("flag must be ", "expected ")) from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls):
@@ -40,8 +40,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls):
         if action.nargs == 0:  # --no-<flag>
             parser.add_argument(*action.option_strings, action="store_false", **kwargs)
             continue
-        annotation = hints[action.dest]
-        parser.add_argument(*action.option_strings, type=lambda text, a=annotation: _parse_value(text, a),
+        parse = (lambda text, a=hints[action.dest], n=action.dest: _parse_value(text, a, n))
+        parser.add_argument(*action.option_strings, type=parse,
                             nargs=action.nargs, const=action.const, metavar=action.metavar or
                             (("{" + ",".join(map(str, action.choices)) + "}") if action.choices else None), **kwargs)
 
@@ -184,7 +184,7 @@ def build_parser():
     gen.add_argument("--teacher", default="SmolLM2-135M-Instruct", help="teacher model name or path")
     gen.add_argument("--student", help="base student of the difficulty filter (default: the teacher)")
     gen.add_argument("--cache", required=True, help="jsonl cache (the trainer's ei_cache)")
-    gen.add_argument("--filters", type=lambda text: _parse_value(text, bool), default=True,
+    gen.add_argument("--filters", type=lambda text: _parse_value(text, bool, "filters"), default=True,
                      help="apply the EI-consistency and difficulty filters (default: true)")
     gen.add_argument("--min-solved-fraction", type=float, default=0.2)
     gen.add_argument("--rules", default="all", help="'all' or comma-separated rule names")

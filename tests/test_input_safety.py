@@ -128,9 +128,9 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
     quoted.write_text("resume: 'maybe'\n")
     assert "resume must be true or false, got 'maybe'" in _one_line_error(capsys, ["train", "opsd", "--config",
                                                                                    str(quoted)])
-    assert "--time-budget-s: expected a finite number, got 'nan'" in _one_line_error(
+    assert "--time-budget-s: time_budget_s must be a finite number, got 'nan'" in _one_line_error(
         capsys, ["train", "opsd", "--time-budget-s", "nan"])
-    assert "--temperature: expected a finite number, got 'inf'" in _one_line_error(
+    assert "--temperature: temperature must be a finite number, got 'inf'" in _one_line_error(
         capsys, ["train", "opsd", "--temperature", "inf"])
     nan_yaml = tmp_path / "nan.yaml"
     nan_yaml.write_text("time_budget_s: .nan\n")

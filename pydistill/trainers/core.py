@@ -104,11 +104,14 @@ class Trainer(abc.ABC):
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
         self._saved_step, self._step_snapshot = None, None
         self._lock = None
+        # Every process checks the folder (so that all of them stop) before the main one changes anything.
+        run_folder.check_reusable(config.output_dir, config.resume, config.overwrite)
+        self.accelerator.wait_for_everyone()
         if self.is_main:
-            # Every process checks the folder before the main one writes anything in it.
             self._lock = run_folder.acquire(config.output_dir)
             try:
-                run_folder.prepare(config.output_dir, config.resume, config.overwrite)
+                if config.overwrite:
+                    run_folder.clear(config.output_dir)
                 clean_stale(config.output_dir)
             except BaseException:
                 self.close()

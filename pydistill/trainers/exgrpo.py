@@ -69,6 +69,7 @@ from . import run_folder
 from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint
 from .contexts import ContextBatch, build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
+from .fields import Literal, option
 from .grpo import GRPOConfig
 from .groups import reward_function, step_advantages
 from .metrics import MetricsLog
@@ -85,30 +86,30 @@ class ExGRPOConfig(GRPOConfig):
     teacher kind) must stay "fixed": the KL reference is the policy at the start of stage 2."""
 
     # stage 2: dialogues and rewards
-    num_generations: int = 4  # G: dialogues per scenario and question (2G rollouts per question, one group)
-    num_probes: int = 3  # k: probes before the question in scenario A
-    partial_probes: int = 1  # k' < k: probes before the question in scenario B (0: the question alone)
-    dsu_delta: float = 0.2  # DSU bonus added to successful scenario-A rollouts (>= 0)
-    dsu_nu: float = 1.0  # the bonus applies when P_full > dsu_nu * P_partial (>= 0)
-    beta: float = 0.04  # k3 KL to the reference (the policy at the start of stage 2)
-    sft_coef: float = 0.1  # weight of the auxiliary SFT loss on the teacher's dialogue (0: off)
-    max_new_tokens: int = 256  # per turn
-    batch_size: int = 16  # questions per optimizer step
-    micro_batch_size: int = 2  # questions per forward/backward (2G dialogues each, plus one teacher dialogue)
-    train_problems: int = 256  # training questions given to Explanatory Inversion (before the filters)
+    num_generations: int = option(4, "G: dialogues per scenario and question (2G rollouts per question, one group)")
+    num_probes: int = option(3, "k: probes before the question in scenario A")
+    partial_probes: int = option(1, "k' < k: probes before the question in scenario B (0: the question alone)")
+    dsu_delta: float = option(0.2, "DSU bonus added to successful scenario-A rollouts (>= 0)")
+    dsu_nu: float = option(1.0, "the bonus applies when P_full > dsu_nu * P_partial (>= 0)")
+    beta: float = option(0.04, "k3 KL to the reference (the policy at the start of stage 2)")
+    sft_coef: float = option(0.1, "weight of the auxiliary SFT loss on the teacher's dialogue (0: off)")
+    max_new_tokens: int = option(256, "per turn")
+    batch_size: int = option(16, "questions per optimizer step")
+    micro_batch_size: int = option(2, "questions per forward/backward (2G dialogues each, plus one teacher dialogue)")
+    train_problems: int = option(256, "training questions given to Explanatory Inversion (before the filters)")
     # stage 0: Explanatory Inversion data
-    ei_teacher: str = "student"  # "student" (the student model itself) or a Hugging Face model name/path
-    ei_cache: Optional[str] = None  # jsonl of every teacher/student call; None: <output_dir>/ei_cache.jsonl
-    ei_rules: str = "all"  # "all" or comma-separated rule names (pydistill.explanatory_inversion.EI_RULES)
-    ei_filters: bool = True  # apply the EI-consistency and difficulty filters
-    min_solved_fraction: float = 0.2  # tau_hard: drop questions whose probes the base student solves fewer of
-    ei_max_new_tokens: int = 256  # teacher / base-student generation length in stage 0
-    ei_batch_size: int = 16  # prompts per generate call in stage 0
+    ei_teacher: str = option("student", "'student' (the student model itself) or a Hugging Face model name/path")
+    ei_cache: Optional[str] = option(None, "jsonl of every teacher/student call; None: <output_dir>/ei_cache.jsonl")
+    ei_rules: str = option("all", "'all' or comma-separated rule names (pydistill.explanatory_inversion.EI_RULES)")
+    ei_filters: bool = option(True, "apply the EI-consistency and difficulty filters")
+    min_solved_fraction: float = option(0.2, "tau_hard: drop questions whose probes the base student solves fewer of")
+    ei_max_new_tokens: int = option(256, "teacher / base-student generation length in stage 0")
+    ei_batch_size: int = option(16, "prompts per generate call in stage 0")
     # stage 1: SFT warm-up
-    stage: str = "both"  # both | sft | rl
+    stage: Literal["both", "sft", "rl"] = option("both", "stages to run: SFT warm-up, dialogue GRPO, or both")
     sft_steps: int = 50
     sft_learning_rate: float = 1e-4
-    sft_batch_size: int = 16  # (probe, solution) examples per SFT step
+    sft_batch_size: int = option(16, "(probe, solution) examples per SFT step")
     output_dir: str = "runs/exgrpo"
 
     def validate(self):

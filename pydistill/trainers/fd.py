@@ -33,6 +33,7 @@ from ..prompts import feedback_teacher_messages, render
 from ..token_stats import token_stats
 from .config import check_divergence
 from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from .fields import Literal, option
 from .groups import sample_groups
 from .grpo import GRPOConfig, GRPOTrainer
 from .rollout import HFRolloutEngine, SamplingSettings
@@ -55,23 +56,27 @@ class FDConfig(GRPOConfig):
     """
 
     num_generations: int = 8
-    feedback: str = "verifier"  # verifier | critic | lean
-    critic_model: Optional[str] = None  # a second HF model (name/path) as critic; None: the student itself
-    critic_temperature: float = 0.3  # the critic samples at a low temperature
+    feedback: Literal["verifier", "critic", "lean"] = option("verifier", "feedback source: the step verifier, a critic model or the Lean compiler")
+    critic_model: Optional[str] = option(None, "a second HF model (name/path) as critic; None: the student itself")
+    critic_temperature: float = option(0.3, "the critic samples at a low temperature")
     critic_max_new_tokens: int = 128
-    lean_command: Optional[str] = None  # e.g. "lake env lean" or a path; None: `lean` on PATH, else `lake env lean`
-    lean_header: str = ""  # prepended to every attempt, e.g. "import Mathlib"
-    lean_timeout: float = 60.0  # seconds per compile (wall clock and CPU time; the process group is killed)
-    lean_memory_mb: int = 32768  # address-space limit of the Lean process (Mathlib maps its .olean files)
-    teacher: str = "ema"  # ema | fixed (initial weights) | live (the current student)
+    lean_command: Optional[str] = option(None, "e.g. 'lake env lean' or a path; None: `lean` on PATH, else `lake env "
+                                               "lean`")
+    lean_header: str = option("", "prepended to every attempt, e.g. 'import Mathlib'")
+    lean_timeout: float = option(60.0, "seconds per compile (wall clock and CPU time; the process group is killed)")
+    lean_memory_mb: int = option(32768, "address-space limit of the Lean process (Mathlib maps its .olean files)")
+    teacher: Literal["ema", "fixed", "live"] = option("ema", "ema | fixed (initial weights) | live (the current "
+                                                             "student)")
     ema_rate: float = 0.01
-    include_sibling: bool = False  # add a correct attempt from the same group to the teacher context
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
-    jsd_beta: float = 0.5  # JSD interpolation (0: forward KL, 1: reverse KL)
-    clip: Optional[float] = None  # pointwise clip tau on each vocabulary entry's divergence term; None disables
-    importance_clip: Optional[float] = None  # weight tokens by min(pi(y) / q_T(y), c), q_T: the sampling policy
-    distillation_weight: float = 1.0  # 1: pure FD; < 1: w * FD + (1 - w) * GRPO in one pass
-    eval_samples: int = 8  # sampled completions per held-out problem: eval/pass@{1,2,4,8}
+    include_sibling: bool = option(False, "add a correct attempt from the same group to the teacher context")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("forward_kl", "the divergence distilled")
+    jsd_beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
+    clip: Optional[float] = option(None, "pointwise clip tau on each vocabulary entry's divergence term; None "
+                                         "disables")
+    importance_clip: Optional[float] = option(None, "weight tokens by min(pi(y) / q_T(y), c), q_T: the sampling "
+                                                    "policy")
+    distillation_weight: float = option(1.0, "1: pure FD; < 1: w * FD + (1 - w) * GRPO in one pass")
+    eval_samples: int = option(8, "sampled completions per held-out problem: eval/pass@{1,2,4,8}")
     output_dir: str = "runs/fd"
 
     def validate(self):

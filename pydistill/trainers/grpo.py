@@ -22,6 +22,7 @@ from ..token_stats import token_stats
 from .config import TrainConfig
 from .contexts import lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
+from .fields import Literal, option
 from .groups import (check_reward_names, completion_length_metrics, reward_function, sample_groups,
                      step_advantages)
 
@@ -32,18 +33,20 @@ class GRPOConfig(TrainConfig):
 
     num_generations: int = 8
     temperature: float = 1.0
-    max_completion_length: Optional[int] = None  # TRL's name for max_new_tokens; overrides it when set
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (normalizations: pydistill.losses.grpo_loss)
-    epsilon: float = 0.2  # lower clip of the ratio (1 - epsilon)
-    epsilon_high: Optional[float] = None  # upper clip (1 + epsilon_high); None: epsilon
-    delta: Optional[float] = None  # two-sided clipping: cap on the unclipped ratio (> 1)
-    importance_sampling_level: str = "token"  # token (GRPO) | sequence (GSPO)
-    beta: float = 0.0  # k3 KL to the reference model (the initial weights)
-    scale_rewards: str = "group"  # group | batch | none
-    reward_functions: str = "accuracy"  # comma-separated: accuracy, format
-    reward_weights: Optional[str] = None  # comma-separated weights, one per reward function
+    max_completion_length: Optional[int] = option(None, "TRL's name for max_new_tokens; overrides it when set")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = option("dapo", "grpo | bnpo | dr_grpo | dapo "
+                                                                           "(normalizations: "
+                                                                           "pydistill.losses.grpo_loss)")
+    epsilon: float = option(0.2, "lower clip of the ratio (1 - epsilon)")
+    epsilon_high: Optional[float] = option(None, "upper clip (1 + epsilon_high); None: epsilon")
+    delta: Optional[float] = option(None, "two-sided clipping: cap on the unclipped ratio (> 1)")
+    importance_sampling_level: Literal["token", "sequence"] = option("token", "token (GRPO) | sequence (GSPO)")
+    beta: float = option(0.0, "k3 KL to the reference model (the initial weights)")
+    scale_rewards: Literal["group", "batch", "none"] = option("group", "advantage scaling: group std, batch std or none (Dr. GRPO)")
+    reward_functions: str = option("accuracy", "comma-separated: accuracy, format")
+    reward_weights: Optional[str] = option(None, "comma-separated weights, one per reward function")
     entropy_coef: float = 0.0
-    skip_zero_advantage: bool = True  # leave zero-advantage rollouts out of the op when their loss is 0
+    skip_zero_advantage: bool = option(True, "leave zero-advantage rollouts out of the op when their loss is 0")
     output_dir: str = "runs/grpo"
 
     def validate(self):

@@ -40,6 +40,7 @@ from ..reflection import ModelReflector, StepCheckReflector, first_error_token_i
 from .config import TrainConfig, check_divergence
 from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
+from .fields import Literal, option
 from .groups import completion_length_metrics, reward_function, sample_groups
 from .rollout import SamplingSettings
 
@@ -53,15 +54,16 @@ class ROSDConfig(TrainConfig):
     learning_rate: float = 1e-5
     warmup_steps: int = 10
     teacher: str = "fixed"
-    divergence: str = "jsd"  # forward_kl | reverse_kl | jsd
-    beta: float = 0.5  # JSD interpolation (0: forward KL, 1: reverse KL)
-    clip: Optional[float] = None  # optional pointwise clip tau (OPSD's); ROSD uses none
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("jsd", "the divergence distilled")
+    beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
+    clip: Optional[float] = option(None, "optional pointwise clip tau (OPSD's); ROSD uses none")
     # cap on the detached per-token importance ratio exp(logp - logp_old); None disables. One update per batch of
     # fresh rollouts makes logp_old = logp (weight 1) here; the cap matters for off-policy or stale rollouts.
     importance_clip: Optional[float] = 2.0
-    drop_zero_spread: bool = True  # drop groups whose rollouts are all correct (all-wrong ones are always skipped)
-    reflector: str = "step_check"  # step_check | model
-    reflection_temperature: float = 0.6  # sampling temperature of the model reflector
+    drop_zero_spread: bool = option(True, "drop groups whose rollouts are all correct (all-wrong ones are always "
+                                          "skipped)")
+    reflector: Literal["step_check", "model"] = option("step_check", "first-error locator: the task step checker or the model")
+    reflection_temperature: float = option(0.6, "sampling temperature of the model reflector")
     reflection_max_new_tokens: int = 256
     output_dir: str = "runs/rosd"
 

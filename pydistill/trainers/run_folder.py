@@ -67,14 +67,17 @@ def release(key):
         entry[0].close()
 
 
-def prepare(output_dir: str, resume: bool, overwrite: bool):
-    """Refuse a folder that holds a run unless resuming or overwriting; with ``overwrite`` (and no resume)
-    remove the previous run's checkpoints, pointer and logs. Call with the lock held."""
-    if resume or not holds_run(output_dir):
-        return
-    if not overwrite:
+def check_reusable(output_dir: str, resume: bool, overwrite: bool):
+    """Refuse a folder that holds a run unless resuming or overwriting (read-only: every process can call it)."""
+    if holds_run(output_dir) and not (resume or overwrite):
         raise ValueError(f"output_dir {output_dir!r} already holds a run (checkpoints or metrics.jsonl); pass "
                          "--resume true to continue it or --overwrite true to replace it")
+
+
+def clear(output_dir: str):
+    """Remove a previous run's checkpoints, pointer and logs (``--overwrite``). Call with the lock held."""
+    if not os.path.isdir(output_dir):
+        return
     for entry in os.listdir(output_dir):
         path = os.path.join(output_dir, entry)
         if entry in RUN_FILES or entry.startswith(("checkpoint-", ".tmp-", ".trash-")):
