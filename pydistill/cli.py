@@ -64,6 +64,9 @@ def load_config(config_cls, path: str | None, overrides: dict):
         if not isinstance(values, dict):
             raise ValueError(f"--config file {path!r} must hold a mapping of config fields, got "
                              f"{type(values).__name__}")
+    from .trainers.config import resolve_aliases
+
+    values = resolve_aliases(values)  # a flag then overrides a YAML value under either name
     values.update(overrides)
     return config_cls.from_dict(values).validate()
 

@@ -165,6 +165,17 @@ def test_yaml_values_are_parsed_by_field_type(tmp_path):
         OPSDConfig(resume="false").validate()  # a config built in Python gets no text parsing
 
 
+def test_trl_field_names_are_accepted(tmp_path):
+    from pydistill.cli import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("lr_scheduler_type: linear\nsave_steps: 5\n")
+    cfg = load_config(GRPOConfig, str(config), {"save_every": 7})  # a flag wins over the file
+    assert cfg.lr_scheduler == "linear" and cfg.save_every == 7
+    with pytest.raises(ValueError, match="save_steps .* and save_every are both set"):
+        GRPOConfig.from_dict(dict(save_steps=5, save_every=6))
+
+
 def test_gsm8k_record_without_question_is_one_line(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text('{"answer": "#### 3"}\n')
     (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 3"}\n')

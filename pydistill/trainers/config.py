@@ -11,6 +11,8 @@ from .checkpoint import resolve_checkpoint
 from .fields import Literal, check_fields, coerce_fields, option
 
 TEACHER_KINDS = ("fixed", "ema", "live")
+# TRL's names for fields pydistill names differently, accepted in YAML files and as flags
+ALIASES = {"lr_scheduler_type": "lr_scheduler", "save_steps": "save_every"}
 
 
 @dataclass
@@ -35,7 +37,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(0, "learning-rate warm-up steps")
     lr_scheduler: str = option("constant_with_warmup", "transformers scheduler name (constant_with_warmup, linear, "
-                               "cosine, ...)")
+                               "cosine, ...); TRL's name lr_scheduler_type is accepted too",
+                               aliases=["--lr_scheduler_type", "--lr-scheduler-type"])
     max_steps: int = option(100, "optimizer steps")
     batch_size: int = option(32, "prompts per optimizer step, across all processes and micro-batches")
     micro_batch_size: int = option(8, "prompts per forward/backward")
@@ -57,7 +60,8 @@ class TrainConfig:
     eval_samples: int = option(0, "> 1: also sample this many completions per held-out problem (pass@k, "
                                "diversity)")
     eval_temperature: float = option(1.0, "temperature of the sampled evaluation")
-    save_every: int = option(0, "checkpoint every this many steps (0: only at the end)")
+    save_every: int = option(0, "checkpoint every this many steps (0: only at the end); TRL's name save_steps is "
+                             "accepted too", aliases=["--save_steps", "--save-steps"])
     time_budget_s: float = option(0.0, "stop after this many seconds of training (0: no limit)")
     generated_token_budget: int = option(0, "stop once this many rollout tokens were generated (0: no limit)")
     resume: bool = option(False, "continue the run in output_dir from its latest checkpoint")
@@ -129,10 +133,23 @@ class TrainConfig:
         """A config from YAML or flag values: text is parsed by each field's type (``1e-4``, ``'false'``,
         ``null``); anything that does not fit raises one line naming the field."""
         names = {f.name for f in dataclasses.fields(cls)}
+        values = resolve_aliases(values)
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown config field(s) for {cls.__name__}: {', '.join(unknown)}")
         return cls(**coerce_fields(cls, values))
+
+
+def resolve_aliases(values: dict) -> dict:
+    """``values`` with TRL's field names (:data:`ALIASES`) replaced by pydistill's; both given: an error."""
+    values = dict(values)
+    for alias, name in ALIASES.items():
+        if alias in values:
+            if name in values and values[name] != values[alias]:
+                raise ValueError(f"{alias} (TRL's name for {name}) and {name} are both set, to {values[alias]!r} "
+                                 f"and {values[name]!r}")
+            values[name] = values.pop(alias)
+    return values
 
 
 def _is_path(name: str) -> bool:
