@@ -80,16 +80,37 @@ def cmd_train(args, overrides):
     return 0
 
 
+def run_settings(checkpoint: str) -> dict:
+    """The model and LoRA settings a checkpoint was trained with (from its trainer_state.json), or {}."""
+    import json as _json
+
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = _json.load(f).get("config", {})
+    return {k: config[k] for k in ("model", "lora_r", "lora_alpha") if k in config}
+
+
 def cmd_eval(args, _):
+    """Accuracy of a model or a checkpoint; a checkpoint's model and LoRA settings come from its run unless
+    given as flags."""
     from .evaluation import evaluate
     from .models import LoraSettings, load_model
     from .tasks import get_task
-    from .trainers.checkpoint import latest_checkpoint, load_weights
+    from .trainers.checkpoint import load_weights, resolve_checkpoint
 
-    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora_r else None
-    model, tokenizer = load_model(args.model, lora=lora)
-    if args.checkpoint:
-        path = latest_checkpoint(args.checkpoint) or args.checkpoint
+    path = resolve_checkpoint(args.checkpoint, "--checkpoint") if args.checkpoint else None
+    run = run_settings(path) if path else {}
+    model_name = args.model or run.get("model", "SmolLM2-135M-Instruct")
+    lora_r = args.lora_r if args.lora_r is not None else run.get("lora_r", 0)
+    lora_alpha = args.lora_alpha if args.lora_alpha is not None else run.get("lora_alpha", 128)
+    lora = LoraSettings(r=lora_r, alpha=lora_alpha) if lora_r else None
+    try:
+        model, tokenizer = load_model(model_name, lora=lora)
+    except OSError as exc:
+        raise ValueError(f"model {model_name!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    if path:
         load_weights(model, path)
     task = get_task(args.task, **({"path": args.data_path} if args.task == "gsm8k" else {}))
     problems = task.problems(args.split, n=args.n, seed=args.seed)
@@ -160,10 +181,11 @@ def build_parser():
         p.add_argument("--config", help="YAML file of config fields (flags override it)")
         add_config_flags(p, config_cls)
     ev = sub.add_parser("eval", help="accuracy of a model or checkpoint on a task")
-    ev.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ev.add_argument("--model", help="model name or folder (default: the checkpoint's run's, else "
+                    "SmolLM2-135M-Instruct)")
     ev.add_argument("--checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
-    ev.add_argument("--lora-r", type=int, default=0, help="LoRA rank the checkpoint was trained with (0: full)")
-    ev.add_argument("--lora-alpha", type=int, default=128)
+    ev.add_argument("--lora-r", type=int, help="LoRA rank (default: the checkpoint's run's; 0: full fine-tune)")
+    ev.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the checkpoint's run's)")
     ev.add_argument("--task", default="arithmetic")
     ev.add_argument("--data-path")
     ev.add_argument("--split", default="test")

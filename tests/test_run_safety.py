@@ -237,3 +237,44 @@ def test_any_crash_in_the_loop_saves_an_emergency_checkpoint(tmp_path, monkeypat
     path = latest_checkpoint(trainer.config.output_dir)
     assert path.endswith("checkpoint-2")
     assert json.load(open(os.path.join(path, "trainer_state.json")))["data_position"] == 8
+
+
+# ----- issue 15: checkpoints the ecosystem loads; eval reads the run's settings --------------------------
+def test_checkpoints_load_with_from_pretrained(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = opsd(tmp_path / "full", max_steps=1)
+    full.train()
+    folder = os.path.join(latest_checkpoint(full.config.output_dir), "model")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    trained = dict(full.model.named_parameters())
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, trained[name]), name
+    assert AutoTokenizer.from_pretrained(folder).encode("3 + 4 = 7") == full.tokenizer.encode("3 + 4 = 7")
+
+    lora = opsd(tmp_path / "lora", max_steps=1, lora_r=4, lora_alpha=8)
+    lora.train()
+    base, _ = tiny_model()
+    adapted = PeftModel.from_pretrained(base, os.path.join(latest_checkpoint(lora.config.output_dir), "adapter"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(adapted(ids).logits, lora.model(ids).logits)
+
+
+def test_eval_reads_the_runs_lora_settings(tmp_path, monkeypatch, capsys):
+    import pydistill.models as models
+    from pydistill.cli import main
+
+    lora = opsd(tmp_path, max_steps=1, lora_r=4, lora_alpha=8)
+    lora.train()
+    seen = {}
+
+    def fake_load(name, lora=None, **kwargs):
+        seen.update(name=name, lora=lora)
+        model, tok = tiny_model()
+        return models.apply_lora(model, lora), tok
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    assert main(["eval", "--checkpoint", lora.config.output_dir, "--n", "2", "--max-new-tokens", "2"]) == 0
+    assert seen["name"] == "tiny" and (seen["lora"].r, seen["lora"].alpha) == (4, 8)
+    assert "accuracy" in capsys.readouterr().out

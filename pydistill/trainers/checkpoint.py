@@ -102,11 +102,25 @@ def _pointer(output_dir: str) -> Optional[str]:
     return name
 
 
+def export_pretrained(folder: str, model, tokenizer=None):
+    """Write ``model`` where the ecosystem loads it from: under LoRA a PEFT adapter folder ``adapter/``
+    (``PeftModel.from_pretrained(base, folder/adapter)``), else a ``save_pretrained`` folder ``model/`` with the
+    tokenizer (``AutoModelForCausalLM.from_pretrained(folder/model)``)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(os.path.join(folder, "adapter"))
+        return
+    target = os.path.join(folder, "model")
+    model.save_pretrained(target, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+
+
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    teacher_state=None, rng: Optional[dict] = None) -> str:
+                    teacher_state=None, rng: Optional[dict] = None, export=None) -> str:
     """Write ``output_dir/checkpoint-<step>`` and point ``output_dir/latest`` at it (see the module docstring).
 
-    ``rng``: the RNG states to record (default: the current ones)."""
+    ``rng``: the RNG states to record (default: the current ones). ``export(folder)``: writes more files into
+    the checkpoint before it is renamed into place (e.g. :func:`export_pretrained`)."""
     os.makedirs(output_dir, exist_ok=True)
     weights = _trainable_state(model)
     _check_finite(weights, "weights")
@@ -129,6 +143,8 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, tra
                    os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(dict(trainer_state, step=step), f, indent=2)
+        if export is not None:
+            export(tmp)
         if os.path.exists(final) and _pointer(output_dir) == name:
             # Re-saving the step `latest` names: the new copy becomes `latest` under another name first.
             os.replace(tmp, final + _NEXT)

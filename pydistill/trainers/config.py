@@ -64,6 +64,8 @@ class TrainConfig:
                              "accepted too", aliases=["--save_steps", "--save-steps"])
     time_budget_s: float = option(0.0, "stop after this many seconds of training (0: no limit)")
     generated_token_budget: int = option(0, "stop once this many rollout tokens were generated (0: no limit)")
+    save_pretrained: bool = option(True, "each checkpoint also holds a from_pretrained folder: model/ (full "
+                                   "fine-tune, with the tokenizer) or adapter/ (LoRA, a PEFT adapter)")
     resume: bool = option(False, "continue the run in output_dir from its latest checkpoint")
     overwrite: bool = option(False, "replace the run already in output_dir (its checkpoints and logs)")
     max_nonfinite_steps: int = option(3, "end the run after this many optimizer steps in a row with a non-finite "

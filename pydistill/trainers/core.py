@@ -27,8 +27,8 @@ from ..evaluation import evaluate
 from ..models import LoraSettings, load_model
 from ..tasks import get_task
 from . import run_folder
-from .checkpoint import (NonFiniteWeights, clean_stale, latest_checkpoint, load_checkpoint, load_weights,
-                         resolve_checkpoint, rng_state, save_checkpoint)
+from .checkpoint import (NonFiniteWeights, clean_stale, export_pretrained, latest_checkpoint, load_checkpoint,
+                         load_weights, resolve_checkpoint, rng_state, save_checkpoint)
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .rollout import HFRolloutEngine, SamplingSettings
@@ -298,8 +298,10 @@ class Trainer(abc.ABC):
         if not self.is_main or self._saved_step == self.step:
             return None
         teacher_state = self.teacher.state_dict() if self.teacher is not None else None
+        export = ((lambda folder: export_pretrained(folder, self.model, self.tokenizer))
+                  if self.config.save_pretrained else None)
         path = save_checkpoint(self.config.output_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.trainer_state(), teacher_state, rng=rng)
+                               self.trainer_state(), teacher_state, rng=rng, export=export)
         self._saved_step = self.step
         return path
 
