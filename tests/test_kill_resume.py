@@ -61,7 +61,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
 
     rng = random.Random(1234)
     run_dir = tmp_path / "killed"
-    kills = 0
+    kills = inside_save = 0
     while True:
         process = _start(run_dir)
         if kills >= KILLS:
@@ -74,10 +74,13 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
             continue
         assert process.returncode == -9, process.stderr.read()[-3000:]
         kills += 1
+        inside_save += any(e.startswith((".tmp-checkpoint", ".trash")) for e in os.listdir(run_dir)) \
+            if os.path.isdir(run_dir) else 0
         # whatever the moment, the folder names a complete checkpoint (or none yet)
         if os.path.exists(run_dir / "latest"):
             state = json.load(open(os.path.join(latest_checkpoint(str(run_dir)), "trainer_state.json")))
             assert 0 <= state["step"] <= MAX_STEPS
+    assert inside_save >= 3, f"only {inside_save} of {KILLS} kills landed inside a save"
     weights, teacher = _final_weights(run_dir)
     assert weights.keys() == reference.keys()
     for name in reference:

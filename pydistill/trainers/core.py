@@ -66,6 +66,22 @@ class Trainer(abc.ABC):
         if config.batch_size % (config.micro_batch_size * self.world):
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
                              f"{config.micro_batch_size} x {self.world} processes")
+        self.is_main = self.accelerator.is_main_process
+        # The run folder before any model is loaded: every process checks it (so that all of them stop), then
+        # the main one takes its lock and tidies it.
+        self._lock = None
+        run_folder.check_reusable(config.output_dir, config.resume, config.overwrite)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self._lock = run_folder.acquire(config.output_dir)
+            try:
+                if config.overwrite:
+                    run_folder.clear(config.output_dir)
+                clean_stale(config.output_dir)
+            except BaseException:
+                self.close()
+                raise
+        self.accelerator.wait_for_everyone()
         lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora_r else None
         if model is None:
             try:
@@ -100,26 +116,15 @@ class Trainer(abc.ABC):
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                                          config.num_generations)
         self.step, self.data_position, self.train_seconds, self.generated_tokens = 0, 0, 0.0, 0
-        self.is_main = self.accelerator.is_main_process
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
         self._saved_step, self._step_snapshot = None, None
-        self._lock = None
-        # Every process checks the folder (so that all of them stop) before the main one changes anything.
-        run_folder.check_reusable(config.output_dir, config.resume, config.overwrite)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            self._lock = run_folder.acquire(config.output_dir)
+        self.log = MetricsLog(config.output_dir) if self.is_main else None
+        if config.resume:
             try:
-                if config.overwrite:
-                    run_folder.clear(config.output_dir)
-                clean_stale(config.output_dir)
+                self._resume()
             except BaseException:
                 self.close()
                 raise
-        self.accelerator.wait_for_everyone()
-        self.log = MetricsLog(config.output_dir) if self.is_main else None
-        if config.resume:
-            self._resume()
 
     def close(self):
         """Give back the run folder's lock (``train`` does at its end; a trainer that never trains holds it
