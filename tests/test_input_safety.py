@@ -176,6 +176,17 @@ def test_trl_field_names_are_accepted(tmp_path):
         GRPOConfig.from_dict(dict(save_steps=5, save_every=6))
 
 
+def test_data_path_is_a_path_unless_written_as_a_hub_name(tmp_path, monkeypatch):
+    from pydistill.tasks.gsm8k import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="does not exist .*for the datasets hub write hf://openai/gsm8k"):
+        resolve_source("openai/gsm8k")
+    assert resolve_source("hf://openai/gsm8k") == ("hub", "openai/gsm8k")
+    os.makedirs("openai/gsm8k")
+    assert resolve_source("openai/gsm8k") == ("local", "openai/gsm8k")
+
+
 def test_gsm8k_record_without_question_is_one_line(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text('{"answer": "#### 3"}\n')
     (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 3"}\n')

@@ -80,6 +80,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
         if os.path.exists(run_dir / "latest"):
             state = json.load(open(os.path.join(latest_checkpoint(str(run_dir)), "trainer_state.json")))
             assert 0 <= state["step"] <= MAX_STEPS
+    print(f"{KILLS} kills, {inside_save} inside a checkpoint save")
     assert inside_save >= 3, f"only {inside_save} of {KILLS} kills landed inside a save"
     weights, teacher = _final_weights(run_dir)
     assert weights.keys() == reference.keys()

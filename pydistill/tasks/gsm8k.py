@@ -22,28 +22,23 @@ def _solution_text(answer: str) -> str:
 
 
 HUB_PREFIX = "hf://"
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_source(path: str):
-    """("local", path) or ("hub", name). A path that exists is a path; so is anything that could be one (a
-    leading . / ~, a .jsonl ending, more than one /, or a first folder that exists here) — a mistyped relative
-    path fails at once instead of going to the network. Only an owner/name that cannot be a local path, or
-    an explicit ``hf://owner/name``, is a hub name."""
-    if path.startswith(HUB_PREFIX):
+    """("local", path) or ("hub", name). Every path is a local path — a mistyped relative one fails at once
+    instead of going to the network; a ``datasets`` hub name is written ``hf://owner/name``."""
+    if path.startswith(HUB_PREFIX) and len(path) > len(HUB_PREFIX):
         return "hub", path[len(HUB_PREFIX):]
     if os.path.exists(path):
         return "local", path
-    first = path.split("/", 1)[0]
-    if _HUB_NAME.match(path) and not path.endswith(".jsonl") and not os.path.exists(first):
-        return "hub", path
-    raise ValueError(f"data_path {path!r} does not exist (expected a folder with train.jsonl/test.jsonl, a jsonl "
-                     f"file, or a datasets hub name such as {HUB_PREFIX}openai/gsm8k)")
+    hint = f"; for the datasets hub write {HUB_PREFIX}{path}" if re.match(r"^[\w.-]+/[\w.-]+$", path) else ""
+    raise ValueError(f"data_path {path!r} does not exist (expected a folder with train.jsonl/test.jsonl or a "
+                     f"jsonl file{hint})")
 
 
 class GSM8KTask(Task):
     """GSM8K. ``path``: a folder with train.jsonl/test.jsonl, or one jsonl file (used for every split), or a
-    ``datasets`` hub name such as ``"openai/gsm8k"`` (config "main"), which needs network access."""
+    ``datasets`` hub name written ``"hf://openai/gsm8k"`` (config "main"), which needs network access."""
 
     name = "gsm8k"
     splits = ("train", "test")

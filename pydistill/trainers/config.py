@@ -23,8 +23,8 @@ class TrainConfig:
     init_from: Optional[str] = option(None, "a run folder or checkpoint whose trained weights start this run (FD -> "
                                       "GRPO)")
     task: str = option("arithmetic", "task name (arithmetic, gsm8k)")
-    data_path: Optional[str] = option(None, "GSM8K folder/file (task gsm8k); a datasets hub name only when it cannot "
-                                      "be a local path (or with an hf:// prefix)")
+    data_path: Optional[str] = option(None, "GSM8K folder or jsonl file (task gsm8k), or a datasets hub name "
+                                      "written hf://owner/name")
     train_split: str = option("train", "split the training problems come from")
     eval_split: str = option("test", "split of the held-out evaluation")
     train_problems: int = option(4096, "size of the training pool (cycled)")
