@@ -193,28 +193,15 @@ class Trainer(abc.ABC):
             for k, v in batch.get("metrics", {}).items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        bad = torch.tensor(float(not (np.isfinite(total) and torch.isfinite(torch.as_tensor(grad_norm)).all())),
-                           device=self.accelerator.device)
-        if self.world > 1:  # every process takes the same decision
-            bad = self.accelerator.reduce(bad, reduction="max")
-        skipped = bool(bad > 0)
-        if skipped:
-            self.nonfinite_steps += 1
-            self.nonfinite_in_a_row += 1
-        else:
-            self.nonfinite_in_a_row = 0
+        skipped = self.nonfinite_update(total, grad_norm)
+        if not skipped:
             self.optimizer.step()
         self._step_snapshot["updated"] = True
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None and not skipped:
             self.teacher.update()
-        if skipped and self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise NonFiniteTraining(
-                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step + 1}) had a non-finite "
-                f"loss ({total}) or gradient norm ({float(grad_norm)}); each was skipped, the weights are unchanged "
-                "since the last good step. Lower learning_rate, check the rewards and inputs, or raise "
-                "max_nonfinite_steps")
+        self.check_nonfinite_streak(total, grad_norm, f"step {self.step + 1}")
         elapsed = time.perf_counter() - started
         generated_tokens = sum(p.get("generated_tokens", p["tokens"]) for p in prepared)
         self.generated_tokens += generated_tokens
@@ -228,6 +215,26 @@ class Trainer(abc.ABC):
         if health is not None:
             metrics.update(health.as_metrics())
         return metrics
+
+    def nonfinite_update(self, total: float, grad_norm) -> bool:
+        """Whether this update must be skipped: a non-finite loss or gradient norm on any process (all of them
+        decide alike). Counts it; the caller drops the gradients instead of stepping the optimizer."""
+        bad = torch.tensor(float(not (np.isfinite(total) and torch.isfinite(torch.as_tensor(grad_norm)).all())),
+                           device=self.accelerator.device)
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, reduction="max")
+        skipped = bool(bad > 0)
+        self.nonfinite_steps += skipped
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        return skipped
+
+    def check_nonfinite_streak(self, total: float, grad_norm, where: str):
+        """:class:`NonFiniteTraining` after ``max_nonfinite_steps`` skipped updates in a row."""
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteTraining(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to {where}) had a non-finite loss ({total}) "
+                f"or gradient norm ({float(grad_norm)}); each was skipped, the weights are unchanged since the last "
+                "good step. Lower learning_rate, check the rewards and inputs, or raise max_nonfinite_steps")
 
     def evaluate(self, problems=None) -> dict:
         """Greedy accuracy (eval/accuracy); with ``eval_samples`` > 1 also a sampled evaluation of that many

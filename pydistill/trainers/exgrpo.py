@@ -421,10 +421,14 @@ class ExGRPOTrainer(Trainer):
             total += float(out.loss.detach())
             nll += out.metrics["nll"] / len(batches)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        skipped = self.nonfinite_update(total, grad_norm)  # the core's guard: no NaN reaches the weights
+        if not skipped:
+            optimizer.step()
         self.sft_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"sft/loss": total, "sft/nll": nll, "sft/grad_norm": float(grad_norm), "sft/tokens": num_items}
+        self.check_nonfinite_streak(total, grad_norm, f"SFT step {self.sft_step + 1}")
+        return {"sft/loss": total, "sft/nll": nll, "sft/grad_norm": float(grad_norm), "sft/tokens": num_items,
+                "sft/nonfinite_skipped": int(skipped)}
 
     def train_sft(self) -> dict:
         cfg, last = self.config, {}
