@@ -278,3 +278,23 @@ def test_eval_reads_the_runs_lora_settings(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--checkpoint", lora.config.output_dir, "--n", "2", "--max-new-tokens", "2"]) == 0
     assert seen["name"] == "tiny" and (seen["lora"].r, seen["lora"].alpha) == (4, 8)
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_a_crash_in_exgrpo_sft_saves_the_sft_stage(tmp_path):
+    from tests.test_trainer_exgrpo import make_trainer as exgrpo_trainer
+
+    trainer = exgrpo_trainer(tmp_path, sft_steps=3, save_every=0)
+    real = trainer.sft_loss
+
+    def crash_in_step_2(batch, num_items):
+        if trainer.sft_step == 1:
+            raise RuntimeError("out of memory")
+        return real(batch, num_items)
+
+    trainer.sft_loss = crash_in_step_2
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train()
+    path = latest_checkpoint(os.path.join(trainer.config.output_dir, "sft"))
+    state = json.load(open(os.path.join(path, "trainer_state.json")))
+    assert state["step"] == 1 and state["sft_position"] == trainer.config.sft_batch_size
+    assert latest_checkpoint(trainer.config.output_dir) is None  # no stage-2 checkpoint claimed

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -66,7 +67,7 @@ from ..prompts import render, student_messages
 from ..rewards import dialogue_structure_bonus
 from ..tasks import extract_answer, same_answer
 from . import run_folder
-from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .contexts import ContextBatch, build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
 from .fields import Literal, option
@@ -403,6 +404,7 @@ class ExGRPOTrainer(Trainer):
     def sft_training_step(self) -> dict:
         """One optimizer step of the warm-up over ``sft_batch_size`` examples (global token normalization)."""
         cfg, optimizer = self.config, self._sft_optimizer()
+        self._sft_snapshot = dict(sft_position=self.sft_position, rng=rng_state(), updated=False)
         pool = self.sft_examples
         examples = [pool[(self.sft_position + i) % len(pool)] for i in range(cfg.sft_batch_size)]
         self.sft_position += cfg.sft_batch_size
@@ -424,6 +426,7 @@ class ExGRPOTrainer(Trainer):
         skipped = self.nonfinite_update(total, grad_norm)  # the core's guard: no NaN reaches the weights
         if not skipped:
             optimizer.step()
+        self._sft_snapshot["updated"] = True
         self.sft_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.check_nonfinite_streak(total, grad_norm, f"SFT step {self.sft_step + 1}")
@@ -435,6 +438,7 @@ class ExGRPOTrainer(Trainer):
         while self.sft_step < cfg.sft_steps:
             last = self.sft_training_step()
             self.sft_step += 1
+            self._sft_snapshot = None
             if self.is_main:
                 self.sft_log.log(self.sft_step, last)
             if self.sft_step == cfg.sft_steps or (cfg.save_every and self.sft_step % cfg.save_every == 0):
@@ -442,12 +446,12 @@ class ExGRPOTrainer(Trainer):
         self.sft_optimizer = self.sft_scheduler = None  # stage 2 has its own optimizer: free the moments
         return last
 
-    def save_sft(self):
+    def save_sft(self, rng=None):
         self.accelerator.wait_for_everyone()
         if self.is_main:
             save_checkpoint(self.sft_dir, self.sft_step, self.model, self.sft_optimizer, self.sft_scheduler,
                             dict(sft_position=self.sft_position, method=self.method, stage="sft",
-                                 config=dataclasses.asdict(self.config)))
+                                 config=dataclasses.asdict(self.config)), rng=rng)
 
     # ----- resume ---------------------------------------------------------------------------------------
     def _resume(self):
@@ -490,7 +494,22 @@ class ExGRPOTrainer(Trainer):
 
     def _emergency_save(self, exc: BaseException):
         if not getattr(self, "_in_sft", False):
-            super()._emergency_save(exc)
+            return super()._emergency_save(exc)
+        snapshot = getattr(self, "_sft_snapshot", None)
+        if self.world > 1 or not self.is_main or snapshot is None or self.sft_optimizer is None:
+            return None
+        rng = None
+        if not snapshot["updated"]:  # the failing SFT step had not changed the weights: record its start
+            self.sft_position, rng = snapshot["sft_position"], snapshot["rng"]
+        else:
+            self.sft_step += 1
+        try:
+            self.save_sft(rng=rng)
+        except Exception as error:  # the original exception is what the user must see
+            print(f"pydistill: no emergency SFT checkpoint after {type(exc).__name__}: {error}", file=sys.stderr)
+            return None
+        print(f"pydistill: {type(exc).__name__} in SFT step {self.sft_step + 1}; saved the SFT stage at step "
+              f"{self.sft_step} (resume with --resume true)", file=sys.stderr)
 
     # ----- stage 2 --------------------------------------------------------------------------------------
     def dialogue_probes(self, item: EIQuestion) -> list:
