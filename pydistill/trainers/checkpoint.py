@@ -56,8 +56,9 @@ def rng_state() -> dict:
     """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return dict(python=[version, list(internal), gauss], numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)),
-                pos=int(pos), has_gauss=int(has_gauss), cached=float(cached)), torch=torch.get_rng_state(),
+    numpy_state = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                       has_gauss=int(has_gauss), cached=float(cached))
+    return dict(python=[version, list(internal), gauss], numpy=numpy_state, torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 

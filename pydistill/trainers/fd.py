@@ -56,7 +56,8 @@ class FDConfig(GRPOConfig):
     """
 
     num_generations: int = 8
-    feedback: Literal["verifier", "critic", "lean"] = option("verifier", "feedback source: the step verifier, a critic model or the Lean compiler")
+    feedback: Literal["verifier", "critic", "lean"] = option(
+        "verifier", "feedback source: the step verifier, a critic model or the Lean compiler")
     critic_model: Optional[str] = option(None, "a second HF model (name/path) as critic; None: the student itself")
     critic_temperature: float = option(0.3, "the critic samples at a low temperature")
     critic_max_new_tokens: int = 128

@@ -42,7 +42,8 @@ class GRPOConfig(TrainConfig):
     delta: Optional[float] = option(None, "two-sided clipping: cap on the unclipped ratio (> 1)")
     importance_sampling_level: Literal["token", "sequence"] = option("token", "token (GRPO) | sequence (GSPO)")
     beta: float = option(0.0, "k3 KL to the reference model (the initial weights)")
-    scale_rewards: Literal["group", "batch", "none"] = option("group", "advantage scaling: group std, batch std or none (Dr. GRPO)")
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", "advantage scaling: group std, batch std or none (Dr. GRPO)")
     reward_functions: str = option("accuracy", "comma-separated: accuracy, format")
     reward_weights: Optional[str] = option(None, "comma-separated weights, one per reward function")
     entropy_coef: float = 0.0

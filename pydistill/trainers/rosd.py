@@ -62,7 +62,8 @@ class ROSDConfig(TrainConfig):
     importance_clip: Optional[float] = 2.0
     drop_zero_spread: bool = option(True, "drop groups whose rollouts are all correct (all-wrong ones are always "
                                           "skipped)")
-    reflector: Literal["step_check", "model"] = option("step_check", "first-error locator: the task step checker or the model")
+    reflector: Literal["step_check", "model"] = option(
+        "step_check", "first-error locator: the task step checker or the model")
     reflection_temperature: float = option(0.6, "sampling temperature of the model reflector")
     reflection_max_new_tokens: int = 256
     output_dir: str = "runs/rosd"
