@@ -62,6 +62,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
     rng = random.Random(1234)
     run_dir = tmp_path / "killed"
     kills = inside_save = 0
+    seen = set()
     while True:
         process = _start(run_dir)
         if kills >= KILLS:
@@ -74,8 +75,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
             continue
         assert process.returncode == -9, process.stderr.read()[-3000:]
         kills += 1
-        inside_save += any(e.startswith((".tmp-checkpoint", ".trash")) for e in os.listdir(run_dir)) \
-            if os.path.isdir(run_dir) else 0
+        leftovers = {e for e in os.listdir(run_dir) if e.startswith((".tmp-checkpoint", ".trash"))} \
+            if os.path.isdir(run_dir) else set()
+        inside_save += bool(leftovers - seen)  # a new half-written checkpoint: this kill hit a save
+        seen |= leftovers
         # whatever the moment, the folder names a complete checkpoint (or none yet)
         if os.path.exists(run_dir / "latest"):
             state = json.load(open(os.path.join(latest_checkpoint(str(run_dir)), "trainer_state.json")))
