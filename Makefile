@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo bench gpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# The GPU session, offline, with the machine's own python3 (CUDA torch): the package in editable mode, and the
+# baselines the image lacks (trl, liger-kernel, cut-cross-entropy, datasets...) from wheels in .whl/ when present
+# (benchmarks/RESULTS.md, "Bringing the baselines to an offline GPU machine").
+GPU_OUT ?= benchmarks/results/gpu
+GPU_SITE ?= /tmp/pydistill-gpu-site
+gpu:
+	python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH python3 -m benchmarks.gpu --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

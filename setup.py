@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="pydistill",
@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # kernels/ ships as pydistill.kernels: a top-level `kernels` would collide with Hugging Face's `kernels`.
-    packages=["pydistill", "pydistill.kernels"],
+    packages=find_packages(include=["pydistill", "pydistill.*"]) + ["pydistill.kernels"],
     package_dir={"pydistill": "pydistill", "pydistill.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -20,7 +20,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "trl>=1.16,<1.17"],
         "train": ["transformers>=4.46", "accelerate>=1.0", "peft>=0.13", "safetensors", "gguf>=0.10",
                   "datasets>=3.0", "tqdm", "matplotlib", "pyyaml", "rich"],
         "cuda": ["flash-attn>=2.6"],

@@ -15,8 +15,10 @@ Families (the numbers of the benchmark issue):
 (6), a full OPSD trainer step, lives in :mod:`benchmarks.trainer_step` (it needs a model, not a shape).
 
 ``impl``: ``eager`` (logits in the input dtype, statistics in float32: a user's plain PyTorch loss),
-``compile`` (torch.compile of eager), ``chunked`` / ``triton`` (backends of the fused op), ``ours`` (the
-fused loss with its default backend), ``liger`` / ``cce`` (third-party baselines).
+``compile`` (torch.compile of eager), ``torch`` / ``triton`` (the fused op's chunk loop with its torch or its
+Triton folds), ``ours`` (the fused loss with its default folds), ``trl`` (TRL's ``ChunkedDivergenceFunction``
+for two contexts: divergence with gradient, entropy without, no logp, no clip; ``ChunkedLogProbFunction`` for
+one: logp and entropy), ``liger`` / ``cce`` (third-party baselines).
 
 FLOPs per case: ``12 N H V`` for two contexts and ``6 N H V`` for one (forward GEMM 2NHV, backward 4NHV
 per context, as the issue counts them), over the rows that are not masked out.
@@ -33,8 +35,8 @@ import torch
 from pydistill import token_stats
 from pydistill.losses import distillation_loss, grpo_loss
 from pydistill.losses.policy_gradient import policy_gradient_per_token, reduce_policy_loss
-from pydistill.reference import reference_token_stats
-from pydistill.stats_config import DIVERGENCES, StatsConfig
+from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.config import DIVERGENCES, StatsConfig
 
 SHAPES = {  # name: (N tokens on CUDA, H, V)
     "cpu-small": (512, 576, 8192),
@@ -101,7 +103,7 @@ class Case:
 
     name: str
     family: str  # core | ce | distill | grpo | mask
-    impl: str  # eager | compile | chunked | triton | ours | liger | cce
+    impl: str  # eager | compile | torch | triton | ours | trl | liger | cce
     contexts: int  # 2: student + teacher; 1: student only
     make_step: Callable = field(repr=False)
     active: float = 1.0  # share of rows not masked out
@@ -119,6 +121,8 @@ class Case:
                 return "not run: needs CUDA"
             if not _module_available("triton"):
                 return "not run: triton not installed"
+        if self.impl == "trl" and not _module_available("trl"):
+            return "not run: trl not installed"
         if self.impl == "liger":
             if not _module_available("liger_kernel"):
                 return "not run: liger-kernel not installed"
@@ -137,7 +141,7 @@ class Case:
     def backend(self, device: str) -> str:
         """The fused op's backend this case actually runs ("ours" resolves like impl="auto")."""
         if self.impl == "ours":
-            return "triton" if device == "cuda" and _module_available("triton") else "chunked"
+            return "triton" if device == "cuda" and _module_available("triton") else "torch"
         return self.impl
 
     def build(self, inputs: Inputs, compile_backend: str = "inductor"):
@@ -174,6 +178,16 @@ def core_op(impl: str, divergence: str = "reverse_kl", clip: Optional[float] = N
             def step():
                 logp, entropy, div = fn(x.hidden, x.weight, x.teacher, x.targets, mask)
                 return _backward(logp.sum() + entropy.sum() + div.sum())
+        elif impl == "trl":
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+            beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": JSD_BETA}[divergence]
+
+            def step():  # TRL's mixture weight beta multiplies the teacher, as in pydistill's convention
+                rows = mask.nonzero().squeeze(1)  # masked rows gathered out, as TRL's trainers do
+                div, _ = ChunkedDivergenceFunction.apply(x.hidden[rows], x.weight, None, x.teacher[rows], x.weight,
+                                                         None, beta)
+                return _backward(div.sum())
         else:
             def step():
                 out = token_stats(x.hidden, x.weight, targets=x.targets, teacher_hidden=x.teacher,
@@ -194,6 +208,13 @@ def ce_op(impl: str):
             def step():
                 return _backward(linear_cross_entropy(x.hidden, x.weight, x.targets, reduction="none",
                                                       impl=cce_impl).sum())
+        elif impl == "trl":
+            from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+            def step():  # TRL's trainers call it with vocabulary chunks of 32768
+                logp, entropy, *_ = ChunkedLogProbFunction.apply(x.hidden, x.weight, None, x.targets, 1.0, 32768, None,
+                                                                 1.0, ("entropy",))
+                return _backward(logp.sum() + entropy.sum())
         elif impl in ("eager", "compile"):
             fn = _eager_stats(StatsConfig(has_targets=True), compile_backend if impl == "compile" else None)
 
@@ -283,12 +304,18 @@ def _build_cases() -> dict:
     for divergence in DIVERGENCES:
         for clip in (None, CLIP):
             eager = _core_name(divergence, clip, "eager")
-            for impl in ("eager", "compile", "chunked", "triton"):
+            for impl in ("eager", "compile", "torch", "triton", "trl"):
+                if impl == "trl" and clip:
+                    continue  # TRL has no pointwise clip
                 add(Case(_core_name(divergence, clip, impl), "core", impl, 2, core_op(impl, divergence, clip),
-                         baseline=None if impl == "eager" else eager))
-    for impl in ("eager", "compile", "chunked", "triton", "cce"):
+                         baseline=None if impl == "eager" else eager,
+                         rival=_core_name(divergence, None, "trl") if impl in ("torch", "triton") and not clip
+                         else None,
+                         note="divergence gradient only (entropy without gradient, no logp)" if impl == "trl"
+                         else ""))
+    for impl in ("eager", "compile", "torch", "triton", "trl", "cce"):
         add(Case(f"ce-{impl}", "ce", impl, 1, ce_op(impl), baseline=None if impl == "eager" else "ce-eager",
-                 rival="ce-cce" if impl in ("chunked", "triton") else None,
+                 rival="ce-trl" if impl in ("torch", "triton") else None,
                  note="CE (-logp) only, no entropy" if impl == "cce" else ""))
     for family, op, note in (("distill", distill_op, "JSD beta 0.5, token mean"),
                              ("grpo", grpo_op, "DAPO, on-policy, beta 0")):
@@ -298,7 +325,7 @@ def _build_cases() -> dict:
                      baseline=None if impl == "eager" else f"{family}-eager",
                      rival=f"{family}-liger" if impl == "ours" else None, note=note))
     for p in (0.0, 0.25, 0.5, 0.75):
-        for impl in ("chunked", "triton", "eager"):
+        for impl in ("torch", "triton", "trl", "eager"):
             # eager computes every row whatever the mask (its mask25..75 cases show it): mask0-eager is the
             # baseline of every masked fused case
             add(Case(f"mask{int(p * 100)}-{impl}", "mask", impl, 2, core_op(impl, "reverse_kl", masked=p),
@@ -311,16 +338,18 @@ CASES = _build_cases()
 # Case lists of `python -m benchmarks`.
 ALL_CASES = list(CASES)
 CPU_DEFAULT = (
-    [_core_name(d, c, i) for d in DIVERGENCES for c in (None, CLIP) for i in ("eager", "chunked")]
+    [_core_name(d, c, i) for d in DIVERGENCES for c in (None, CLIP) for i in ("eager", "torch", "trl")
+     if not (i == "trl" and c)]
     + [_core_name("forward_kl", CLIP, "compile"), _core_name("reverse_kl", None, "triton")]
-    + ["ce-eager", "ce-chunked", "ce-compile", "ce-cce", "distill-eager", "distill-ours", "distill-liger",
+    + ["ce-eager", "ce-torch", "ce-trl", "ce-compile", "ce-cce", "distill-eager", "distill-ours", "distill-liger",
        "grpo-eager", "grpo-ours", "grpo-liger"]
-    + [f"mask{p}-chunked" for p in (0, 25, 50, 75)] + ["mask0-eager"])
+    + [f"mask{p}-torch" for p in (0, 25, 50, 75)] + ["mask0-eager"])
 CUDA_DEFAULT = [name for name in ALL_CASES if not (name.startswith("mask") and name.endswith("-eager")
                                                    and name != "mask0-eager")]
-QUICK = ["core-reverse_kl-eager", "core-reverse_kl-chunked", "core-reverse_kl-triton", "core-forward_kl-clip-eager",
-         "core-forward_kl-clip-chunked", "ce-eager", "ce-chunked", "ce-cce", "distill-eager", "distill-ours",
-         "distill-liger", "grpo-eager", "grpo-ours", "grpo-liger", "mask0-chunked", "mask50-chunked", "mask0-eager"]
+QUICK = ["core-reverse_kl-eager", "core-reverse_kl-torch", "core-reverse_kl-triton", "core-reverse_kl-trl",
+         "core-forward_kl-clip-eager", "core-forward_kl-clip-torch", "ce-eager", "ce-torch", "ce-trl", "ce-cce",
+         "distill-eager", "distill-ours", "distill-liger", "grpo-eager", "grpo-ours", "grpo-liger", "mask0-torch",
+         "mask50-torch", "mask0-eager"]
 
 
 def select(names) -> list:

@@ -12,10 +12,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (4096, 1024, 32768) if DEVICE == "cuda" else (256, 128, 4096)  # N, H, V
 
 CORE = [f"core-{d}{c}-{i}" for d in ("forward_kl", "reverse_kl", "jsd") for c in ("", "-clip")
-        for i in ("eager", "chunked", "triton")]
-CE = ["ce-eager", "ce-chunked", "ce-triton", "ce-cce"]
+        for i in ("eager", "torch", "triton")]
+CE = ["ce-eager", "ce-torch", "ce-triton", "ce-cce"]
 LOSSES = [f"{family}-{impl}" for family in ("distill", "grpo") for impl in ("eager", "ours", "liger")]
-MASKS = [f"mask{p}-{impl}" for p in (0, 25, 50, 75) for impl in ("chunked", "triton")]
+MASKS = [f"mask{p}-{impl}" for p in (0, 25, 50, 75) for impl in ("torch", "triton")]
 COMPILED = ["core-reverse_kl-compile", "ce-compile"]
 
 

@@ -11,7 +11,8 @@ record holds tokens/s and peak memory per batch size and the largest batch that 
 
 Models: ``random-smollm2`` (default: SmolLM2-135M's shapes — hidden 576, vocabulary 49152, tied head, 9
 heads / 3 KV heads, MLP 1536 — with ``--layers`` decoder layers, randomly initialised in code, nothing
-downloaded), ``tiny`` (:func:`pydistill.models.tiny_model`, for tests) or a name :func:`load_model` takes.
+downloaded), ``random-qwen2.5-0.5b`` (Qwen2.5-0.5B's config — hidden 896, vocabulary 151936, tied head, 14 heads /
+2 KV heads, MLP 4864 — built the same way; 24 layers in the real model), ``tiny`` (:func:`pydistill.models.tiny_model`, for tests) or a name :func:`load_model` takes.
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ import torch
 from benchmarks.measure import device_name, is_oom, peak_rss_mb, reset_peak_rss, rss_mb, set_memory_cap, versions
 from pydistill.losses.output import LossOutput, masked_mean
 from pydistill.losses.reductions import reduce_tokens
-from pydistill.reference import reference_token_stats
-from pydistill.stats_config import StatsConfig
+from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.config import StatsConfig
 from pydistill.trainers import OPSDConfig, OPSDTrainer
 from pydistill.trainers.contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                  num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)
 
 
 def build_model(name: str, layers: int, device, dtype, seed: int = 0):
@@ -50,6 +53,11 @@ def build_model(name: str, layers: int, device, dtype, seed: int = 0):
 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, **SMOLLM2))
+    elif name == "random-qwen2.5-0.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, max_position_embeddings=8192, **QWEN25_05B))
     else:
         from pydistill.models import load_model
 
@@ -254,7 +262,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.trainer_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random-smollm2")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of random-smollm2")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the random-* models")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--losses", nargs="+", default=["fused", "eager"], choices=sorted(TRAINERS))

@@ -1,6 +1,5 @@
 """pydistill: on-policy distillation and GRPO losses computed from hidden states, never from full logits."""
-from .stats_config import DIVERGENCES, StatsConfig
-from .token_stats import TokenStats, token_stats
+from .token_stats import DIVERGENCES, StatsConfig, TokenStats, token_stats
 
 __all__ = ["DIVERGENCES", "StatsConfig", "TokenStats", "token_stats"]
 __version__ = "0.1.0"

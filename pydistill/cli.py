@@ -206,7 +206,8 @@ def build_parser():
     gen.add_argument("--split", default="train")
     gen.add_argument("--n", type=int, default=64, help="questions (the trainer's train_problems)")
     gen.add_argument("--seed", type=int, default=0, help="question sampling seed (the trainer's seed)")
-    gen.add_argument("--teacher", default="SmolLM2-135M-Instruct", help="teacher model name or path")
+    gen.add_argument("--teacher", default="SmolLM2-135M-Instruct", help="teacher model name or path, or 'procedural' "
+                     "(probes written by rule, arithmetic task)")
     gen.add_argument("--student", help="base student of the difficulty filter (default: the teacher)")
     gen.add_argument("--cache", required=True, help="jsonl cache (the trainer's ei_cache)")
     gen.add_argument("--filters", type=lambda text: _parse_value(text, bool, "filters"), default=True,

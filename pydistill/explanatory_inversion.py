@@ -10,7 +10,8 @@ For each question Q with answer A the teacher writes a rationale R, then one pro
 Every teacher/student call is cached as one jsonl record, appended and flushed as soon as it exists, so a
 crash loses at most the record in flight and a rerun resumes where the file stops (a torn last line is
 ignored). The teacher and student are plain callables ``prompts -> texts`` (a local HF model through the
-rollout engine, or any API).
+rollout engine, or any API). For the embedded arithmetic task, :mod:`pydistill.ei_procedural` writes the probes
+by rule instead, each with a verified answer, so that no teacher model is needed.
 """
 from __future__ import annotations
 

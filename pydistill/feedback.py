@@ -4,7 +4,10 @@ Every source is a callable ``source(prompt, attempt, reference) -> str | None`` 
 ``reference`` is the reference final answer when the source may use it (verifiers); a critic must not leak it.
 
 - :class:`VerifierFeedback`: for arithmetic word problems and GSM8K, which step is wrong, what value it should
-  have, and whether the final answer is right.
+  have, and whether the final answer is right (``quote_attempt=False``: without repeating the attempt's wrong
+  numbers).
+- :class:`AttemptNumbersWithheld`: wraps any source and withholds the numbers only the attempt introduced.
+- :class:`ReferenceSolutionFeedback`: the task's reference solution as the feedback.
 - :class:`ModelFeedback`: a critic model (a second model, or the student itself) prompted to critique the
   attempt without giving away the final answer; any leaked reference answer is redacted.
 - :class:`LeanFeedback`: writes the attempt to a .lean file, runs a local ``lean`` (or ``lake env lean``) with
@@ -86,7 +89,16 @@ def collect_feedback(source: FeedbackSource, items: Sequence[tuple], stats: Opti
 
 
 class VerifierFeedback:
-    """Step-checking verifier for "a op b = c" reasoning (the embedded arithmetic task and GSM8K)."""
+    """Step-checking verifier for "a op b = c" reasoning (the embedded arithmetic task and GSM8K).
+
+    ``quote_attempt`` (default True): the feedback quotes the attempt's wrong step and its wrong final answer
+    ('The step "5 * 2 = 11" is wrong: 5 * 2 = 10, not 11. The final answer 11 is not correct.'). False: it
+    states only what is right, never a number the attempt got wrong ('One step is wrong: it should read
+    "5 * 2 = 10". The final answer is not correct.'), so a teacher reading it cannot copy the wrong values.
+    """
+
+    def __init__(self, quote_attempt: bool = True):
+        self.quote_attempt = quote_attempt
 
     def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
         from .tasks import extract_answer, find_first_wrong_step
@@ -94,16 +106,71 @@ class VerifierFeedback:
         parts = []
         error = find_first_wrong_step(attempt)
         if error is not None:
-            parts.append(f'The step "{error.quote}" is wrong: {error.explanation}')
+            if self.quote_attempt:
+                parts.append(f'The step "{error.quote}" is wrong: {error.explanation}')
+            else:
+                left = error.quote.rsplit("=", 1)[0].strip()
+                parts.append(f'One step is wrong: it should read "{left} = {error.expected}".')
         final = extract_answer(attempt)
         if reference is not None:
             if final is None:
-                parts.append("The attempt never states a final answer; end with it in \\boxed{}.")
+                # in the student prompt's own answer format (prompts.STUDENT_INSTRUCTION), not another one
+                parts.append('The attempt never states a final answer; end with "The answer is" and the number.')
             elif _same_number(final, reference):
                 parts.append("The final answer is correct.")
-            else:
+            elif self.quote_attempt:
                 parts.append(f"The final answer {final} is not correct.")
+            else:
+                parts.append("The final answer is not correct.")
         return " ".join(parts) or None
+
+
+_STANDALONE_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w]|\.\d)")
+
+
+def without_attempt_numbers(feedback: Optional[str], attempt: str, question: str) -> Optional[str]:
+    """``feedback`` with every standalone number that the attempt wrote and the question does not contain
+    replaced by "[...]": the numbers only the attempt introduced (its results, right or wrong) are withheld,
+    the question's own numbers stay."""
+    if not feedback:
+        return feedback
+    from .tasks import normalize_number
+
+    def numbers(text):
+        return {normalize_number(m.group(0)) for m in _STANDALONE_NUMBER.finditer(text)}
+
+    withheld = numbers(attempt) - numbers(question)
+    return _STANDALONE_NUMBER.sub(lambda m: "[...]" if normalize_number(m.group(0)) in withheld else m.group(0),
+                                  feedback)
+
+
+class AttemptNumbersWithheld:
+    """Wraps any feedback source: its feedback passes through :func:`without_attempt_numbers`."""
+
+    def __init__(self, source: FeedbackSource):
+        self.source = source
+        if hasattr(source, "batch"):
+            self.batch = self._batch
+
+    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+        return without_attempt_numbers(self.source(prompt, attempt, reference), attempt, prompt)
+
+    def _batch(self, items: Sequence[tuple]) -> list:
+        replies = self.source.batch(items)
+        return [without_attempt_numbers(r, a, p) for r, (p, a, _) in zip(replies, items)]
+
+
+class ReferenceSolutionFeedback:
+    """The task's reference solution as the feedback (OPSD's privileged text inside Feedback Distillation's
+    teacher context). ``solutions`` maps each question to its reference solution; the attempt is not read."""
+
+    def __init__(self, solutions: dict):
+        self.solutions = dict(solutions)
+
+    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+        if prompt not in self.solutions:
+            raise KeyError(f"no reference solution for the question {prompt[:60]!r}")
+        return f"A correct solution is:\n{self.solutions[prompt]}"
 
 
 def _same_number(a: str, b: str) -> bool:

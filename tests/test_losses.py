@@ -184,7 +184,7 @@ def test_grpo_on_policy_and_per_token_advantages():
 # ----- blend and NLL -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
 def test_blend_gradient_is_weighted_sum(w, monkeypatch):
-    import pydistill.chunked as chunked
+    from pydistill.token_stats import loop as chunked
 
     calls = []
     real = chunked.stats_forward
@@ -233,12 +233,12 @@ def test_all_masked_batch_is_zero_with_zero_grads(make_loss):
 
 
 def test_masked_rows_never_reach_the_op(monkeypatch):
-    import pydistill.chunked as chunked
+    from pydistill.token_stats import loop as chunked
 
     rows = []
     real_f, real_b = chunked.stats_forward, chunked.stats_backward
-    monkeypatch.setattr(chunked, "stats_forward", lambda h, *a, **k: rows.append(h.shape[0]) or real_f(h, *a, **k))
-    monkeypatch.setattr(chunked, "stats_backward", lambda h, *a, **k: rows.append(h.shape[0]) or real_b(h, *a, **k))
+    monkeypatch.setattr(chunked, "stats_forward", lambda f, p, h, *a, **k: rows.append(h.shape[0]) or real_f(f, p, h, *a, **k))
+    monkeypatch.setattr(chunked, "stats_backward", lambda f, p, h, *a, **k: rows.append(h.shape[0]) or real_b(f, p, h, *a, **k))
     hidden, weight, teacher, _, _, _ = batch(seed=10, b=6, t=10, dtype=torch.float32)
     mask = first_error_mask(torch.full((6,), 5), lengths=torch.full((6,), 10), max_length=10)  # 50% masked
     distillation_loss(hidden, weight, teacher, mask).loss.backward()

@@ -1,4 +1,4 @@
-"""The chunked PyTorch backend of the core op against the float64 eager reference."""
+"""The chunk loop with the torch folds against the float64 eager reference."""
 import itertools
 
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pydistill import token_stats
-from pydistill.chunked import chunk_size_for
+from pydistill.token_stats import loop
 from tests.helpers import assert_no_worse_than_eager, eager_low_precision, make_inputs, run, upstream
 
 OPTION_GRID = list(itertools.product(
@@ -33,12 +33,12 @@ def _assert_close(got, want, atol, rtol=1e-4, what=""):
 
 @pytest.mark.parametrize("div,clip", OPTION_GRID)
 @pytest.mark.parametrize("separate_teacher", [False, True])
-def test_chunked_matches_fp64_reference(div, clip, separate_teacher):
+def test_torch_matches_fp64_reference(div, clip, separate_teacher):
     inputs = make_inputs(separate_teacher=separate_teacher, ignore_rows=(3, 20))
     grads = upstream(37)
     opts = _options(div, clip)
     want = run(token_stats, inputs, grads, impl="reference", **opts)
-    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    got = run(token_stats, inputs, grads, impl="torch", **opts)
     _assert_close(got, want, atol=2e-5, what=str(opts))
     assert got[0][3] == 0 and got[1][20] == 0 and got[3][3].abs().sum() == 0
 
@@ -47,12 +47,12 @@ def test_chunked_matches_fp64_reference(div, clip, separate_teacher):
                          [(0.7, None, True, None), (1.3, 4.0, False, 17), (1.0, 2.5, True, 31)])
 @pytest.mark.parametrize("div", [("forward_kl", 0.5), ("jsd", 0.3), ("reverse_kl", 0.5)])
 @pytest.mark.parametrize("clip", [None, 0.02])
-def test_chunked_temperature_softcap_bias_teacher_width(temperature, softcap, bias, teacher_width, div, clip):
+def test_torch_temperature_softcap_bias_teacher_width(temperature, softcap, bias, teacher_width, div, clip):
     inputs = make_inputs(n=29, width=20, vocab=777, bias=bias, teacher_width=teacher_width, seed=4)
     grads = upstream(29, seed=5)
     opts = _options(div, clip, temperature=temperature, softcap=softcap)
     want = run(token_stats, inputs, grads, impl="reference", **opts)
-    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    got = run(token_stats, inputs, grads, impl="torch", **opts)
     _assert_close(got, want, atol=2e-5, what=str(opts))
 
 
@@ -77,7 +77,7 @@ def test_low_precision_no_worse_than_eager(dtype, div):
     grads = upstream(33, seed=8)
     opts = _options(div, None)
     truth = run(token_stats, inputs, grads, impl="reference", **opts)
-    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    got = run(token_stats, inputs, grads, impl="torch", **opts)
 
     assert_no_worse_than_eager(got, run(eager_low_precision, inputs, grads, **opts), truth)
 
@@ -88,7 +88,7 @@ def test_weight_without_grad_and_upstream_subsets():
     grads[1] = torch.zeros(21, dtype=torch.float64)  # entropy unused
     opts = _options(("jsd", 0.5), 0.1)
     want = run(token_stats, inputs, grads, impl="reference", **opts)
-    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    got = run(token_stats, inputs, grads, impl="torch", **opts)
     assert got[4] is None
     _assert_close(got, want, atol=2e-5)
     # Only one output used: the others' upstream gradients arrive as None.
@@ -118,12 +118,10 @@ def test_all_masked_gives_zeros_and_zero_grads():
 
 def test_mask_gathers_rows_out(monkeypatch):
     """Masked rows never reach the backend: only active rows are handed to the sweeps."""
-    import pydistill.chunked as chunked
-
     seen = []
-    real_forward, real_backward = chunked.stats_forward, chunked.stats_backward
-    monkeypatch.setattr(chunked, "stats_forward", lambda h, *a, **k: seen.append(h.shape[0]) or real_forward(h, *a, **k))
-    monkeypatch.setattr(chunked, "stats_backward", lambda h, *a, **k: seen.append(h.shape[0]) or real_backward(h, *a, **k))
+    real_forward, real_backward = loop.stats_forward, loop.stats_backward
+    monkeypatch.setattr(loop, "stats_forward", lambda f, p, h, *a, **k: seen.append(h.shape[0]) or real_forward(f, p, h, *a, **k))
+    monkeypatch.setattr(loop, "stats_backward", lambda f, p, h, *a, **k: seen.append(h.shape[0]) or real_backward(f, p, h, *a, **k))
     inputs = make_inputs(n=20, width=8, vocab=64)
     mask = torch.arange(20) % 2 == 0
     out = token_stats(inputs["hidden"], inputs["weight"], mask=mask.float(), targets=inputs["targets"])
@@ -146,16 +144,19 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("div", [("reverse_kl", 0.5), ("jsd", 0.5)])
-def test_chunked_never_allocates_n_by_v(div):
+def test_torch_never_allocates_n_by_v(div):
     """Every tensor produced by any op in forward and backward stays far below N x V elements."""
     n, width, vocab = 512, 32, 20000
     inputs = make_inputs(n=n, width=width, vocab=vocab, seed=9)
     tracker = _LargestAllocation()
     with tracker:
         out = token_stats(inputs["hidden"], inputs["weight"], targets=inputs["targets"],
-                          teacher_hidden=inputs["teacher_hidden"], divergence=div[0], beta=div[1], clip=0.05)
+                          teacher_hidden=inputs["teacher_hidden"], divergence=div[0], beta=div[1], clip=0.05,
+                          memory_budget_mb=8)
         (out.logp.sum() + out.entropy.sum() + out.divergence.sum()).backward()
-    tile = n * chunk_size_for(n, vocab)
+    plan = loop.plan_chunks(n, width, width, vocab, torch.float32, torch.device("cpu"), two_contexts=True,
+                            shared_head=True, triton_folds=False, budget_mb=8)
+    tile = 2 * plan.rows * plan.cols  # both contexts' logits chunk
     assert tracker.largest <= max(tile, vocab * width), (tracker.largest, n * vocab)
     assert tracker.largest < n * vocab / 4
     # the same tracker sees the eager reference's [N, V] logits, so it can fail
@@ -175,7 +176,7 @@ def test_hypothesis_shapes_and_options(n, width, vocab, div, beta, clip, tempera
     grads = upstream(n, seed=seed + 1)
     opts = dict(divergence=div, beta=beta, clip=clip, temperature=temperature, softcap=softcap)
     want = run(token_stats, inputs, grads, impl="reference", **opts)
-    got = run(token_stats, inputs, grads, impl="chunked", **opts)
+    got = run(token_stats, inputs, grads, impl="torch", **opts)
     _assert_close(got, want, atol=3e-5, what=str(opts))
     for t in got[:3]:
         assert torch.isfinite(t).all()

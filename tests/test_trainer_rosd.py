@@ -380,3 +380,17 @@ def test_a_reflector_must_answer_every_rollout(tmp_path):
                           rollout_engine=GroupEngine(tok, TASK.problems("train", n=8, seed=0)))
     with pytest.raises(ValueError, match="the reflector returned 0 reflections for 4 rollouts"):
         trainer.prepare(trainer.train_pool[:2])
+
+
+def test_a_step_without_any_distilled_token_leaves_the_weights_alone(tmp_path):
+    """Regression: a step in which every group is dropped used to move every weight along AdamW's momentum (the
+    recorded 8,000-token ROSD run had 4 such steps out of 13)."""
+    trainer = make_trainer(tmp_path, patterns=("RWLP",), max_steps=3)
+    first = trainer.training_step()  # a real step: the optimizer's moments are nonzero now
+    assert first["trained_tokens"] > 0
+    trainer.engine.patterns = ("WWWW", "RRRR")  # every group dropped from here on
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    metrics = trainer.training_step()
+    assert metrics["trained_tokens"] == 0 and metrics["groups_dropped"] == 4
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]), name

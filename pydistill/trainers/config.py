@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..stats_config import DIVERGENCES
+from ..token_stats.config import DIVERGENCES
 from .checkpoint import resolve_checkpoint
 from .fields import Literal, check_fields, coerce_fields, option
 

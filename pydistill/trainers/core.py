@@ -16,6 +16,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -194,10 +195,14 @@ class Trainer(abc.ABC):
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         skipped = self.nonfinite_update(total, grad_norm)
-        if not skipped:
+        # A step without any trained token (ROSD dropping every group) carries no signal, yet AdamW's momentum
+        # alone would move every weight: no update then either.
+        if not skipped and num_items > 0:
             self.optimizer.step()
         self._step_snapshot["updated"] = True
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows the step count, updated or not
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.teacher is not None and not skipped:
             self.teacher.update()

@@ -55,6 +55,7 @@ import torch
 
 from ..dialogue import DialogueBuilder, DialogueTokens, Turn
 from ..evaluation import generate_completions
+from ..ei_procedural import ProceduralTeacher
 from ..explanatory_inversion import (EI_RULES, RULES_BY_NAME, EIData, FilterReport, JsonlCache, filter_ei_data,
                                      generate_ei_data)
 from ..losses import LossOutput, nll_loss
@@ -99,7 +100,9 @@ class ExGRPOConfig(GRPOConfig):
     micro_batch_size: int = option(2, "questions per forward/backward (2G dialogues each, plus one teacher dialogue)")
     train_problems: int = option(256, "training questions given to Explanatory Inversion (before the filters)")
     # stage 0: Explanatory Inversion data
-    ei_teacher: str = option("student", "'student' (the student model itself) or a Hugging Face model name/path")
+    ei_teacher: str = option("student", "'student' (the student model itself), 'procedural' (probes written by rule "
+                             "for the embedded arithmetic task, no model: pydistill.ei_procedural) or a Hugging "
+                             "Face model name/path")
     ei_cache: Optional[str] = option(None, "jsonl of every teacher/student call; None: <output_dir>/ei_cache.jsonl")
     ei_rules: str = option("all", "'all' or comma-separated rule names (pydistill.explanatory_inversion.EI_RULES)")
     ei_filters: bool = option(True, "apply the EI-consistency and difficulty filters")
@@ -138,7 +141,10 @@ class ExGRPOConfig(GRPOConfig):
         if not 0.0 <= self.min_solved_fraction <= 1.0:
             raise ValueError(f"min_solved_fraction must be in [0, 1], got {self.min_solved_fraction}")
         if not self.ei_teacher:
-            raise ValueError("ei_teacher must be 'student' or a model name/path")
+            raise ValueError("ei_teacher must be 'student', 'procedural' or a model name/path")
+        if self.ei_teacher == "procedural" and self.task != "arithmetic":
+            raise ValueError(f"ei_teacher 'procedural' writes probes for the arithmetic task only, got task "
+                             f"{self.task!r}: use 'student' or a model name/path")
         parse_rules(self.ei_rules)
         if self.teacher != "fixed":
             raise ValueError(f"teacher must be 'fixed' for ExGRPO (its KL reference is the policy at the start of "
@@ -204,17 +210,25 @@ def build_ei_dataset(problems: Sequence, teacher: TextGenerator, student: TextGe
     """Stage 0: (EIData kept, FilterReport). Without ``filters`` every generated probe is kept (the report
     then only counts them)."""
     check_cache_questions(cache_path, problems, teacher_name, student_name)
-    data = generate_ei_data(problems, teacher, cache_path, rules=rules, batch_size=batch_size,
-                            extract_answer=extract_answer)
+    unverified = 0
+    if isinstance(teacher, ProceduralTeacher):  # probes written by rule, each verified: no model call
+        data, unverified = teacher.ei_data(problems, rules)
+    else:
+        data = generate_ei_data(problems, teacher, cache_path, rules=rules, batch_size=batch_size,
+                                extract_answer=extract_answer)
     if filters:
         # The base student answers each probe as it is asked at inference (its own prompt, as in the dialogues).
-        return filter_ei_data(data, teacher, student, cache_path, is_correct=final_answer_matches,
-                              min_solved_fraction=min_solved_fraction, batch_size=batch_size,
-                              extract_answer=extract_answer, student_prompt=probe_turn)
+        kept, report = filter_ei_data(data, teacher, student, cache_path, is_correct=final_answer_matches,
+                                      min_solved_fraction=min_solved_fraction, batch_size=batch_size,
+                                      extract_answer=extract_answer, student_prompt=probe_turn)
+        report.probes += unverified
+        report.removed_unanswerable += unverified
+        return kept, report
     probes = sum(len(v) for v in data.probes.values())
     kept = EIData({i: q for i, q in data.questions.items() if data.probes[i]},
                   {i: ps for i, ps in data.probes.items() if ps})
-    return kept, FilterReport(questions=len(data.questions), probes=probes, kept_questions=len(kept.questions),
+    return kept, FilterReport(questions=len(data.questions), probes=probes + unverified,
+                              removed_unanswerable=unverified, kept_questions=len(kept.questions),
                               kept_probes=probes)
 
 
@@ -346,12 +360,15 @@ class ExGRPOTrainer(Trainer):
         own = ModelTextGenerator(self.model, self.tokenizer, max_new_tokens=cfg.ei_max_new_tokens,
                                  batch_size=cfg.ei_batch_size)
         custom_teacher = teacher is not None
-        if teacher is None:
+        if teacher is None and cfg.ei_teacher == "procedural":
+            teacher = ProceduralTeacher(cfg.seed)
+        elif teacher is None:
             teacher = own if cfg.ei_teacher == "student" else ModelTextGenerator(
                 cfg.ei_teacher, max_new_tokens=cfg.ei_max_new_tokens, batch_size=cfg.ei_batch_size,
                 device=self.accelerator.device)
         # Names tie the cache to its models; passed callables are the caller's responsibility ("custom").
-        teacher_name = "custom" if custom_teacher else model_name if cfg.ei_teacher == "student" else cfg.ei_teacher
+        teacher_name = ("custom" if custom_teacher else model_name if cfg.ei_teacher == "student" else
+                        f"procedural:{cfg.seed}" if cfg.ei_teacher == "procedural" else cfg.ei_teacher)
         options = dict(rules=parse_rules(cfg.ei_rules), filters=cfg.ei_filters,
                        min_solved_fraction=cfg.min_solved_fraction, batch_size=cfg.ei_batch_size,
                        teacher_name=teacher_name, student_name="custom" if student is not None else model_name)
@@ -655,10 +672,16 @@ def ei_generate(task: str, *, split: str = "train", n: int = 64, seed: int = 0, 
     from ..tasks import get_task
 
     problems = get_task(task, **({"path": data_path} if task == "gsm8k" else {})).problems(split, n=n, seed=seed)
+    procedural = teacher == "procedural"
+    if procedural and student is None and filters:
+        raise ValueError("the procedural teacher writes probes, it does not answer them as a student: name the "
+                         "base student of the difficulty filter (--student) or turn the filters off")
     student = student or teacher
-    teacher_gen = text_generator(teacher, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    teacher_gen = ProceduralTeacher(seed) if procedural else text_generator(
+        teacher, max_new_tokens=max_new_tokens, batch_size=batch_size)
     student_gen = teacher_gen if student == teacher else text_generator(student, max_new_tokens=max_new_tokens,
                                                                         batch_size=batch_size)
+    teacher = f"procedural:{seed}" if procedural else teacher  # the name the trainer gives the cache
     _, report = build_ei_dataset(problems, teacher_gen, student_gen, cache, rules=parse_rules(rules),
                                  filters=filters, min_solved_fraction=min_solved_fraction, batch_size=batch_size,
                                  teacher_name=teacher, student_name=student)

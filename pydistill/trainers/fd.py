@@ -27,7 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..feedback import FeedbackStats, LeanFeedback, ModelFeedback, VerifierFeedback, collect_feedback
+from ..feedback import (AttemptNumbersWithheld, FeedbackStats, LeanFeedback, ModelFeedback, ReferenceSolutionFeedback,
+                        VerifierFeedback, collect_feedback)
 from ..losses import blended_loss, distillation_loss
 from ..prompts import feedback_teacher_messages, render
 from ..token_stats import token_stats
@@ -39,6 +40,7 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .rollout import HFRolloutEngine, SamplingSettings
 
 FEEDBACK_SOURCES = ("verifier", "critic", "lean")
+FEEDBACK_CONTENTS = ("full", "no_attempt_numbers", "reference_solution")
 logger = logging.getLogger(__name__)
 
 
@@ -58,6 +60,12 @@ class FDConfig(GRPOConfig):
     num_generations: int = 8
     feedback: Literal["verifier", "critic", "lean"] = option(
         "verifier", "feedback source: the step verifier, a critic model or the Lean compiler")
+    # What of the feedback the teacher reads (a diagnosis switch; "full" is the method): "full" as the source
+    # wrote it; "no_attempt_numbers" without any number the attempt introduced (the verifier then states only
+    # the corrected step, other sources are redacted); "reference_solution": the task's reference solution
+    # replaces the source's feedback (OPSD's privileged text in FD's teacher context).
+    feedback_content: str = option("full", "what of the feedback the teacher reads: full, no_attempt_numbers or "
+                                   "reference_solution (a diagnosis switch)")
     critic_model: Optional[str] = option(None, "a second HF model (name/path) as critic; None: the student itself")
     critic_temperature: float = option(0.3, "the critic samples at a low temperature")
     critic_max_new_tokens: int = 128
@@ -84,6 +92,8 @@ class FDConfig(GRPOConfig):
         super().validate()
         if self.feedback not in FEEDBACK_SOURCES:
             raise ValueError(f"feedback must be one of {FEEDBACK_SOURCES}, got {self.feedback!r}")
+        if self.feedback_content not in FEEDBACK_CONTENTS:
+            raise ValueError(f"feedback_content must be one of {FEEDBACK_CONTENTS}, got {self.feedback_content!r}")
         if self.critic_model is not None and self.feedback != "critic":
             raise ValueError(f"critic_model is only used with feedback='critic', got feedback={self.feedback!r}")
         if not self.critic_temperature > 0:
@@ -126,14 +136,23 @@ class FDTrainer(GRPOTrainer):
         ``batch(items)`` method) that replaces the configured one."""
         config.validate()
         self.feedback_source = feedback_source
-        if feedback_source is None and config.feedback == "lean":
+        lean = config.feedback == "lean" and config.feedback_content != "reference_solution"
+        if feedback_source is None and lean:
             # Before any model is loaded: no Lean binary fails at start-up with a message that says so.
             command = shlex.split(config.lean_command) if config.lean_command else None
             self.feedback_source = LeanFeedback(command=command, timeout=config.lean_timeout,
                                                 header=config.lean_header, memory_mb=config.lean_memory_mb)
         super().__init__(config, *args, **kwargs)
-        if self.feedback_source is None:
-            self.feedback_source = VerifierFeedback() if config.feedback == "verifier" else self._critic()
+        content = config.feedback_content
+        if content == "reference_solution":  # replaces any source: the teacher reads the reference instead
+            self.feedback_source = ReferenceSolutionFeedback({p.question: p.solution for p in self.train_pool})
+        elif self.feedback_source is None and config.feedback == "verifier":
+            self.feedback_source = VerifierFeedback(quote_attempt=content == "full")
+        elif self.feedback_source is None:
+            self.feedback_source = self._critic()
+        quotes_nothing = isinstance(self.feedback_source, VerifierFeedback) and not self.feedback_source.quote_attempt
+        if content == "no_attempt_numbers" and not quotes_nothing:
+            self.feedback_source = AttemptNumbersWithheld(self.feedback_source)
 
     def _critic(self) -> ModelFeedback:
         """The student itself (through the rollout engine) or a second HF model, sampling at a low temperature."""

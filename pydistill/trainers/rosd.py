@@ -26,6 +26,12 @@ the next other correct rollout of its group (cyclically); when it is the group's
 sibling (the teacher then sees this very solution, which distills it toward a confident copy of itself).
 
 Paper defaults: G = 8, JSD beta 0.5, importance clip 2, fixed teacher, lr 1e-5 with 10 warm-up steps, batch 32.
+
+Diagnosis switches, each defaulting to the paper's setting: ``privileged="reference"`` shows the task's reference
+solution where the sibling would be (to the teacher and to a model reflector; which rollouts are kept does not
+change), ``explanation=False`` leaves the reflection's explanation out of the teacher context, and
+``loss_span="whole"`` distills every token of every kept rollout (t* = 0; the reflector still runs and its hit
+counts are still logged).
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ from .groups import completion_length_metrics, reward_function, sample_groups
 from .rollout import SamplingSettings
 
 REFLECTORS = ("step_check", "model")
+PRIVILEGED = ("sibling", "reference")
+LOSS_SPANS = ("suffix", "whole")
 
 
 @dataclass
@@ -66,6 +74,12 @@ class ROSDConfig(TrainConfig):
         "step_check", "first-error locator: the task step checker or the model")
     reflection_temperature: float = option(0.6, "sampling temperature of the model reflector")
     reflection_max_new_tokens: int = 256
+    # Diagnosis switches (the paper's setting is the default of each). ``privileged``: what the teacher (and a
+    # model reflector) is shown as the correct solution: a correct sibling rollout, or the task's reference
+    # solution (OPSD's privileged text; the group selection is unchanged, so only the teacher's text differs).
+    privileged: str = "sibling"  # sibling | reference
+    explanation: bool = True  # put the reflection's explanation in the teacher context
+    loss_span: str = "suffix"  # suffix: tokens from the first error on (correct rollouts whole) | whole rollout
     output_dir: str = "runs/rosd"
 
     def validate(self):
@@ -77,6 +91,12 @@ class ROSDConfig(TrainConfig):
             raise ValueError(f"reflector must be one of {REFLECTORS}, got {self.reflector!r}")
         if not self.reflection_temperature > 0:
             raise ValueError(f"reflection_temperature must be > 0, got {self.reflection_temperature}")
+        if self.privileged not in PRIVILEGED:
+            raise ValueError(f"privileged must be one of {PRIVILEGED}, got {self.privileged!r}")
+        if self.loss_span not in LOSS_SPANS:
+            raise ValueError(f"loss_span must be one of {LOSS_SPANS}, got {self.loss_span!r}")
+        if not isinstance(self.explanation, bool):
+            raise ValueError(f"explanation must be true or false, got {self.explanation!r}")
         if not isinstance(self.reflection_max_new_tokens, int) or self.reflection_max_new_tokens < 1:
             raise ValueError(f"reflection_max_new_tokens must be a positive integer, "
                              f"got {self.reflection_max_new_tokens!r}")
@@ -151,16 +171,17 @@ class ROSDTrainer(Trainer):
         batch = sample_groups(self, problems, self.reward)
         rollouts, correct = batch.rollouts, batch.correct
         selection = select_siblings(correct.reshape(-1, cfg.num_generations), cfg.drop_zero_spread)
+        shown = [self.privileged_text(batch.problems[i], rollouts.texts[s]) for i, s in selection.pairs]
         items = [dict(problem=batch.problems[i], question=batch.problems[i].question,
-                      correct_solution=rollouts.texts[s], attempt=rollouts.texts[i],
+                      correct_solution=text, attempt=rollouts.texts[i],
                       answer=batch.problems[i].answer, attempt_is_correct=bool(correct[i]))
-                 for i, s in selection.pairs]
+                 for (i, _), text in zip(selection.pairs, shown)]
         reflections = self.reflector.reflect_batch(items) if items else []
         if len(reflections) != len(items):
             raise ValueError(f"the reflector returned {len(reflections)} reflections for {len(items)} rollouts")
         counts = dict(parse_failures=0, quote_missing=0, quote_not_found=0, located=0, incorrect=0)
         t_stars, teacher_ids = [], []
-        for (i, s), reflection in zip(selection.pairs, reflections):
+        for (i, _), reflection, solution in zip(selection.pairs, reflections, shown):
             counts["parse_failures"] += not reflection.parsed
             t_star = 0  # correct rollouts, and every fallback, distill the whole rollout
             if not correct[i]:
@@ -173,10 +194,12 @@ class ROSDTrainer(Trainer):
                         counts["quote_not_found"] += 1
                     else:
                         counts["located"] += 1
-                        t_star = found
+                        t_star = found if cfg.loss_span == "suffix" else 0
             t_stars.append(t_star)
             question = batch.problems[i].question
-            prompt = render(tok, rosd_teacher_messages(question, rollouts.texts[s], reflection.explanation))
+            explanation = reflection.explanation if cfg.explanation else None
+            prompt = render(tok, rosd_teacher_messages(question, solution, explanation,
+                                                       reference=cfg.privileged == "reference"))
             teacher_ids.append(tok(prompt, add_special_tokens=False)["input_ids"])
 
         device = self.accelerator.device
@@ -202,6 +225,10 @@ class ROSDTrainer(Trainer):
         return dict(student=student, teacher=teacher, mask=mask, t_star=t_stars, pairs=selection.pairs,
                     reflections=reflections, counts=counts, tokens=int(mask.sum()), generated_tokens=generated,
                     metrics=metrics)
+
+    def privileged_text(self, problem, sibling_text: str) -> str:
+        """The correct solution the teacher context shows (``privileged``): the sibling rollout or the reference."""
+        return problem.solution if self.config.privileged == "reference" else sibling_text
 
     def finalize_batch(self, prepared: list) -> None:
         """Counts over the optimizer step's micro-batches, written into each one's metrics (the core averages

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .stats_config import StatsConfig
+from .config import StatsConfig
 
 
 def _scaled_logits(hidden, weight, bias, cfg: StatsConfig, dtype):

@@ -1,6 +1,6 @@
-"""The options of the core op, shared by every backend (chunked torch, Triton).
+"""The options of the core op, shared by the chunk loop, both spellings of the folds and the reference.
 
-Kept in a module of its own so that backends depend on it and not on each other.
+Kept in a module of its own so that the folds depend on it and not on each other.
 """
 from __future__ import annotations
 

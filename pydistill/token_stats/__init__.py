@@ -1,4 +1,9 @@
-"""The core fused op: per-token logp, entropy and teacher-student divergence from hidden states."""
+"""The core fused op: per-token logp, entropy and teacher-student divergence from hidden states.
+
+The whole op lives in this package: :func:`token_stats` (the public function and its validation), the chunk loop
+(:mod:`.loop`), the per-chunk folds in torch (:mod:`.folds`; their Triton spelling is ``pydistill.kernels.folds``),
+the options (:mod:`.config`) and the float64 eager reference (:mod:`.reference`).
+"""
 from __future__ import annotations
 
 import math
@@ -7,62 +12,76 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import chunked
-from .stats_config import DIVERGENCES, StatsConfig
+from . import folds as torch_folds
+from . import loop
+from .config import DIVERGENCES, StatsConfig
 
-IMPLS = ("auto", "triton", "chunked", "reference")
+IMPLS = ("auto", "triton", "torch", "chunked", "reference")  # "chunked": the former name of "torch"
 
 
 class TokenStats(NamedTuple):
-    """Per-row float32 outputs of :func:`token_stats`, each [N]; zeros on inactive rows."""
+    """Per-row outputs of :func:`token_stats`, each [N]; zeros on inactive rows."""
 
     logp: torch.Tensor
     entropy: torch.Tensor
     divergence: torch.Tensor
 
 
-def _backend(impl: str):
+def _folds(impl: str):
     if impl == "triton":
-        from .kernels import token_stats as triton_backend
+        from ..kernels import folds as triton_folds
 
-        return triton_backend
-    return chunked
+        return triton_folds
+    return torch_folds
 
 
 class _TokenStatsFunction(torch.autograd.Function):
-    """One autograd node over a backend's forward and single-sweep recompute backward."""
+    """One autograd node over the chunk loop's forward and its single recompute sweep backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg, impl):
-        backend = _backend(impl)
-        ctx.cfg, ctx.backend = cfg, backend
-        if hidden.shape[0] == 0:  # nothing active: no sweep at all
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg, impl,
+                budget_mb):
+        ctx.empty = hidden.shape[0] == 0
+        if ctx.empty:  # nothing active: no sweep at all, zero gradients
             ctx.save_for_backward(hidden, weight)
-            empty = hidden.new_zeros(0, dtype=torch.float32)
+            empty = hidden.new_zeros(0, dtype=loop.compute_dtype(hidden.dtype))
             return empty, empty.clone(), empty.clone()
-        logp, entropy, div, lse_s, lse_t, grad_sum = backend.stats_forward(
-            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg)
+        folds = _folds(impl)
+        two = cfg.divergence is not None
+        plan = loop.plan_chunks(
+            hidden.shape[0], hidden.shape[1], teacher_hidden.shape[1] if two else 0, weight.shape[0], hidden.dtype,
+            hidden.device, two_contexts=two, shared_head=two and teacher_weight is weight,
+            triton_folds=impl == "triton", budget_mb=budget_mb)
+        ctx.cfg, ctx.folds, ctx.plan = cfg, folds, plan
+        logp, entropy, div, lse_s, lse_t, grad_sum = loop.stats_forward(
+            folds, plan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg)
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
                               lse_s, lse_t, entropy, grad_sum)
         return logp, entropy, div
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_div):
+        if torch.is_grad_enabled():  # create_graph=True: the sweep's gradients are not themselves differentiable
+            raise RuntimeError("token_stats is differentiable once: second derivatives (create_graph=True, "
+                               "double backward) are not supported; use impl='reference' for them")
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_hidden or need_weight):
-            return (None,) * 9
-        if len(ctx.saved_tensors) == 2:
+            return (None,) * 10
+        if ctx.empty:
             hidden, weight = ctx.saved_tensors
             return (torch.zeros_like(hidden) if need_hidden else None,
-                    torch.zeros_like(weight) if need_weight else None) + (None,) * 7
+                    torch.zeros_like(weight) if need_weight else None) + (None,) * 8
         (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
          lse_s, lse_t, entropy, grad_sum) = ctx.saved_tensors
-        d_hidden, d_weight = ctx.backend.stats_backward(
-            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, ctx.cfg,
-            lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div, need_weight)
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
-        return (d_hidden if need_hidden else None, d_weight, None, None, None, None, None, None, None)
+        d_hidden, d_weight = loop.stats_backward(
+            ctx.folds, ctx.plan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
+            ctx.cfg, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div, need_weight)
+        return (d_hidden if need_hidden else None, d_weight) + (None,) * 8
+
+
+def _number(x) -> bool:
+    """A real int or float (a bool is not a number here: ``beta=True`` is a mistake, not 1.0)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_matrix(name, t, device):
@@ -91,7 +110,7 @@ def _resolve_divergence(divergence, beta):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES} or None, got {divergence!r}")
     if divergence == "jsd":
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        if not (_number(beta) and 0.0 <= beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
         if beta == 0.0:
             return "forward_kl"
@@ -117,15 +136,21 @@ def token_stats(
     mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    memory_budget_mb: float = loop.DEFAULT_MEMORY_BUDGET_MB,
 ) -> TokenStats:
     """Per-token logp, entropy and teacher-student divergence, never materializing the [N, V] logits.
 
     Logits of each context: ``z = cap(h @ W.T + b) / temperature`` with ``cap(x) = softcap * tanh(x / softcap)``
     when ``softcap`` is set (the model's cap on its raw logits, then the sampling temperature). Student
-    ``q = softmax(z_s)``, teacher ``p = softmax(z_t)``. All math runs in float32 whatever the input dtype.
+    ``q = softmax(z_s)``, teacher ``p = softmax(z_t)``. All math runs in float32 (float64 for float64 inputs);
+    logits are never rounded to a 16-bit dtype. The work is a loop over vocabulary chunks (and row blocks):
+    per chunk one GEMM (both contexts at once when they share the head), then a fold into per-row state;
+    JSD and the clip take a second sweep; the backward recomputes each chunk once and forms the gradients of
+    all three outputs together. No [N, V] tensor exists at any point.
 
     Args:
-        hidden: student hidden states h_s, [N, H], float32/bfloat16/float16 (float64 on the chunked path).
+        hidden: student hidden states h_s, [N, H], float32/bfloat16/float16, or float64 (``impl="torch"``:
+            computed in float64).
         weight: lm_head weight W, [V, H], same dtype as ``hidden``. Its gradient is computed only when it
             requires grad (frozen under LoRA otherwise).
         targets: token ids y, [N] int64 in [0, V) or ``ignore_index``. Rows with ``ignore_index`` are
@@ -149,12 +174,16 @@ def token_stats(
         mask: optional [N] bool or numeric; rows that are False/0 are inactive. Inactive rows are gathered
             out before any GEMM: they cost nothing, give 0 in every output and receive zero gradient.
         ignore_index: the inactive-row marker in ``targets``.
-        impl: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere), ``"triton"`` (CUDA, or the CPU under
-            ``TRITON_INTERPRET=1``), ``"chunked"``, or ``"reference"`` (eager float64, materializes [N, V];
-            for tests).
+        impl: how the per-chunk folds run, the chunk loop being the same: ``"auto"`` (Triton on CUDA, torch
+            elsewhere), ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (``"chunked"``
+            is its former name), or ``"reference"`` (eager float64, materializes [N, V]; for tests).
+        memory_budget_mb: extra memory the op may use beyond its inputs and returned gradients (logits and
+            dlogits chunks, the float32 dH accumulator, fold temporaries); chunk sizes are the largest that fit.
+            The default keeps a two-context bf16 call at N=8192, H=4096, V=151936 within 256 MB on CUDA.
 
     Returns:
-        :class:`TokenStats` ``(logp, entropy, divergence)``, float32 [N] each, differentiable w.r.t.
+        :class:`TokenStats` ``(logp, entropy, divergence)``, float32 [N] each (float64 for float64 inputs),
+        differentiable once (a second derivative raises) w.r.t.
         ``hidden`` and ``weight``. A backward through any combination of them runs one recompute sweep.
         An all-inactive batch gives zeros connected to the graph, so its loss backpropagates zero gradients.
 
@@ -163,6 +192,8 @@ def token_stats(
     """
     _check_matrix("hidden", hidden, hidden.device if isinstance(hidden, torch.Tensor) else None)
     device = hidden.device
+    if device.type == "meta":
+        raise ValueError("hidden is on the meta device: token_stats needs tensors with data (cpu or cuda)")
     _check_matrix("weight", weight, device)
     n, width = hidden.shape
     vocab = weight.shape[0]
@@ -173,13 +204,13 @@ def token_stats(
     _check_bias("bias", bias, vocab, "weight", device)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+    if softcap is not None and not (_number(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
-    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+    if clip is not None and not (_number(clip) and clip > 0):
         raise ValueError(f"clip (tau) must be None or a finite number > 0, got {clip!r}")
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+    if not (_number(beta) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     resolved = _resolve_divergence(divergence, beta)
 
@@ -217,7 +248,7 @@ def token_stats(
             raise ValueError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
         if targets.device != device:
             raise ValueError(f"targets is on {targets.device} but hidden is on {device}")
-        targets = targets.long()
+        targets = targets.long().contiguous()  # the folds index it as a dense [N] vector
         active = targets != ignore_index
         bad = active & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):
@@ -237,8 +268,12 @@ def token_stats(
     cfg = StatsConfig(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                       divergence=resolved, beta=float(beta), clip=None if clip is None else float(clip),
                       has_targets=targets is not None)
+    if not (_number(memory_budget_mb) and memory_budget_mb > 0):
+        raise ValueError(f"memory_budget_mb must be a finite number > 0, got {memory_budget_mb!r}")
+    if impl == "chunked":
+        impl = "torch"
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" and _triton_available() else "chunked"
+        impl = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     if impl == "triton" and hidden.dtype == torch.float64:
@@ -250,17 +285,17 @@ def token_stats(
         outs = reference_token_stats(hidden, weight, cfg, bias=bias, teacher_hidden=teacher_hidden,
                                      teacher_weight=teacher_weight, teacher_bias=teacher_bias,
                                      targets=targets, active=active)
-        return TokenStats(*(o.float() for o in outs))
+        return TokenStats(*(o.to(loop.compute_dtype(hidden.dtype)) for o in outs))
 
     if active is None or bool(active.all()):
         return TokenStats(*_TokenStatsFunction.apply(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                                     teacher_bias, targets, cfg, impl))
+                                                     teacher_bias, targets, cfg, impl, memory_budget_mb))
     # Gather the active rows once: inactive rows never reach a GEMM, forward or backward.
     rows = active.nonzero().squeeze(1)
     outs = _TokenStatsFunction.apply(
         hidden.index_select(0, rows), weight, bias,
         None if teacher_hidden is None else teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
-        None if targets is None else targets.index_select(0, rows), cfg, impl)
+        None if targets is None else targets.index_select(0, rows), cfg, impl, memory_budget_mb)
     return TokenStats(*(torch.zeros(n, device=device, dtype=o.dtype).index_copy(0, rows, o) for o in outs))
 
 
@@ -270,3 +305,6 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+__all__ = ["DIVERGENCES", "IMPLS", "StatsConfig", "TokenStats", "token_stats"]

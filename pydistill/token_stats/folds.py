@@ -1,0 +1,152 @@
+"""The per-chunk folds of the core op, spelled in torch (CPU and any device without Triton).
+
+``pydistill/kernels/folds.py`` spells the same three functions as Triton kernels, with the same arguments and
+the same arithmetic in the same order; the chunk loop (:mod:`.loop`) calls whichever one the device takes.
+Each fold receives one GEMM output chunk, ``[R, C]`` raw logits ``x = h W[c0:c1]^T + b`` in the compute dtype
+(float32, float64 for float64 inputs), and turns it into per-row statistics or into the chunk's dlogits.
+
+Definitions shared by both spellings (``T`` temperature, ``c`` softcap):
+- ``z = cap(x) / T`` with ``cap(x) = c tanh(x / c)``; ``dz/dx = (1 - tanh^2(x / c)) / T``.
+- per-row online state, rescaled as the running max ``m`` grows (``e_v = exp(z_v - m)``):
+  ``s = sum e``, ``a = sum e (m - z)`` (every term >= 0, so the entropy ``log s + a / s`` is never negative),
+  ``g = sum e (z_s - z_t)`` under each context's own ``e``, and the target's logit.
+- per entry of the divergence: ``d_v`` and ``a_v = q_v dd_v/dq_v``; with the clip tau, ``U = {v: d_v <= tau}``,
+  ``D = sum_v min(d_v, tau)`` and ``dD/dz_v = 1[v in U] a_v - q_v A`` with ``A = sum_{u in U} a_u``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import StatsConfig
+
+# Rows of the forward state tensor [STATE_ROWS, N].
+M_S, S_S, A_S, G_S, M_T, S_T, G_T, Z_Y = range(8)
+STATE_ROWS = 8
+
+
+def _transform_(x: torch.Tensor, cfg: StatsConfig) -> torch.Tensor:
+    """x -> cap(x) / T in place (the GEMM buffer is the loop's own)."""
+    if cfg.softcap is not None:
+        x.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+    if cfg.temperature != 1.0:
+        x.mul_(1.0 / cfg.temperature)
+    return x
+
+
+def _dot(x, y):
+    """Row-wise sum of x * y without an [R, C] temporary."""
+    return torch.linalg.vecdot(x, y, dim=1)
+
+
+def _entries(log_q, log_p, q, cfg: StatsConfig):
+    """Per-entry d_v and a_v of the configured divergence (q = exp(log_q), passed in: both callers have it)."""
+    if cfg.divergence == "forward_kl":
+        p = log_p.exp()
+        return p * (log_p - log_q), p.neg_()
+    if cfg.divergence == "reverse_kl":
+        r = log_q - log_p
+        d = q * r
+        return d, r.add_(1.0).mul_(q)
+    beta = cfg.beta
+    p = log_p.exp()
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    l_q = log_q - log_m
+    a = l_q.mul_(q).mul_(1.0 - beta)
+    return log_m.neg_().add_(log_p).mul_(p).mul_(beta).add_(a), a
+
+
+def _unclipped(a, d, cfg: StatsConfig):
+    """a_v on the entries the clip leaves alone, 0 elsewhere (a multiply: torch.where is slow on the CPU)."""
+    return a if cfg.clip is None else a.mul_(d <= cfg.clip)
+
+
+def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
+    """Fold one chunk into the online state.
+
+    Args:
+        z_s, z_t: [R, C] raw logits of the student and the teacher (``z_t`` None without a teacher); overwritten.
+        state: [STATE_ROWS, R] view of the rows' state, updated in place.
+        targets: [R] token ids (-1 where there is none).
+        col0: vocabulary index of the chunk's first column.
+    """
+    _transform_(z_s, cfg)
+    m_s, s_s, a_s, g_s, m_t, s_t, g_t, z_y = state.unbind(0)
+    width = z_s.shape[1]
+    local = targets - col0
+    inside = (local >= 0) & (local < width)
+    picked = z_s.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
+    z_y.copy_(torch.where(inside, picked, z_y))
+    gap = None
+    if z_t is not None:
+        _transform_(z_t, cfg)
+        gap = z_s - z_t
+    m_new = torch.maximum(m_s, z_s.amax(dim=1))
+    scale = torch.exp(m_s - m_new)
+    below = z_s.neg_().add_(m_new.unsqueeze(1))  # m - z >= 0, in place: z_s is not needed any more
+    e = torch.exp(below.neg())
+    # sum e (m - z) under the new max: the old sum grows by (m_new - m_old) per unit of the old s.
+    shift = torch.where(s_s > 0, (m_new - m_s) * s_s, torch.zeros_like(s_s))
+    a_s.copy_(scale * (a_s + shift) + _dot(e, below))
+    s_s.mul_(scale).add_(e.sum(1))
+    m_s.copy_(m_new)
+    if z_t is None:
+        return
+    g_s.mul_(scale).add_(_dot(e, gap))
+    mt_new = torch.maximum(m_t, z_t.amax(dim=1))
+    scale_t = torch.exp(m_t - mt_new)
+    e_t = z_t.sub_(mt_new.unsqueeze(1)).exp_()
+    g_t.mul_(scale_t).add_(_dot(e_t, gap))
+    s_t.mul_(scale_t).add_(e_t.sum(1))
+    m_t.copy_(mt_new)
+
+
+def divergence_fold(z_s, z_t, lse_s, lse_t, sums, cfg: StatsConfig) -> None:
+    """Add one chunk's sum_v min(d_v, tau) to ``sums[0]`` and sum_{v in U} a_v to ``sums[1]`` (``sums`` [2, R]).
+
+    Needs the final log-sum-exps, hence its own sweep (JSD and the clip only).
+    """
+    log_q = _transform_(z_s, cfg).sub_(lse_s.unsqueeze(1))
+    log_p = _transform_(z_t, cfg).sub_(lse_t.unsqueeze(1))
+    q = None if cfg.divergence == "forward_kl" else log_q.exp()
+    d, a = _entries(log_q, log_p, q, cfg)
+    a = _unclipped(a, d, cfg)
+    sums[0] += (d if cfg.clip is None else d.clamp_(max=cfg.clip)).sum(1)
+    sums[1] += a.sum(1)
+
+
+def backward_fold(z_s, z_t, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div, targets, col0: int,
+                  cfg: StatsConfig, out) -> None:
+    """Write the chunk's dlogits of ``sum(g_logp logp + g_entropy H + g_div D)`` w.r.t. the raw logits into ``out``.
+
+    ``z_t`` is None when no divergence gradient flows; ``g_*`` are [R] (zeros where an output is unused);
+    ``grad_sum`` is A per row; ``out`` is [R, C] in the dlogits dtype.
+    """
+    _transform_(z_s, cfg)
+    cap_grad = None
+    if cfg.softcap is not None:
+        t = z_s * (cfg.temperature / cfg.softcap)
+        cap_grad = t.mul_(t).neg_().add_(1.0)
+    log_q = z_s.sub_(lse_s.unsqueeze(1))
+    q = log_q.exp()
+    # every term proportional to q in one per-row coefficient: q (c - g_H log q), c = -g_logp - g_H H - g_D A
+    coef = -g_logp - g_entropy * entropy
+    div_term = None
+    if z_t is not None:
+        coef = coef - g_div * grad_sum
+        d, a = _entries(log_q, _transform_(z_t, cfg).sub_(lse_t.unsqueeze(1)), q, cfg)
+        div_term = _unclipped(a, d, cfg).mul_(g_div.unsqueeze(1))
+    dz = log_q.mul_(-g_entropy.unsqueeze(1)).add_(coef.unsqueeze(1)).mul_(q)
+    if div_term is not None:
+        dz += div_term
+    width = z_s.shape[1]
+    local = targets - col0
+    inside = (local >= 0) & (local < width)
+    dz.scatter_add_(1, local.clamp(0, width - 1).unsqueeze(1),
+                    torch.where(inside, g_logp, torch.zeros_like(g_logp)).unsqueeze(1))
+    if cap_grad is not None:
+        dz *= cap_grad
+    if cfg.temperature != 1.0:
+        dz *= 1.0 / cfg.temperature
+    out.copy_(dz)

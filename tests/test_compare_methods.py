@@ -1,0 +1,100 @@
+"""benchmarks.compare_methods at tiny scale: several seeds per run, mean and standard error per metric, a
+chained run (FD -> GRPO through init_from), labelled variants, and the run grammar's errors."""
+import json
+import math
+
+import pytest
+
+from benchmarks import compare_methods
+from benchmarks.compare_methods import mean_and_se, parse_run
+from pydistill.models import tiny_model
+
+
+def test_mean_and_standard_error():
+    assert mean_and_se([0.5]) == (0.5, None)
+    mean, se = mean_and_se([0.2, 0.4, 0.9])
+    assert mean == pytest.approx(0.5)
+    assert se == pytest.approx(math.sqrt(((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) / 3))
+
+
+def test_run_grammar():
+    assert parse_run("grpo") == compare_methods.RunSpec("grpo", ["grpo"], {})
+    assert parse_run("fd>grpo") == compare_methods.RunSpec("fd>grpo", ["fd", "grpo"], {})
+    assert parse_run("ref=rosd:privileged=reference,loss_span=whole") == compare_methods.RunSpec(
+        "ref", ["rosd"], {"privileged": "reference", "loss_span": "whole"})
+    assert parse_run("rosd:explanation=false").label == "rosd"
+    for text, match in [("gpro", "expected"), ("fd>nope", "expected"), ("rosd:colour=red", "no config of"),
+                        ("rosd:privileged", "is not FIELD=VALUE")]:
+        with pytest.raises(ValueError, match=match):
+            parse_run(text)
+
+
+def test_seeded_comparison_smoke(tmp_path, one_thread):
+    model, tok = tiny_model()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "compare"
+    small = [f"--set={m}.{field}" for m in ("grpo", "fd", "rosd") for field in
+             ("lora_r=4", "lora_alpha=8", "max_new_tokens=6", "batch_size=2", "micro_batch_size=2",
+              "num_generations=2")]
+    argv = ["--methods", "grpo", "fd>grpo", "ref=rosd:privileged=reference", "--seeds", "2",
+            "--generated-token-budget", "24", "--minutes", "2", "--eval-problems", "3", "--eval-max-new-tokens", "6",
+            "--eval-samples", "2", "--entropy-problems", "2", "--model", str(folder), "--out", str(out),
+            "--set", "fd.eval_problems=0", *small]
+    assert compare_methods.main(argv) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["seeds"] == [0, 1] and set(result["runs"]) == {"grpo", "fd>grpo", "ref"}
+    base = result["base"]
+    assert {"test/accuracy", "ood/accuracy", "test/pass@1", "test/pass@2", "ood/pass@2", "entropy"} <= set(base)
+    assert base["entropy"] > 0
+    for label, run in result["runs"].items():
+        assert [r["seed"] for r in run["seeds"]] == [0, 1]
+        assert [c["seed"] for r in run["seeds"] for c in r["configs"][:1]] == [0, 1]
+        s = run["summary"]
+        for key in ("test/accuracy", "ood/accuracy", "entropy", "test/pass@2"):
+            values = [r["after"][key] for r in run["seeds"]]
+            mean, se = mean_and_se(values)
+            assert s[key]["mean"] == pytest.approx(mean) and s[key]["se"] == pytest.approx(se) and s[key]["n"] == 2
+    chain = result["runs"]["fd>grpo"]["seeds"][0]
+    assert [st["method"] for st in chain["stages"]] == ["fd", "grpo"]
+    fd_config, grpo_config = chain["configs"]
+    assert grpo_config["init_from"] == fd_config["output_dir"] == chain["stages"][0]["output_dir"]
+    assert fd_config["generated_token_budget"] == grpo_config["generated_token_budget"] == 12  # half each
+    assert result["runs"]["ref"]["seeds"][0]["configs"][0]["privileged"] == "reference"
+    table = (out / "comparison.md").read_text()
+    assert "| fd>grpo | 2 |" in table and "±" in table and "seeds [0, 1]" in table
+    assert (out / "comparison.png").exists()
+
+
+def test_bad_runs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr("pydistill.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="no config of"):
+        compare_methods.main(["--methods", "grpo:privileged=reference", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="privileged must be one of"):
+        compare_methods.main(["--methods", "rosd:privileged=gold", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="labels must be distinct"):
+        compare_methods.main(["--methods", "grpo", "grpo", "--out", str(tmp_path)])
+
+
+def test_exgrpo_equal_data_rows_smoke(tmp_path, one_thread):
+    """The ExGRPO comparison's rows (SFT-only stage, SFT + ExGRPO on the procedural teacher, plain SFT) run and
+    are tabled; the SFT-only run has no stage-2 log and is left out of the plot."""
+    model, tok = tiny_model()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "compare"
+    argv = ["--methods", "sft-only=exgrpo:stage=sft", "exgrpo", "sft=sft:train_problems=4,max_steps=1",
+            "--generated-token-budget", "8", "--eval-problems", "2", "--eval-max-new-tokens", "4",
+            "--entropy-problems", "1", "--model", str(folder), "--out", str(out)]
+    for field in ("lora_r=0", "train_problems=4", "max_new_tokens=4", "sft_steps=1", "num_generations=2",
+                  "batch_size=1", "micro_batch_size=1", "ei_filters=false"):
+        argv += ["--set", f"exgrpo.{field}"]
+    argv += ["--set", "sft.lora_r=0", "--set", "sft.batch_size=2", "--set", "sft.micro_batch_size=2"]
+    assert compare_methods.main(argv) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert set(result["runs"]) == {"sft-only", "exgrpo", "sft"}
+    assert result["runs"]["sft-only"]["seeds"][0]["configs"][0]["ei_teacher"] == "procedural"
+    assert result["runs"]["sft"]["summary"]["steps"]["mean"] == 1
+    assert (out / "comparison.png").exists() and "| sft-only | 1 |" in (out / "comparison.md").read_text()
