@@ -67,7 +67,7 @@ class ROSDConfig(TrainConfig):
     clip: Optional[float] = option(None, "optional pointwise clip tau (OPSD's); ROSD uses none")
     # cap on the detached per-token importance ratio exp(logp - logp_old); None disables. One update per batch of
     # fresh rollouts makes logp_old = logp (weight 1) here; the cap matters for off-policy or stale rollouts.
-    importance_clip: Optional[float] = 2.0
+    importance_clip: Optional[float] = option(2.0, "cap on the detached per-token importance ratio; None disables")
     drop_zero_spread: bool = option(True, "drop groups whose rollouts are all correct (all-wrong ones are always "
                                           "skipped)")
     reflector: Literal["step_check", "model"] = option(
@@ -77,9 +77,11 @@ class ROSDConfig(TrainConfig):
     # Diagnosis switches (the paper's setting is the default of each). ``privileged``: what the teacher (and a
     # model reflector) is shown as the correct solution: a correct sibling rollout, or the task's reference
     # solution (OPSD's privileged text; the group selection is unchanged, so only the teacher's text differs).
-    privileged: str = "sibling"  # sibling | reference
-    explanation: bool = True  # put the reflection's explanation in the teacher context
-    loss_span: str = "suffix"  # suffix: tokens from the first error on (correct rollouts whole) | whole rollout
+    privileged: Literal["sibling", "reference"] = option(
+        "sibling", "the correct solution the teacher is shown: a correct sibling rollout or the reference solution")
+    explanation: bool = option(True, "put the reflection's explanation in the teacher context")
+    loss_span: Literal["suffix", "whole"] = option(
+        "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")
     output_dir: str = "runs/rosd"
 
     def validate(self):
