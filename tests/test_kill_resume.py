@@ -61,7 +61,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
 
     rng = random.Random(1234)
     run_dir = tmp_path / "killed"
-    kills = inside_save = 0
+    kills = inside_save = finished = 0
     seen = set()
     while True:
         process = _start(run_dir)
@@ -71,7 +71,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
         _kill_at(process, rng)
         if process.returncode == 0:  # finished before the kill: start over so that the kills keep coming
             assert latest_checkpoint(str(run_dir)).endswith(f"checkpoint-{MAX_STEPS}")
-            os.rename(run_dir, tmp_path / f"finished-{kills}")
+            finished += 1
+            os.rename(run_dir, tmp_path / f"finished-{finished}")
             continue
         assert process.returncode == -9, process.stderr.read()[-3000:]
         kills += 1
