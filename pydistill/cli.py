@@ -12,41 +12,61 @@ import typing
 from .trainers import TRAINERS
 
 
-def _parse_value(text: str, annotation):
-    kind = annotation if isinstance(annotation, type) else None
-    text_l = text.lower()
-    if "Optional" in str(annotation) and text_l in ("none", "null"):
-        return None
-    if annotation in (bool, "bool") or str(annotation) == "bool":
-        if text_l not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        return text_l in ("true", "1", "yes")
-    for candidate in (int, float):
-        if kind is candidate or candidate.__name__ in str(annotation):
-            return candidate(text)
-    return text
+def _parse_value(text: str, annotation, name: str = "value"):
+    """Flag text as ``annotation``'s type (the same parsing as YAML values); argparse shows the one-line error."""
+    from .trainers.fields import coerce
+
+    try:
+        return coerce(name, text, annotation)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls):
+    """One flag per config field, built by transformers' HfArgumentParser (``--learning-rate`` and
+    ``--learning_rate``, choices of Literal fields, help from the field metadata), parsed with the config's own
+    typed parsing, and absent from the namespace unless given (so that flags override the YAML file only when
+    present)."""
+    from transformers import HfArgumentParser
+
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        annotation = hints[f.name]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                            type=lambda text, a=annotation: _parse_value(text, a),
-                            help=f"(default: {f.default!r})")
+    built = HfArgumentParser(config_cls, add_help=False)
+    for action in built._actions:
+        if action.dest not in hints:
+            continue
+        default = next(f.default for f in dataclasses.fields(config_cls) if f.name == action.dest)
+        kwargs = dict(dest=action.dest, default=argparse.SUPPRESS, help=f"{action.help or ''} (default: {default!r})"
+                      if not action.option_strings[0].startswith("--no") else f"set {action.dest} to false")
+        if action.nargs == 0:  # --no-<flag>
+            parser.add_argument(*action.option_strings, action="store_false", **kwargs)
+            continue
+        parse = (lambda text, a=hints[action.dest], n=action.dest: _parse_value(text, a, n))
+        parser.add_argument(*action.option_strings, type=parse,
+                            nargs=action.nargs, const=action.const, metavar=action.metavar or
+                            (("{" + ",".join(map(str, action.choices)) + "}") if action.choices else None), **kwargs)
 
 
 def load_config(config_cls, path: str | None, overrides: dict):
     values = {}
     if path:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise ValueError(f"--config file {path!r} does not exist")
         import yaml
 
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"--config file {path!r} is not valid YAML{where}: {problem}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"--config file {path!r} must hold a mapping of config fields")
+            raise ValueError(f"--config file {path!r} must hold a mapping of config fields, got "
+                             f"{type(values).__name__}")
+    from .trainers.config import resolve_aliases
+
+    values = resolve_aliases(values)  # a flag then overrides a YAML value under either name
     values.update(overrides)
     return config_cls.from_dict(values).validate()
 
@@ -60,16 +80,37 @@ def cmd_train(args, overrides):
     return 0
 
 
+def run_settings(checkpoint: str) -> dict:
+    """The model and LoRA settings a checkpoint was trained with (from its trainer_state.json), or {}."""
+    import json as _json
+
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = _json.load(f).get("config", {})
+    return {k: config[k] for k in ("model", "lora_r", "lora_alpha") if k in config}
+
+
 def cmd_eval(args, _):
+    """Accuracy of a model or a checkpoint; a checkpoint's model and LoRA settings come from its run unless
+    given as flags."""
     from .evaluation import evaluate
     from .models import LoraSettings, load_model
     from .tasks import get_task
-    from .trainers.checkpoint import latest_checkpoint, load_weights
+    from .trainers.checkpoint import load_weights, resolve_checkpoint
 
-    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha) if args.lora_r else None
-    model, tokenizer = load_model(args.model, lora=lora)
-    if args.checkpoint:
-        path = latest_checkpoint(args.checkpoint) or args.checkpoint
+    path = resolve_checkpoint(args.checkpoint, "--checkpoint") if args.checkpoint else None
+    run = run_settings(path) if path else {}
+    model_name = args.model or run.get("model", "SmolLM2-135M-Instruct")
+    lora_r = args.lora_r if args.lora_r is not None else run.get("lora_r", 0)
+    lora_alpha = args.lora_alpha if args.lora_alpha is not None else run.get("lora_alpha", 128)
+    lora = LoraSettings(r=lora_r, alpha=lora_alpha) if lora_r else None
+    try:
+        model, tokenizer = load_model(model_name, lora=lora)
+    except OSError as exc:
+        raise ValueError(f"model {model_name!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    if path:
         load_weights(model, path)
     task = get_task(args.task, **({"path": args.data_path} if args.task == "gsm8k" else {}))
     problems = task.problems(args.split, n=args.n, seed=args.seed)
@@ -123,8 +164,15 @@ def cmd_demo(args, _):
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="pydistill", description=__doc__)
+    parser = _Parser(prog="pydistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with a method")
     methods = train.add_subparsers(dest="method", required=True)
@@ -133,10 +181,11 @@ def build_parser():
         p.add_argument("--config", help="YAML file of config fields (flags override it)")
         add_config_flags(p, config_cls)
     ev = sub.add_parser("eval", help="accuracy of a model or checkpoint on a task")
-    ev.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ev.add_argument("--model", help="model name or folder (default: the checkpoint's run's, else "
+                    "SmolLM2-135M-Instruct)")
     ev.add_argument("--checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
-    ev.add_argument("--lora-r", type=int, default=0, help="LoRA rank the checkpoint was trained with (0: full)")
-    ev.add_argument("--lora-alpha", type=int, default=128)
+    ev.add_argument("--lora-r", type=int, help="LoRA rank (default: the checkpoint's run's; 0: full fine-tune)")
+    ev.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the checkpoint's run's)")
     ev.add_argument("--task", default="arithmetic")
     ev.add_argument("--data-path")
     ev.add_argument("--split", default="test")
@@ -161,7 +210,7 @@ def build_parser():
                      "(probes written by rule, arithmetic task)")
     gen.add_argument("--student", help="base student of the difficulty filter (default: the teacher)")
     gen.add_argument("--cache", required=True, help="jsonl cache (the trainer's ei_cache)")
-    gen.add_argument("--filters", type=lambda text: _parse_value(text, bool), default=True,
+    gen.add_argument("--filters", type=lambda text: _parse_value(text, bool, "filters"), default=True,
                      help="apply the EI-consistency and difficulty filters (default: true)")
     gen.add_argument("--min-solved-fraction", type=float, default=0.2)
     gen.add_argument("--rules", default="all", help="'all' or comma-separated rule names")
@@ -184,7 +233,10 @@ def cmd_ei(args, _):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument, already reported in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     handler = dict(train=cmd_train, eval=cmd_eval, demo=cmd_demo, ei=cmd_ei)[args.command]
     overrides = {}
     if args.command == "train":
@@ -192,8 +244,9 @@ def main(argv=None) -> int:
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
     try:
         return handler(args, overrides)
-    except ValueError as exc:
-        print(f"pydistill: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # user errors: one line, no traceback
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"pydistill: error: {message}", file=sys.stderr)
         return 2
 
 

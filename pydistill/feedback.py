@@ -19,9 +19,12 @@ counts them in :class:`FeedbackStats` and returns None for those items.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -171,10 +174,11 @@ class ReferenceSolutionFeedback:
 
 
 def _same_number(a: str, b: str) -> bool:
-    try:
-        return abs(float(a) - float(b)) < 1e-6
-    except ValueError:
-        return a.strip() == b.strip()
+    from .tasks import normalize_number, same_answer
+
+    if normalize_number(a) is not None and normalize_number(b) is not None:
+        return same_answer(normalize_number(a), normalize_number(b))
+    return a.strip() == b.strip()
 
 
 CRITIC_INSTRUCTION = (
@@ -231,12 +235,19 @@ def parse_lean_messages(output: str) -> list[dict]:
 class LeanFeedback:
     """Lean 4 compiler feedback. ``command`` defaults to ``lean`` on PATH, else ``lake env lean``.
 
-    The attempt (with ``header``, e.g. ``import Mathlib``, prepended) is written to a temporary file and checked
-    with a timeout; each error becomes a line of feedback with its position in the attempt.
+    The attempt (with ``header``, e.g. ``import Mathlib``, prepended) is written to a fresh temporary folder and
+    checked by :func:`run_contained`: its own process group (the whole group is killed on timeout), that
+    folder as working directory, and CPU-time, address-space and file-size limits. Each error becomes a line
+    of feedback with its position in the attempt.
+
+    What this does NOT contain: the compiled text is the policy's raw output, and Lean's ``#eval`` and ``IO``
+    can read and write any file the user running the trainer can, open network connections and start
+    programs. The limits bound time and memory, not access. Run Lean feedback inside a container or VM
+    without credentials or network when the policy is not trusted.
     """
 
     def __init__(self, command: Optional[Sequence[str]] = None, timeout: float = 60.0, header: str = "",
-                 workdir: Optional[str] = None, max_errors: int = 3):
+                 workdir: Optional[str] = None, max_errors: int = 3, memory_mb: int = 32768):
         if command is None:
             if shutil.which("lean"):
                 command = ["lean"]
@@ -248,26 +259,72 @@ class LeanFeedback:
                     "with elan (https://lean-lang.org) or pass command=[path/to/lean].")
         elif not shutil.which(command[0]) and not os.path.exists(command[0]):
             raise FeedbackUnavailable(f"LeanFeedback command {command[0]!r} was not found")
-        if timeout <= 0:
+        if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not (isinstance(memory_mb, int) and memory_mb > 0):
+            raise ValueError(f"memory_mb must be a positive integer, got {memory_mb!r}")
         self.command, self.timeout, self.header = list(command), timeout, header
-        self.workdir, self.max_errors = workdir, max_errors
+        self.workdir, self.max_errors, self.memory_mb = workdir, max_errors, memory_mb
 
     def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
         header = self.header + ("\n" if self.header and not self.header.endswith("\n") else "")
         offset = header.count("\n")
-        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+        with tempfile.TemporaryDirectory(prefix="pydistill-lean-") as tmp:
             path = os.path.join(tmp, "Attempt.lean")
             with open(path, "w", encoding="utf-8") as f:
                 f.write(header + attempt)
-            done = subprocess.run(self.command + [path], capture_output=True, text=True, timeout=self.timeout,
-                                  cwd=self.workdir or tmp)
-        errors = [m for m in parse_lean_messages(done.stdout + "\n" + done.stderr) if m["kind"] == "error"]
+            # ``workdir`` (a Lake project, for `lake env lean`) is where Lean runs; the attempt stays in tmp.
+            code, stdout, stderr = run_contained(self.command + [path], timeout=self.timeout,
+                                                 cwd=self.workdir or tmp, memory_mb=self.memory_mb)
+        errors = [m for m in parse_lean_messages(stdout + "\n" + stderr) if m["kind"] == "error"]
         if not errors:
-            if done.returncode != 0:
-                raise RuntimeError(f"lean exited with {done.returncode} and no diagnostics: {done.stderr[-300:]}")
+            if code != 0:
+                raise RuntimeError(f"lean exited with {code} and no diagnostics: {stderr[-300:]}")
             return "The proof compiles without errors."
         lines = [f"Line {m['line'] - offset}, column {m['col']}: {m['message']}" for m in errors[: self.max_errors]]
         more = len(errors) - len(lines)
         tail = f" ({more} more errors)" if more > 0 else ""
         return "The Lean compiler rejects the proof:\n" + "\n".join(lines) + tail
+
+
+def _limits(cpu_seconds: int, memory_mb: int):
+    def apply():  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+        memory = memory_mb * 2 ** 20
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2 ** 20, 64 * 2 ** 20))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return apply
+
+
+def run_contained(command: Sequence[str], *, timeout: float, cwd: str, memory_mb: int = 32768):
+    """Run ``command`` in its own session and process group with CPU-time (``timeout``), address-space
+    (``memory_mb``) and file-size (64 MB) limits; on timeout kill the whole group — children included — and
+    raise :class:`subprocess.TimeoutExpired`. Returns (exit code, stdout, stderr)."""
+    process = subprocess.Popen(list(command), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                               preexec_fn=_limits(max(1, math.ceil(timeout)), memory_mb))
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        raise
+    except BaseException:
+        _kill_group(process)
+        raise
+    finally:
+        # children that outlive a normal exit (e.g. a program started by #eval) go too
+        _kill_group(process, wait=False)
+    return process.returncode, stdout, stderr
+
+
+def _kill_group(process, wait: bool = True):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if wait:
+        try:
+            process.communicate(timeout=5)
+        except (subprocess.TimeoutExpired, ValueError):
+            pass

@@ -18,8 +18,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scaling: str = "
     """A = r - mean_group(r), divided by (std + eps): the group's std for ``"group"``, the whole batch's for
     ``"batch"``, no division for ``"none"`` (Dr. GRPO). Std is the unbiased sample std, as in TRL.
 
-    ``rewards`` is [B*G] with the G completions of each prompt adjacent. NaN marks an unscorable completion:
-    it is left out of the statistics and gets advantage 0. A group with fewer than two scorable rewards, or
+    ``rewards`` is [B*G] with the G completions of each prompt adjacent. A non-finite reward (NaN, inf) marks an
+    unscorable completion: it is left out of the statistics and gets advantage 0 (TRL's NaN convention; an
+    inf would otherwise turn every advantage of its group into NaN). A group with fewer than two scorable rewards, or
     with all of them equal, has zero spread: its advantages are 0 and it counts in ``zero_spread_fraction``.
     Broadcast to tokens with ``advantages[:, None]`` or pass the [B*G] tensor to the losses directly.
     """
@@ -32,10 +33,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scaling: str = "
         raise ValueError(f"group_size {group_size} must divide the number of rewards {rewards.shape[0]}")
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-    if not eps >= 0:
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if rewards.numel() == 0:
+        return GroupAdvantages(torch.zeros(0, dtype=torch.float32, device=rewards.device), 0.0)
     r = rewards.to(torch.float64).reshape(-1, group_size)
-    valid = ~torch.isnan(r)
+    valid = torch.isfinite(r)
+    r = torch.where(valid, r, torch.zeros_like(r))
     count = valid.sum(dim=1, keepdim=True)
     filled = torch.where(valid, r, torch.zeros_like(r))
     mean = filled.sum(dim=1, keepdim=True) / count.clamp_min(1)

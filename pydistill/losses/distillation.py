@@ -9,7 +9,7 @@ from torch import nn
 from .output import LossOutput, masked_mean
 from .reductions import check_num_items, reduce_tokens
 from .stats import op_options, sequence_token_stats
-from .validation import check_per_token, check_positive, check_sequence_layout
+from .validation import check_nonnegative, check_per_token, check_positive, check_sequence_layout, check_unit
 
 
 def distillation_per_token(divergence: torch.Tensor, logp: Optional[torch.Tensor], *, old_logp=None,
@@ -86,6 +86,8 @@ def distillation_loss(
     b, t, mask = check_sequence_layout(hidden, mask)
     check_positive("clip (tau)", clip)
     check_positive("importance_clip", importance_clip)
+    check_unit("beta", beta)
+    check_nonnegative("entropy_coef", entropy_coef)
     check_num_items(num_items_in_batch)
     if importance_clip is not None and targets is None:
         raise ValueError("targets [B, T] (the sampled token ids) are required with importance_clip")

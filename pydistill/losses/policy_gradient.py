@@ -159,6 +159,7 @@ def grpo_loss(
     b, t, mask = check_sequence_layout(hidden, mask)
     check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                          max_completion_length, num_items_in_batch)
+    check_nonnegative("entropy_coef", entropy_coef)
     advantages = check_per_token("advantages", advantages, b, t, allow_sequence=True)
     old_logp = check_per_token("old_logp", old_logp, b, t)
     if beta and ref_logp is None:

@@ -12,6 +12,9 @@ def check_sequence_layout(hidden: torch.Tensor, mask: Optional[torch.Tensor], na
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(f"{name} must be [B, T, H] (batch, completion tokens, hidden size), got {shape}")
+    if hidden.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without data): materialize the model's weights "
+                         "(e.g. load them, or call to_empty() and initialize) before computing a loss")
     b, t = hidden.shape[:2]
     if mask is None:
         return b, t, torch.ones(b, t, dtype=torch.bool, device=hidden.device)
@@ -28,21 +31,42 @@ def check_per_token(name: str, value: Optional[torch.Tensor], b: int, t: int, *,
     if not isinstance(value, torch.Tensor):
         value = torch.as_tensor(value)
     if allow_sequence and tuple(value.shape) == (b,):
-        return value.reshape(b, 1).expand(b, t)
+        return check_finite(name, value).reshape(b, 1).expand(b, t)
     if tuple(value.shape) == (b, t):
-        return value
+        return check_finite(name, value)
     if value.dim() == 1 and value.shape[0] == b * t:
-        return value.reshape(b, t)
+        return check_finite(name, value).reshape(b, t)
     expected = f"[B]=[{b}], [B, T]=[{b}, {t}] or [B*T]=[{b * t}]" if allow_sequence else \
         f"[B, T]=[{b}, {t}] or [B*T]=[{b * t}]"
     raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
 
 
+def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A floating tensor input must hold no NaN or inf: it would make the loss NaN without an error. (One
+    device sync per call; integer tensors such as token ids are not checked.)"""
+    if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf); mask or replace them (e.g. "
+                         "advantage 0 for an unscorable completion)")
+    return value
+
+
+def _number(value) -> bool:
+    # bool is an int subclass: beta=True must not pass as 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_nonnegative(name: str, value: Optional[float]):
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if value is not None and not (_number(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_positive(name: str, value: Optional[float]):
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if value is not None and not (_number(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_unit(name: str, value: float):
+    """A number in [0, 1] (not a bool)."""
+    if not (_number(value) and 0 <= value <= 1):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 _DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # thousands commas only in groups of three
@@ -11,20 +12,36 @@ _BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\**\s*(" + _NUMBER + ")", re.IGNORECASE)
 _HASHES = re.compile(r"####\s*(" + _NUMBER + ")")
 _ANY_NUMBER = re.compile(_NUMBER)
+_TOLERANCE = Fraction(1, 10 ** 6)
+
+
+# a bounded exponent: Fraction("1e999999999") would build a billion-digit integer
+_DECIMAL = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d{1,3})?$")
+
+
+def _fraction(text: str) -> Optional[Fraction]:
+    """A plain decimal numeral (any length) as an exact fraction; None for anything else (inf, nan, 1e5)."""
+    if not _DECIMAL.match(text):
+        return None
+    return Fraction(text)
+
+
+def _format(value: Fraction) -> str:
+    """An exact value rounded to 6 decimals, without trailing zeros: 3.5, -2, 0.333333."""
+    rounded = round(value, 6)
+    if rounded.denominator == 1:
+        return str(rounded.numerator)
+    sign = "-" if rounded < 0 else ""
+    micro = abs(rounded.numerator * 10 ** 6 // rounded.denominator)
+    return f"{sign}{micro // 10 ** 6}.{micro % 10 ** 6:06d}".rstrip("0").rstrip(".")
 
 
 def normalize_number(text: str) -> Optional[str]:
-    """'1,000' -> '1000', '$3.50' -> '3.5', '7.0' -> '7', '-2' -> '-2'; None if not a number."""
+    """'1,000' -> '1000', '$3.50' -> '3.5', '7.0' -> '7', '-2' -> '-2'; None if not a number. Exact for
+    numerals of any length (a degenerate 400-digit sample is a number too, not a float overflow)."""
     cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        value = float(cleaned)
-    except ValueError:
-        return None
-    if value != value or value in (float("inf"), float("-inf")):
-        return None
-    if value == int(value):
-        return str(int(value))
-    return repr(round(value, 6)).rstrip("0").rstrip(".")
+    value = _fraction(cleaned)
+    return None if value is None else _format(value)
 
 
 def extract_answer(text: str) -> Optional[str]:
@@ -50,9 +67,12 @@ def reference_answer(gsm8k_answer: str) -> str:
 
 
 def same_answer(a: Optional[str], b: Optional[str]) -> bool:
-    if a is None or b is None:
+    """Equal up to a relative 1e-6, compared exactly (no float overflow); False for anything not a number."""
+    x = _fraction(a.strip()) if isinstance(a, str) else None
+    y = _fraction(b.strip()) if isinstance(b, str) else None
+    if x is None or y is None:
         return False
-    return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+    return abs(x - y) <= _TOLERANCE * max(1, abs(y))
 
 
 @dataclass(frozen=True)
@@ -72,10 +92,13 @@ _STEP = re.compile(rf"(?<![\w.,$])({_OPERAND}(?:\s*{_OPERATOR}\s*{_OPERAND})+)\s
 _TOKENS = re.compile(rf"{_OPERAND}|{_OPERATOR}")
 
 
-def _evaluate(expression: str) -> Optional[float]:
-    """Left side of a step with the usual precedence; None if it cannot be evaluated (division by zero)."""
+def _evaluate(expression: str) -> Optional[Fraction]:
+    """Left side of a step with the usual precedence, exactly; None if it cannot be evaluated (division by
+    zero, an operand that is not a number)."""
     parts = _TOKENS.findall(expression)
-    values = [float(normalize_number(p)) for p in parts[0::2]]
+    values = [_fraction(p.replace(",", "").replace("$", "")) for p in parts[0::2]]
+    if not values or any(v is None for v in values) or len(parts) % 2 == 0:
+        return None
     ops = [{"x": "*", "×": "*", "÷": "/"}.get(o, o) for o in parts[1::2]]
     terms, term_ops = [values[0]], []
     for op, value in zip(ops, values[1:]):
@@ -97,14 +120,17 @@ def find_first_wrong_step(text: str) -> Optional[StepError]:
 
     Operators + - * / x × ÷ with the usual precedence; numbers may carry '$' and thousands commas; GSM8K's
     calculator annotations <<a*b=c>> are steps too. None when every step checks out (or there is none).
+    Total: any string gives a verdict (arithmetic is exact, so numbers of any length are fine).
     """
+    if not isinstance(text, str):
+        return None
     for match in _STEP.finditer(text):
         value = _evaluate(match.group(1))
-        stated = float(normalize_number(match.group(2)))
-        if value is None:
+        stated = _fraction(match.group(2).replace(",", "").replace("$", ""))
+        if value is None or stated is None:
             continue
-        if abs(value - stated) > 1e-6 * max(1.0, abs(value)):
-            expected = normalize_number(str(round(value, 6)))
+        if abs(value - stated) > _TOLERANCE * max(1, abs(value)):
+            expected = _format(value)
             quote = match.group(0)
             return StepError(match.start(), match.end(), quote, expected,
                              f"{match.group(1).strip()} = {expected}, not {normalize_number(match.group(2))}.")

@@ -21,9 +21,24 @@ def _solution_text(answer: str) -> str:
     return f"{body}\nThe answer is {reference_answer(answer)}."
 
 
+HUB_PREFIX = "hf://"
+
+
+def resolve_source(path: str):
+    """("local", path) or ("hub", name). Every path is a local path — a mistyped relative one fails at once
+    instead of going to the network; a ``datasets`` hub name is written ``hf://owner/name``."""
+    if path.startswith(HUB_PREFIX) and len(path) > len(HUB_PREFIX):
+        return "hub", path[len(HUB_PREFIX):]
+    if os.path.exists(path):
+        return "local", path
+    hint = f"; for the datasets hub write {HUB_PREFIX}{path}" if re.match(r"^[\w.-]+/[\w.-]+$", path) else ""
+    raise ValueError(f"data_path {path!r} does not exist (expected a folder with train.jsonl/test.jsonl or a "
+                     f"jsonl file{hint})")
+
+
 class GSM8KTask(Task):
     """GSM8K. ``path``: a folder with train.jsonl/test.jsonl, or one jsonl file (used for every split), or a
-    ``datasets`` hub name such as ``"openai/gsm8k"`` (config "main"), which needs network access."""
+    ``datasets`` hub name written ``"hf://openai/gsm8k"`` (config "main"), which needs network access."""
 
     name = "gsm8k"
     splits = ("train", "test")
@@ -32,21 +47,30 @@ class GSM8KTask(Task):
         self.path = path or DEFAULT_PATH
 
     def _records(self, split: str) -> list:
-        if os.path.isdir(self.path):
-            file = os.path.join(self.path, f"{split}.jsonl")
-        elif os.path.isfile(self.path):
-            file = self.path
-        elif "/" in self.path and not self.path.startswith((".", "/")) and not self.path.endswith(".jsonl"):
+        kind, source = resolve_source(self.path)
+        if kind == "hub":
             from datasets import load_dataset
 
-            return list(load_dataset(self.path, "main", split=split))
-        else:
-            raise ValueError(f"GSM8K path {self.path!r} does not exist (expected a folder with {split}.jsonl, a "
-                             "jsonl file, or a datasets hub name)")
+            return list(load_dataset(source, "main", split=split))
+        file = os.path.join(source, f"{split}.jsonl") if os.path.isdir(source) else source
         if not os.path.isfile(file):
             raise ValueError(f"GSM8K file {file!r} does not exist")
+        records = []
         with open(file, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise ValueError(f"{file} line {number}: not valid JSON ({exc})") from None
+                missing = [k for k in ("question", "answer") if not isinstance(record, dict)
+                           or not isinstance(record.get(k), str)]
+                if missing:
+                    raise ValueError(f"{file} line {number}: a GSM8K record needs text fields 'question' and "
+                                     f"'answer'; missing or not text: {', '.join(missing)}")
+                records.append(record)
+        return records
 
     def problems(self, split: str, n: Optional[int] = None, seed: int = 0) -> list:
         """The split's problems; with ``n``, a seeded random subset of that size (all of them when n is None)."""

@@ -1,21 +1,43 @@
-"""Atomic checkpoints: trainable weights (safetensors), optimizer, scheduler, RNG states, step and data position.
+"""Checkpoints: trainable weights (safetensors), optimizer, scheduler, RNG states, step and data position.
 
-A checkpoint is written into a temporary folder beside its final place and renamed into place, and the
-``latest`` pointer is replaced atomically, so a run killed at any moment leaves the previous checkpoint whole.
+Guarantees, whatever moment a run is killed at (SIGKILL included):
+
+- ``output_dir/latest`` names a complete checkpoint folder of this run (or does not exist yet). A checkpoint is
+  written into a hidden temporary folder and renamed into place only when complete; ``latest`` is replaced
+  atomically afterwards. The previous good checkpoint is never removed before the new one is complete and
+  named by ``latest`` — a re-save of an existing step goes through ``checkpoint-<step>.next``.
+- No checkpoint holds non-finite weights (:class:`NonFiniteWeights` is raised instead).
+- Loading runs no pickled code: ``training_state.pt`` holds tensors and plain values only and is read with
+  ``torch.load(weights_only=True)``; ``latest`` may only name a ``checkpoint-<step>`` folder inside the run.
+- :func:`clean_stale` removes what a killed save left behind (temporary folders, a half-finished re-save).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
+from typing import Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+_TMP_PREFIX = ".tmp-checkpoint-"
+_TRASH_PREFIX = ".trash-checkpoint-"
+_NEXT = ".next"
+_NAME = re.compile(r"^checkpoint-(\d+)(\.next)?$")
+
+
+class NonFiniteWeights(RuntimeError):
+    """A checkpoint was refused because a weight holds NaN or inf."""
+
+
+class CheckpointError(ValueError):
+    """A run folder's checkpoint pointer or files are not what this run wrote."""
 
 
 def _trainable_state(model) -> dict:
@@ -23,14 +45,28 @@ def _trainable_state(model) -> dict:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _check_finite(state: dict, what: str):
+    bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise NonFiniteWeights(f"refusing to save {what} with non-finite values in {len(bad)} tensor(s), "
+                               f"e.g. {bad[0]}")
+
+
 def rng_state() -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    numpy_state = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                       has_gauss=int(has_gauss), cached=float(cached))
+    return dict(python=[version, list(internal), gauss], numpy=numpy_state, torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -45,37 +81,144 @@ def _atomic_write_text(path: str, text: str):
     os.replace(tmp, path)
 
 
+def _remove_folder(path: str):
+    """Rename out of the way first, so that a kill during the delete never leaves a half folder under a
+    checkpoint's name."""
+    if not os.path.exists(path):
+        return
+    trash = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=_TRASH_PREFIX)
+    os.replace(path, os.path.join(trash, "old"))
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _pointer(output_dir: str) -> Optional[str]:
+    path = os.path.join(output_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    if not _NAME.match(name):
+        raise CheckpointError(f"{path} names {name!r}, which is not a checkpoint-<step> folder of this run "
+                              "(refusing to follow it)")
+    return name
+
+
+def export_pretrained(folder: str, model, tokenizer=None):
+    """Write ``model`` where the ecosystem loads it from: under LoRA a PEFT adapter folder ``adapter/``
+    (``PeftModel.from_pretrained(base, folder/adapter)``), else a ``save_pretrained`` folder ``model/`` with the
+    tokenizer (``AutoModelForCausalLM.from_pretrained(folder/model)``)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(os.path.join(folder, "adapter"))
+        return
+    target = os.path.join(folder, "model")
+    model.save_pretrained(target, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+
+
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    teacher_state=None) -> str:
-    """Write ``output_dir/checkpoint-<step>`` atomically and point ``output_dir/latest`` at it."""
+                    teacher_state=None, rng: Optional[dict] = None, export=None) -> str:
+    """Write ``output_dir/checkpoint-<step>`` and point ``output_dir/latest`` at it (see the module docstring).
+
+    ``rng``: the RNG states to record (default: the current ones). ``export(folder)``: writes more files into
+    the checkpoint before it is renamed into place (e.g. :func:`export_pretrained`)."""
     os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-checkpoint-")
+    weights = _trainable_state(model)
+    _check_finite(weights, "weights")
+    teacher = None
+    if teacher_state is not None:
+        teacher = {k: v.detach().cpu().contiguous() for k, v in teacher_state.items()}
+        _check_finite(teacher, "the teacher's weights")
+    name = f"checkpoint-{step}"
+    final = os.path.join(output_dir, name)
+    tmp = tempfile.mkdtemp(dir=output_dir, prefix=_TMP_PREFIX)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from the user's group
     try:
-        save_file(_trainable_state(model), os.path.join(tmp, "weights.safetensors"))
-        if teacher_state is not None:
-            save_file({k: v.cpu().contiguous() for k, v in teacher_state.items()},
-                      os.path.join(tmp, "teacher.safetensors"))
-        torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state()),
+        save_file(weights, os.path.join(tmp, "weights.safetensors"))
+        if teacher is not None:
+            save_file(teacher, os.path.join(tmp, "teacher.safetensors"))
+        torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        rng=rng if rng is not None else rng_state()),
                    os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(dict(trainer_state, step=step), f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        if export is not None:
+            export(tmp)
+        if os.path.exists(final) and _pointer(output_dir) == name:
+            # Re-saving the step `latest` names: the new copy becomes `latest` under another name first.
+            os.replace(tmp, final + _NEXT)
+            _atomic_write_text(os.path.join(output_dir, LATEST), name + _NEXT)
+            _finish_resave(output_dir, name)
+            return final
+        _remove_folder(final)  # an older copy no pointer names (left by a run killed before `latest` moved)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(os.path.join(output_dir, LATEST), os.path.basename(final))
+    _atomic_write_text(os.path.join(output_dir, LATEST), name)
     return final
 
 
-def latest_checkpoint(output_dir: str):
-    pointer = os.path.join(output_dir, LATEST)
-    if not os.path.exists(pointer):
+def _finish_resave(output_dir: str, name: str):
+    """``latest`` names ``<name>.next``: move it into ``<name>``'s place, then point ``latest`` back."""
+    _remove_folder(os.path.join(output_dir, name))
+    os.replace(os.path.join(output_dir, name + _NEXT), os.path.join(output_dir, name))
+    _atomic_write_text(os.path.join(output_dir, LATEST), name)
+
+
+def clean_stale(output_dir: str):
+    """Finish or undo what a killed save left: temporary and trash folders, a ``.next`` re-save, stray
+    temporary pointer files. Call it at the start of a run, while holding the run folder's lock."""
+    if not os.path.isdir(output_dir):
+        return
+    pointer = _pointer(output_dir)
+    if pointer is not None and pointer.endswith(_NEXT):
+        base = pointer[:-len(_NEXT)]
+        if os.path.isdir(os.path.join(output_dir, pointer)):
+            _finish_resave(output_dir, base)
+        elif os.path.isdir(os.path.join(output_dir, base)):  # killed after the rename, before `latest` moved
+            _atomic_write_text(os.path.join(output_dir, LATEST), base)
+    for entry in os.listdir(output_dir):
+        path = os.path.join(output_dir, entry)
+        if entry.startswith((_TMP_PREFIX, _TRASH_PREFIX)) or (entry.endswith(_NEXT) and _NAME.match(entry)):
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(".tmp-") and os.path.isfile(path):
+            os.remove(path)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The checkpoint folder ``output_dir/latest`` names, or None (no pointer yet). A pointer to anything but a
+    ``checkpoint-<step>`` folder of this run raises :class:`CheckpointError`."""
+    name = _pointer(output_dir)
+    if name is None:
         return None
-    path = os.path.join(output_dir, open(pointer).read().strip())
-    return path if os.path.isdir(path) else None
+    path = os.path.join(output_dir, name)
+    if not os.path.isdir(path) and name.endswith(_NEXT):  # killed between the rename and the pointer update
+        path = path[:-len(_NEXT)]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{os.path.join(output_dir, LATEST)} names {name!r}, which does not exist")
+    return path
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "weights.safetensors"))
+
+
+def resolve_checkpoint(path: str, field: str = "init_from") -> str:
+    """A run folder (its latest checkpoint) or a checkpoint folder; one clear error otherwise."""
+    if not os.path.exists(path):
+        raise ValueError(f"{field} {path!r} does not exist (expected a run folder or a checkpoint folder)")
+    if not os.path.isdir(path):
+        raise ValueError(f"{field} {path!r} is a file, not a folder (expected a run folder or a checkpoint folder)")
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if not is_checkpoint(path):
+        raise ValueError(f"{field} {path!r} holds no checkpoint (expected a run folder with a `latest` pointer "
+                         "or a checkpoint folder with weights.safetensors)")
+    return path
 
 
 def load_weights(model, checkpoint: str):
@@ -91,12 +234,28 @@ def load_weights(model, checkpoint: str):
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
+def _follow_schedule(optimizer, scheduler):
+    """Set each group's learning rate from the schedule at its restored position: the optimizer's saved rate
+    belongs to the old schedule (e.g. 0 at the end of a linear decay when max_steps grew on resume)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def load_checkpoint(checkpoint: str, model, optimizer, scheduler):
     """Restore weights, optimizer, scheduler and RNG states; returns (trainer_state, teacher_state or None)."""
     load_weights(model, checkpoint)
-    state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
+    try:
+        state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)
+    except Exception as exc:  # an old pickle-based file, or a planted one: never unpickle code
+        raise CheckpointError(f"cannot read {checkpoint}/training_state.pt as plain tensors and values "
+                              f"({type(exc).__name__}); it was not written by this version of pydistill") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    _follow_schedule(optimizer, scheduler)
     set_rng_state(state["rng"])
     teacher_file = os.path.join(checkpoint, "teacher.safetensors")
     teacher = load_file(teacher_file) if os.path.exists(teacher_file) else None

@@ -7,58 +7,76 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..token_stats.config import DIVERGENCES
+from .checkpoint import resolve_checkpoint
+from .fields import Literal, check_fields, coerce_fields, option
 
 TEACHER_KINDS = ("fixed", "ema", "live")
+# TRL's names for fields pydistill names differently, accepted in YAML files and as flags
+ALIASES = {"lr_scheduler_type": "lr_scheduler", "save_steps": "save_every"}
 
 
 @dataclass
 class TrainConfig:
     # model and data
-    model: str = "SmolLM2-135M-Instruct"
-    init_from: Optional[str] = None  # a run folder or checkpoint whose trained weights start this run (FD -> GRPO)
-    task: str = "arithmetic"
-    data_path: Optional[str] = None  # GSM8K folder/file (task "gsm8k")
-    train_split: str = "train"
-    eval_split: str = "test"
-    train_problems: int = 4096  # size of the training pool (cycled)
-    eval_problems: int = 64
+    model: str = option("SmolLM2-135M-Instruct", "model: hub name or local folder (the embedded default needs no "
+                        "network)")
+    init_from: Optional[str] = option(None, "a run folder or checkpoint whose trained weights start this run (FD -> "
+                                      "GRPO)")
+    task: str = option("arithmetic", "task name (arithmetic, gsm8k)")
+    data_path: Optional[str] = option(None, "GSM8K folder or jsonl file (task gsm8k), or a datasets hub name "
+                                      "written hf://owner/name")
+    train_split: str = option("train", "split the training problems come from")
+    eval_split: str = option("test", "split of the held-out evaluation")
+    train_problems: int = option(4096, "size of the training pool (cycled)")
+    eval_problems: int = option(64, "held-out problems evaluated (0: no evaluation)")
     # LoRA (r = 0: full fine-tune)
-    lora_r: int = 64
-    lora_alpha: int = 128
+    lora_r: int = option(64, "LoRA rank (0: full fine-tune)")
+    lora_alpha: int = option(128, "LoRA alpha")
     # optimization
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant_with_warmup"
-    max_steps: int = 100
-    batch_size: int = 32  # prompts per optimizer step, across all processes and micro-batches
-    micro_batch_size: int = 8  # prompts per forward/backward
-    max_grad_norm: float = 0.1
+    learning_rate: float = option(2e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(0, "learning-rate warm-up steps")
+    lr_scheduler: str = option("constant_with_warmup", "transformers scheduler name (constant_with_warmup, linear, "
+                               "cosine, ...); TRL's name lr_scheduler_type is accepted too",
+                               aliases=["--lr_scheduler_type", "--lr-scheduler-type"])
+    max_steps: int = option(100, "optimizer steps")
+    batch_size: int = option(32, "prompts per optimizer step, across all processes and micro-batches")
+    micro_batch_size: int = option(8, "prompts per forward/backward")
+    max_grad_norm: float = option(0.1, "gradient clipping norm")
     # rollouts
-    num_generations: int = 1
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    num_generations: int = option(1, "rollouts per prompt (group size)")
+    max_new_tokens: int = option(1024, "rollout length limit")
+    temperature: float = option(1.0, "rollout sampling temperature")
+    top_p: float = option(1.0, "rollout nucleus sampling")
+    top_k: int = option(0, "rollout top-k sampling (0: off)")
     # teacher
-    teacher: str = "fixed"
-    ema_rate: float = 0.001  # teacher <- (1 - rate) teacher + rate student
+    teacher: Literal["fixed", "ema", "live"] = option("fixed", "teacher weights: fixed (initial), ema or live")
+    ema_rate: float = option(0.001, "EMA teacher: teacher <- (1 - rate) teacher + rate student")
     # run
-    seed: int = 0
-    output_dir: str = "runs/train"
-    eval_every: int = 0  # steps; 0: only at the end
-    eval_max_new_tokens: int = 128
-    eval_samples: int = 0  # > 1: also sample this many completions per held-out problem -> eval/pass@k, diversity
-    eval_temperature: float = 1.0  # sampling temperature of that evaluation
-    save_every: int = 0  # steps; 0: only at the end
-    time_budget_s: float = 0.0  # stop after this many seconds of training (0: no limit)
-    generated_token_budget: int = 0  # stop once this many rollout tokens were generated (0: no limit)
-    resume: bool = False
-    impl: str = "auto"  # the fused op's backend
-    progress: bool = True
+    seed: int = option(0, "random seed")
+    output_dir: str = option("runs/train", "run folder (checkpoints, metrics.jsonl)")
+    eval_every: int = option(0, "evaluate every this many steps (0: only at the end)")
+    eval_max_new_tokens: int = option(128, "evaluation completion length limit")
+    eval_samples: int = option(0, "> 1: also sample this many completions per held-out problem (pass@k, "
+                               "diversity)")
+    eval_temperature: float = option(1.0, "temperature of the sampled evaluation")
+    save_every: int = option(0, "checkpoint every this many steps (0: only at the end); TRL's name save_steps is "
+                             "accepted too", aliases=["--save_steps", "--save-steps"])
+    time_budget_s: float = option(0.0, "stop after this many seconds of training (0: no limit)")
+    generated_token_budget: int = option(0, "stop once this many rollout tokens were generated (0: no limit)")
+    save_pretrained: bool = option(True, "each checkpoint also holds a from_pretrained folder: model/ (full "
+                                   "fine-tune, with the tokenizer) or adapter/ (LoRA, a PEFT adapter)")
+    resume: bool = option(False, "continue the run in output_dir from its latest checkpoint")
+    overwrite: bool = option(False, "replace the run already in output_dir (its checkpoints and logs)")
+    max_nonfinite_steps: int = option(3, "end the run after this many optimizer steps in a row with a non-finite "
+                                      "loss or gradient norm (each is skipped)")
+    max_reward_failures: int = option(20, "end the run after this many failed reward-function calls")
+    impl: Literal["auto", "triton", "chunked", "reference"] = option("auto", "the fused op's backend")
+    progress: bool = option(True, "show a progress bar")
 
     def validate(self):
-        """Fail fast with a message naming the field."""
+        """Fail fast with one line naming the field, the value and what is expected."""
+        check_fields(self)
         positive_ints = ["max_steps", "batch_size", "micro_batch_size", "num_generations", "max_new_tokens",
                          "train_problems", "eval_max_new_tokens"]
         for name in positive_ints:
@@ -90,21 +108,56 @@ class TrainConfig:
             raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
         if self.time_budget_s < 0:
             raise ValueError(f"time_budget_s must be >= 0, got {self.time_budget_s}")
-        if self.init_from is not None and not os.path.exists(self.init_from):
-            raise ValueError(f"init_from {self.init_from!r} does not exist (a run folder or a checkpoint folder)")
-        if self.task == "gsm8k" and self.data_path is not None and "/" in self.data_path \
-                and (self.data_path.startswith((".", "/")) or self.data_path.endswith(".jsonl")) \
-                and not os.path.exists(self.data_path):
-            raise ValueError(f"data_path {self.data_path!r} does not exist")
+        if self.init_from is not None:
+            resolve_checkpoint(self.init_from)
+        if _is_path(self.model) and not os.path.isdir(self.model):
+            raise ValueError(f"model {self.model!r} is not a folder (a local model path must exist; hub names "
+                             "look like owner/name)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                             "overwrite replaces it")
+        for name in ("max_nonfinite_steps", "max_reward_failures"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        from transformers import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ValueError(f"lr_scheduler must be one of {schedulers}, got {self.lr_scheduler!r}")
+        if self.task == "gsm8k" and self.data_path is not None:
+            from ..tasks.gsm8k import resolve_source
+
+            resolve_source(self.data_path)
         return self
 
     @classmethod
     def from_dict(cls, values: dict):
+        """A config from YAML or flag values: text is parsed by each field's type (``1e-4``, ``'false'``,
+        ``null``); anything that does not fit raises one line naming the field."""
         names = {f.name for f in dataclasses.fields(cls)}
+        values = resolve_aliases(values)
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown config field(s) for {cls.__name__}: {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**coerce_fields(cls, values))
+
+
+def resolve_aliases(values: dict) -> dict:
+    """``values`` with TRL's field names (:data:`ALIASES`) replaced by pydistill's; both given: an error."""
+    values = dict(values)
+    for alias, name in ALIASES.items():
+        if alias in values:
+            if name in values and values[name] != values[alias]:
+                raise ValueError(f"{alias} (TRL's name for {name}) and {name} are both set, to {values[alias]!r} "
+                                 f"and {values[name]!r}")
+            values[name] = values.pop(alias)
+    return values
+
+
+def _is_path(name: str) -> bool:
+    """Whether a model name can only be a local path (a hub id is ``name`` or ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (
+        "/" in name and os.path.isdir(name.split("/", 1)[0]))
 
 
 def check_divergence(divergence: str, beta: float, clip: Optional[float]):

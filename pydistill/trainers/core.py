@@ -14,6 +14,7 @@ import json
 import os
 import random
 import resource
+import sys
 import time
 import warnings
 from typing import Optional
@@ -26,7 +27,9 @@ from ..diversity import group_diversity
 from ..evaluation import evaluate
 from ..models import LoraSettings, load_model
 from ..tasks import get_task
-from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from . import run_folder
+from .checkpoint import (NonFiniteWeights, clean_stale, export_pretrained, latest_checkpoint, load_checkpoint,
+                         load_weights, resolve_checkpoint, rng_state, save_checkpoint)
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .rollout import HFRolloutEngine, SamplingSettings
@@ -38,6 +41,10 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 def peak_memory_mb() -> float:
@@ -60,15 +67,34 @@ class Trainer(abc.ABC):
         if config.batch_size % (config.micro_batch_size * self.world):
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
                              f"{config.micro_batch_size} x {self.world} processes")
+        self.is_main = self.accelerator.is_main_process
+        # The run folder before any model is loaded: every process checks it (so that all of them stop), then
+        # the main one takes its lock and tidies it.
+        self._lock = None
+        run_folder.check_reusable(config.output_dir, config.resume, config.overwrite)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self._lock = run_folder.acquire(config.output_dir)
+            try:
+                if config.overwrite:
+                    run_folder.clear(config.output_dir)
+                clean_stale(config.output_dir)
+            except BaseException:
+                self.close()
+                raise
+        self.accelerator.wait_for_everyone()
         lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora_r else None
         if model is None:
-            model, tokenizer = load_model(config.model, lora=lora, device=self.accelerator.device)
+            try:
+                model, tokenizer = load_model(config.model, lora=lora, device=self.accelerator.device)
+            except OSError as exc:  # transformers' "not a local folder and not a valid model identifier ..."
+                raise ValueError(f"model {config.model!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
         elif lora is not None and not hasattr(model, "disable_adapter"):
             from ..models import apply_lora
 
             model = apply_lora(model, lora)
         if config.init_from:
-            load_weights(model, latest_checkpoint(config.init_from) or config.init_from)
+            load_weights(model, resolve_checkpoint(config.init_from))
         self.tokenizer = tokenizer
         self.task = task or get_task(config.task, **({"path": config.data_path} if config.task == "gsm8k" else {}))
         self.train_pool = self.task.problems(config.train_split, n=config.train_problems, seed=config.seed)
@@ -91,10 +117,26 @@ class Trainer(abc.ABC):
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                                          config.num_generations)
         self.step, self.data_position, self.train_seconds, self.generated_tokens = 0, 0, 0.0, 0
-        self.is_main = self.accelerator.is_main_process
+        self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
+        self._saved_step, self._step_snapshot = None, None
         self.log = MetricsLog(config.output_dir) if self.is_main else None
         if config.resume:
-            self._resume()
+            try:
+                self._resume()
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        """Give back the run folder's lock (``train`` does at its end; a trainer that never trains holds it
+        until this call or its collection)."""
+        if self._lock is not None:
+            run_folder.release(self._lock)
+            self._lock = None
+
+    def __del__(self):
+        if getattr(self, "_lock", None) is not None:
+            self.close()
 
     # ----- what a method provides ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -121,8 +163,14 @@ class Trainer(abc.ABC):
         return out
 
     def training_step(self) -> dict:
+        """One optimizer step. A non-finite loss or gradient norm skips the update (the gradients are dropped,
+        the weights and optimizer moments stay as they were) and counts in ``nonfinite_skipped``; after
+        ``max_nonfinite_steps`` such steps in a row :class:`NonFiniteTraining` ends the run."""
         cfg = self.config
         started = time.perf_counter()
+        # What an emergency checkpoint records if this step dies before its update (see train()).
+        self._step_snapshot = dict(data_position=self.data_position, rng=rng_state(),
+                                   generated_tokens=self.generated_tokens, updated=False)
         global_batch = self._next_problems(cfg.batch_size)
         mine = global_batch[self.accelerator.process_index::self.world]  # each process its share
         micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
@@ -146,14 +194,19 @@ class Trainer(abc.ABC):
             for k, v in batch.get("metrics", {}).items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        if num_items > 0:  # a step without any trained token (ROSD dropping every group) carries no signal, yet
-            self.optimizer.step()  # AdamW's momentum alone would move every weight: no update instead
+        skipped = self.nonfinite_update(total, grad_norm)
+        # A step without any trained token (ROSD dropping every group) carries no signal, yet AdamW's momentum
+        # alone would move every weight: no update then either.
+        if not skipped and num_items > 0:
+            self.optimizer.step()
+        self._step_snapshot["updated"] = True
         with warnings.catch_warnings():  # the schedule follows the step count, updated or not
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.teacher is not None:
+        if self.teacher is not None and not skipped:
             self.teacher.update()
+        self.check_nonfinite_streak(total, grad_norm, f"step {self.step + 1}")
         elapsed = time.perf_counter() - started
         generated_tokens = sum(p.get("generated_tokens", p["tokens"]) for p in prepared)
         self.generated_tokens += generated_tokens
@@ -161,8 +214,32 @@ class Trainer(abc.ABC):
                        step_seconds=elapsed, rollout_seconds=generated - started,
                        tokens_per_second=(generated_tokens + num_items / self.world) / max(elapsed, 1e-9),
                        peak_memory_mb=peak_memory_mb(), trained_tokens=num_items,
-                       generated_tokens_total=self.generated_tokens)
+                       generated_tokens_total=self.generated_tokens, nonfinite_skipped=int(skipped),
+                       nonfinite_skipped_total=self.nonfinite_steps)
+        health = getattr(getattr(self, "reward", None), "health", None)
+        if health is not None:
+            metrics.update(health.as_metrics())
         return metrics
+
+    def nonfinite_update(self, total: float, grad_norm) -> bool:
+        """Whether this update must be skipped: a non-finite loss or gradient norm on any process (all of them
+        decide alike). Counts it; the caller drops the gradients instead of stepping the optimizer."""
+        bad = torch.tensor(float(not (np.isfinite(total) and torch.isfinite(torch.as_tensor(grad_norm)).all())),
+                           device=self.accelerator.device)
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, reduction="max")
+        skipped = bool(bad > 0)
+        self.nonfinite_steps += skipped
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        return skipped
+
+    def check_nonfinite_streak(self, total: float, grad_norm, where: str):
+        """:class:`NonFiniteTraining` after ``max_nonfinite_steps`` skipped updates in a row."""
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteTraining(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to {where}) had a non-finite loss ({total}) "
+                f"or gradient norm ({float(grad_norm)}); each was skipped, the weights are unchanged since the last "
+                "good step. Lower learning_rate, check the rewards and inputs, or raise max_nonfinite_steps")
 
     def evaluate(self, problems=None) -> dict:
         """Greedy accuracy (eval/accuracy); with ``eval_samples`` > 1 also a sampled evaluation of that many
@@ -186,6 +263,15 @@ class Trainer(abc.ABC):
     def train(self) -> dict:
         """Run until ``max_steps``, the time budget or the generated-token budget; returns the last metrics (with
         the final evaluation)."""
+        try:
+            return self._train()
+        except BaseException as exc:
+            self._emergency_save(exc)
+            raise
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         cfg = self.config
         last = {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.method}",
@@ -198,6 +284,7 @@ class Trainer(abc.ABC):
             started = time.perf_counter()
             last = self.training_step()
             self.step += 1
+            self._step_snapshot = None
             self.train_seconds += time.perf_counter() - started
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 last.update(self.evaluate())
@@ -218,20 +305,54 @@ class Trainer(abc.ABC):
     # ----- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return dict(data_position=self.data_position, train_seconds=self.train_seconds, method=self.method,
-                    generated_tokens=self.generated_tokens,
+                    generated_tokens=self.generated_tokens, nonfinite_steps=self.nonfinite_steps,
                     config=dataclasses.asdict(self.config))
 
-    def save(self) -> Optional[str]:
+    def save(self, rng: Optional[dict] = None) -> Optional[str]:
+        """Checkpoint the current step (a no-op when this step is already saved: the end of a run whose
+        max_steps is a multiple of save_every, or a finished run resumed)."""
         self.accelerator.wait_for_everyone()
-        if not self.is_main:
+        if not self.is_main or self._saved_step == self.step:
             return None
         teacher_state = self.teacher.state_dict() if self.teacher is not None else None
-        return save_checkpoint(self.config.output_dir, self.step, self.model,
-                               self.optimizer, self.scheduler, self.trainer_state(), teacher_state)
+        export = ((lambda folder: export_pretrained(folder, self.model, self.tokenizer))
+                  if self.config.save_pretrained else None)
+        path = save_checkpoint(self.config.output_dir, self.step, self.model, self.optimizer, self.scheduler,
+                               self.trainer_state(), teacher_state, rng=rng, export=export)
+        self._saved_step = self.step
+        return path
+
+    def _emergency_save(self, exc: BaseException):
+        """On any exception in the loop, checkpoint what is consistent: the step before the failing one when
+        its update had not happened yet (its data position and RNG states restored), else the current state.
+        Only in a single process: the other processes of a DDP run may be waiting in a collective."""
+        if self.world > 1 or not self.is_main:
+            return
+        snapshot, rng = self._step_snapshot, None
+        if snapshot is not None and not snapshot["updated"]:
+            self.data_position, self.generated_tokens = snapshot["data_position"], snapshot["generated_tokens"]
+            rng = snapshot["rng"]
+        elif snapshot is not None:  # died after the update, before the step was counted
+            self.step += 1
+        self._step_snapshot = None
+        try:
+            path = self.save(rng=rng)
+        except NonFiniteWeights as error:
+            print(f"pydistill: no emergency checkpoint after {type(exc).__name__}: {error}", file=sys.stderr)
+            return
+        except Exception as error:  # the original exception is what the user must see
+            print(f"pydistill: the emergency checkpoint after {type(exc).__name__} failed: {error}",
+                  file=sys.stderr)
+            return
+        if path:
+            print(f"pydistill: {type(exc).__name__} at step {self.step + 1}; saved {path} (resume with "
+                  "--resume true)", file=sys.stderr)
 
     def _resume(self):
         path = latest_checkpoint(self.config.output_dir)
-        if path is None:
+        if path is None:  # killed before its first checkpoint: start over, without the old log lines
+            if self.is_main:
+                run_folder.truncate_metrics(self.log.path, 0)
             return
         state, teacher_state = load_checkpoint(path, self.model, self.optimizer,
                                                self.scheduler)
@@ -240,6 +361,10 @@ class Trainer(abc.ABC):
         self.step, self.data_position = state["step"], state["data_position"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.generated_tokens = state.get("generated_tokens", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self._saved_step = self.step
+        if self.is_main:  # the steps after the checkpoint will be logged again
+            run_folder.truncate_metrics(self.log.path, self.step)
 
 
 class _null:

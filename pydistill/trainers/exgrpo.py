@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -66,9 +67,11 @@ from ..models import load_model
 from ..prompts import render, student_messages
 from ..rewards import dialogue_structure_bonus
 from ..tasks import extract_answer, same_answer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import run_folder
+from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .contexts import ContextBatch, build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
+from .fields import Literal, option
 from .grpo import GRPOConfig
 from .groups import reward_function, step_advantages
 from .metrics import MetricsLog
@@ -85,32 +88,32 @@ class ExGRPOConfig(GRPOConfig):
     teacher kind) must stay "fixed": the KL reference is the policy at the start of stage 2."""
 
     # stage 2: dialogues and rewards
-    num_generations: int = 4  # G: dialogues per scenario and question (2G rollouts per question, one group)
-    num_probes: int = 3  # k: probes before the question in scenario A
-    partial_probes: int = 1  # k' < k: probes before the question in scenario B (0: the question alone)
-    dsu_delta: float = 0.2  # DSU bonus added to successful scenario-A rollouts (>= 0)
-    dsu_nu: float = 1.0  # the bonus applies when P_full > dsu_nu * P_partial (>= 0)
-    beta: float = 0.04  # k3 KL to the reference (the policy at the start of stage 2)
-    sft_coef: float = 0.1  # weight of the auxiliary SFT loss on the teacher's dialogue (0: off)
-    max_new_tokens: int = 256  # per turn
-    batch_size: int = 16  # questions per optimizer step
-    micro_batch_size: int = 2  # questions per forward/backward (2G dialogues each, plus one teacher dialogue)
-    train_problems: int = 256  # training questions given to Explanatory Inversion (before the filters)
+    num_generations: int = option(4, "G: dialogues per scenario and question (2G rollouts per question, one group)")
+    num_probes: int = option(3, "k: probes before the question in scenario A")
+    partial_probes: int = option(1, "k' < k: probes before the question in scenario B (0: the question alone)")
+    dsu_delta: float = option(0.2, "DSU bonus added to successful scenario-A rollouts (>= 0)")
+    dsu_nu: float = option(1.0, "the bonus applies when P_full > dsu_nu * P_partial (>= 0)")
+    beta: float = option(0.04, "k3 KL to the reference (the policy at the start of stage 2)")
+    sft_coef: float = option(0.1, "weight of the auxiliary SFT loss on the teacher's dialogue (0: off)")
+    max_new_tokens: int = option(256, "per turn")
+    batch_size: int = option(16, "questions per optimizer step")
+    micro_batch_size: int = option(2, "questions per forward/backward (2G dialogues each, plus one teacher dialogue)")
+    train_problems: int = option(256, "training questions given to Explanatory Inversion (before the filters)")
     # stage 0: Explanatory Inversion data
-    # "student" (the student model itself), "procedural" (probes written by rule for the embedded arithmetic task,
-    # no model: pydistill.ei_procedural) or a Hugging Face model name/path
-    ei_teacher: str = "student"
-    ei_cache: Optional[str] = None  # jsonl of every teacher/student call; None: <output_dir>/ei_cache.jsonl
-    ei_rules: str = "all"  # "all" or comma-separated rule names (pydistill.explanatory_inversion.EI_RULES)
-    ei_filters: bool = True  # apply the EI-consistency and difficulty filters
-    min_solved_fraction: float = 0.2  # tau_hard: drop questions whose probes the base student solves fewer of
-    ei_max_new_tokens: int = 256  # teacher / base-student generation length in stage 0
-    ei_batch_size: int = 16  # prompts per generate call in stage 0
+    ei_teacher: str = option("student", "'student' (the student model itself), 'procedural' (probes written by rule "
+                             "for the embedded arithmetic task, no model: pydistill.ei_procedural) or a Hugging "
+                             "Face model name/path")
+    ei_cache: Optional[str] = option(None, "jsonl of every teacher/student call; None: <output_dir>/ei_cache.jsonl")
+    ei_rules: str = option("all", "'all' or comma-separated rule names (pydistill.explanatory_inversion.EI_RULES)")
+    ei_filters: bool = option(True, "apply the EI-consistency and difficulty filters")
+    min_solved_fraction: float = option(0.2, "tau_hard: drop questions whose probes the base student solves fewer of")
+    ei_max_new_tokens: int = option(256, "teacher / base-student generation length in stage 0")
+    ei_batch_size: int = option(16, "prompts per generate call in stage 0")
     # stage 1: SFT warm-up
-    stage: str = "both"  # both | sft | rl
+    stage: Literal["both", "sft", "rl"] = option("both", "stages to run: SFT warm-up, dialogue GRPO, or both")
     sft_steps: int = 50
     sft_learning_rate: float = 1e-4
-    sft_batch_size: int = 16  # (probe, solution) examples per SFT step
+    sft_batch_size: int = option(16, "(probe, solution) examples per SFT step")
     output_dir: str = "runs/exgrpo"
 
     def validate(self):
@@ -321,7 +324,7 @@ class ExGRPOTrainer(Trainer):
         super().__init__(config, *args, **kwargs)  # defers resume (see _resume): stage 0 needs the initial weights
         cfg = self.config
         self.reward = reward_function(self.task, cfg.reward_functions, cfg.reward_weights, reward_functions,
-                                      reward_weights)
+                                      reward_weights, max_failures=cfg.max_reward_failures)
         self.builder = DialogueBuilder(self.tokenizer)
         if isinstance(self.engine, HFRolloutEngine):
             self.engine.batch_size = cfg.micro_batch_size * 2 * cfg.num_generations
@@ -332,6 +335,8 @@ class ExGRPOTrainer(Trainer):
         self.sft_examples = [(p["probe"], p["probe_solution"]) for q in self.train_pool for p in q.probes]
         random.Random(cfg.seed).shuffle(self.sft_examples)
         self.sft_dir = os.path.join(cfg.output_dir, "sft")
+        if self.is_main:
+            clean_stale(self.sft_dir)
         self.sft_step, self.sft_position, self.sft_optimizer, self.sft_scheduler = 0, 0, None, None
         self.sft_log = MetricsLog(cfg.output_dir, "sft_metrics.jsonl", tensorboard=False) if self.is_main else None
         if self._resume_requested:
@@ -416,6 +421,7 @@ class ExGRPOTrainer(Trainer):
     def sft_training_step(self) -> dict:
         """One optimizer step of the warm-up over ``sft_batch_size`` examples (global token normalization)."""
         cfg, optimizer = self.config, self._sft_optimizer()
+        self._sft_snapshot = dict(sft_position=self.sft_position, rng=rng_state(), updated=False)
         pool = self.sft_examples
         examples = [pool[(self.sft_position + i) % len(pool)] for i in range(cfg.sft_batch_size)]
         self.sft_position += cfg.sft_batch_size
@@ -434,16 +440,22 @@ class ExGRPOTrainer(Trainer):
             total += float(out.loss.detach())
             nll += out.metrics["nll"] / len(batches)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        skipped = self.nonfinite_update(total, grad_norm)  # the core's guard: no NaN reaches the weights
+        if not skipped:
+            optimizer.step()
+        self._sft_snapshot["updated"] = True
         self.sft_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"sft/loss": total, "sft/nll": nll, "sft/grad_norm": float(grad_norm), "sft/tokens": num_items}
+        self.check_nonfinite_streak(total, grad_norm, f"SFT step {self.sft_step + 1}")
+        return {"sft/loss": total, "sft/nll": nll, "sft/grad_norm": float(grad_norm), "sft/tokens": num_items,
+                "sft/nonfinite_skipped": int(skipped)}
 
     def train_sft(self) -> dict:
         cfg, last = self.config, {}
         while self.sft_step < cfg.sft_steps:
             last = self.sft_training_step()
             self.sft_step += 1
+            self._sft_snapshot = None
             if self.is_main:
                 self.sft_log.log(self.sft_step, last)
             if self.sft_step == cfg.sft_steps or (cfg.save_every and self.sft_step % cfg.save_every == 0):
@@ -451,12 +463,12 @@ class ExGRPOTrainer(Trainer):
         self.sft_optimizer = self.sft_scheduler = None  # stage 2 has its own optimizer: free the moments
         return last
 
-    def save_sft(self):
+    def save_sft(self, rng=None):
         self.accelerator.wait_for_everyone()
         if self.is_main:
             save_checkpoint(self.sft_dir, self.sft_step, self.model, self.sft_optimizer, self.sft_scheduler,
                             dict(sft_position=self.sft_position, method=self.method, stage="sft",
-                                 config=dataclasses.asdict(self.config)))
+                                 config=dataclasses.asdict(self.config)), rng=rng)
 
     # ----- resume ---------------------------------------------------------------------------------------
     def _resume(self):
@@ -477,13 +489,17 @@ class ExGRPOTrainer(Trainer):
             self._sft_optimizer()
             state, _ = load_checkpoint(path, self.model, self.sft_optimizer, self.sft_scheduler)
             self.sft_step, self.sft_position = state["step"], state["sft_position"]
+            if self.is_main:
+                run_folder.truncate_metrics(self.sft_log.path, self.sft_step)
 
     # ----- the run --------------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def _train(self) -> dict:
         cfg = self.config
         last = {}
         if self.runs_sft and self.sft_step < cfg.sft_steps:
+            self._in_sft = True  # an emergency checkpoint of the core would claim a stage-2 step
             last = self.train_sft()
+            self._in_sft = False
         if cfg.stage == "sft":
             final = self.evaluate() if cfg.eval_problems else {}
             if self.is_main and final:
@@ -491,7 +507,26 @@ class ExGRPOTrainer(Trainer):
             return dict(last, **final)
         if cfg.beta > 0 and self.teacher is None:
             self.teacher = StageReference(self.model)
-        return super().train()
+        return super()._train()
+
+    def _emergency_save(self, exc: BaseException):
+        if not getattr(self, "_in_sft", False):
+            return super()._emergency_save(exc)
+        snapshot = getattr(self, "_sft_snapshot", None)
+        if self.world > 1 or not self.is_main or snapshot is None or self.sft_optimizer is None:
+            return None
+        rng = None
+        if not snapshot["updated"]:  # the failing SFT step had not changed the weights: record its start
+            self.sft_position, rng = snapshot["sft_position"], snapshot["rng"]
+        else:
+            self.sft_step += 1
+        try:
+            self.save_sft(rng=rng)
+        except Exception as error:  # the original exception is what the user must see
+            print(f"pydistill: no emergency SFT checkpoint after {type(exc).__name__}: {error}", file=sys.stderr)
+            return None
+        print(f"pydistill: {type(exc).__name__} in SFT step {self.sft_step + 1}; saved the SFT stage at step "
+              f"{self.sft_step} (resume with --resume true)", file=sys.stderr)
 
     # ----- stage 2 --------------------------------------------------------------------------------------
     def dialogue_probes(self, item: EIQuestion) -> list:

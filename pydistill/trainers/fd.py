@@ -34,6 +34,7 @@ from ..prompts import feedback_teacher_messages, render
 from ..token_stats import token_stats
 from .config import check_divergence
 from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from .fields import Literal, option
 from .groups import sample_groups
 from .grpo import GRPOConfig, GRPOTrainer
 from .rollout import HFRolloutEngine, SamplingSettings
@@ -57,27 +58,34 @@ class FDConfig(GRPOConfig):
     """
 
     num_generations: int = 8
-    feedback: str = "verifier"  # verifier | critic | lean
+    feedback: Literal["verifier", "critic", "lean"] = option(
+        "verifier", "feedback source: the step verifier, a critic model or the Lean compiler")
     # What of the feedback the teacher reads (a diagnosis switch; "full" is the method): "full" as the source
     # wrote it; "no_attempt_numbers" without any number the attempt introduced (the verifier then states only
     # the corrected step, other sources are redacted); "reference_solution": the task's reference solution
     # replaces the source's feedback (OPSD's privileged text in FD's teacher context).
-    feedback_content: str = "full"
-    critic_model: Optional[str] = None  # a second HF model (name/path) as critic; None: the student itself
-    critic_temperature: float = 0.3  # the critic samples at a low temperature
+    feedback_content: str = option("full", "what of the feedback the teacher reads: full, no_attempt_numbers or "
+                                   "reference_solution (a diagnosis switch)")
+    critic_model: Optional[str] = option(None, "a second HF model (name/path) as critic; None: the student itself")
+    critic_temperature: float = option(0.3, "the critic samples at a low temperature")
     critic_max_new_tokens: int = 128
-    lean_command: Optional[str] = None  # e.g. "lake env lean" or a path; None: `lean` on PATH, else `lake env lean`
-    lean_header: str = ""  # prepended to every attempt, e.g. "import Mathlib"
-    lean_timeout: float = 60.0  # seconds per compile
-    teacher: str = "ema"  # ema | fixed (initial weights) | live (the current student)
+    lean_command: Optional[str] = option(None, "e.g. 'lake env lean' or a path; None: `lean` on PATH, else `lake env "
+                                               "lean`")
+    lean_header: str = option("", "prepended to every attempt, e.g. 'import Mathlib'")
+    lean_timeout: float = option(60.0, "seconds per compile (wall clock and CPU time; the process group is killed)")
+    lean_memory_mb: int = option(32768, "address-space limit of the Lean process (Mathlib maps its .olean files)")
+    teacher: Literal["ema", "fixed", "live"] = option("ema", "ema | fixed (initial weights) | live (the current "
+                                                             "student)")
     ema_rate: float = 0.01
-    include_sibling: bool = False  # add a correct attempt from the same group to the teacher context
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
-    jsd_beta: float = 0.5  # JSD interpolation (0: forward KL, 1: reverse KL)
-    clip: Optional[float] = None  # pointwise clip tau on each vocabulary entry's divergence term; None disables
-    importance_clip: Optional[float] = None  # weight tokens by min(pi(y) / q_T(y), c), q_T: the sampling policy
-    distillation_weight: float = 1.0  # 1: pure FD; < 1: w * FD + (1 - w) * GRPO in one pass
-    eval_samples: int = 8  # sampled completions per held-out problem: eval/pass@{1,2,4,8}
+    include_sibling: bool = option(False, "add a correct attempt from the same group to the teacher context")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("forward_kl", "the divergence distilled")
+    jsd_beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
+    clip: Optional[float] = option(None, "pointwise clip tau on each vocabulary entry's divergence term; None "
+                                         "disables")
+    importance_clip: Optional[float] = option(None, "weight tokens by min(pi(y) / q_T(y), c), q_T: the sampling "
+                                                    "policy")
+    distillation_weight: float = option(1.0, "1: pure FD; < 1: w * FD + (1 - w) * GRPO in one pass")
+    eval_samples: int = option(8, "sampled completions per held-out problem: eval/pass@{1,2,4,8}")
     output_dir: str = "runs/fd"
 
     def validate(self):
@@ -133,7 +141,7 @@ class FDTrainer(GRPOTrainer):
             # Before any model is loaded: no Lean binary fails at start-up with a message that says so.
             command = shlex.split(config.lean_command) if config.lean_command else None
             self.feedback_source = LeanFeedback(command=command, timeout=config.lean_timeout,
-                                                header=config.lean_header)
+                                                header=config.lean_header, memory_mb=config.lean_memory_mb)
         super().__init__(config, *args, **kwargs)
         content = config.feedback_content
         if content == "reference_solution":  # replaces any source: the teacher reads the reference instead

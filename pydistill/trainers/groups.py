@@ -1,6 +1,8 @@
 """Group rollouts: G completions per prompt, scored by reward functions (GRPO, ROSD, Feedback Distillation)."""
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -32,10 +34,68 @@ class GroupBatch:
         return self.rewards.reshape(-1, self.group_size)
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function failed more often than ``max_reward_failures`` allows."""
+
+
+class RewardHealth:
+    """Counts over a run's reward calls: ``failures`` (a call raised or returned something that is not one value
+    per completion) and ``nonfinite`` (values that are None, nan or inf: unscorable completions, advantage 0)."""
+
+    def __init__(self, max_failures: int):
+        self.max_failures, self.failures, self.nonfinite = max_failures, 0, 0
+
+    def as_metrics(self) -> dict:
+        return {"rewards/failures_total": self.failures, "rewards/nonfinite_total": self.nonfinite}
+
+    def guard(self, function, name: str):
+        """``function`` made total: a failure gives nan for the whole call (reported with its name and a
+        sample, counted, and after ``max_failures`` a :class:`RewardFunctionError`); a value that is not a
+        finite number gives nan and is counted."""
+
+        def guarded(problems, completions):
+            try:
+                values = function(problems, completions)
+                values = list(values)
+                if len(values) != len(completions):
+                    raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+            except Exception as exc:  # a reward function is user code: report, count, keep training
+                self.failures += 1
+                sample = completions[0][:200] if completions else ""
+                print(f"pydistill: reward function {name!r} failed ({type(exc).__name__}: {exc}) on a batch of "
+                      f"{len(completions)} completions, e.g. {sample!r}; scored as unscorable "
+                      f"(failure {self.failures} of at most {self.max_failures})", file=sys.stderr)
+                if self.failures >= self.max_failures:
+                    raise RewardFunctionError(
+                        f"reward function {name!r} failed {self.failures} times (max_reward_failures "
+                        f"{self.max_failures}); last: {type(exc).__name__}: {exc}; sample: {sample!r}") from exc
+                return [math.nan] * len(completions)
+            clean = []
+            for value in values:
+                number = _finite(value)
+                self.nonfinite += number is None
+                clean.append(math.nan if number is None else number)
+            return clean
+
+        guarded.__name__ = name
+        return guarded
+
+
+def _finite(value) -> Optional[float]:
+    if isinstance(value, bool):
+        return float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def reward_function(task, names: str, weights: Optional[str] = None, functions: Optional[Sequence] = None,
-                    function_weights: Optional[Sequence[float]] = None):
-    """The combined reward function (its ``names`` attribute lists the components) from config names
-    ("accuracy,format") and weights ("1,0.1"), or from plain callables ``functions`` when given (they win)."""
+                    function_weights: Optional[Sequence[float]] = None, max_failures: int = 20):
+    """The combined reward function (its ``names`` attribute lists the components, its ``health`` the
+    :class:`RewardHealth` counts) from config names ("accuracy,format") and weights ("1,0.1"), or from plain
+    callables ``functions`` when given (they win). Each component is guarded (:meth:`RewardHealth.guard`)."""
     if functions is None:
         chosen, parsed = check_reward_names(names, weights)
         functions = [REWARD_FUNCTIONS[n](task) for n in chosen]
@@ -43,8 +103,10 @@ def reward_function(task, names: str, weights: Optional[str] = None, functions: 
         parsed = _parse_weights(weights)
     if function_weights is None:
         function_weights = parsed
-    combined, names = combine_rewards(functions, function_weights)
-    combined.names = names
+    health = RewardHealth(max_failures)
+    named = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(functions)]
+    combined, names = combine_rewards([health.guard(f, n) for f, n in zip(functions, named)], function_weights)
+    combined.names, combined.health = names, health
     return combined
 
 

@@ -9,6 +9,7 @@ tokens are left out of the op (no FLOPs) while still counting in the normalizati
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ from ..token_stats import token_stats
 from .config import TrainConfig
 from .contexts import lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
+from .fields import Literal, option
 from .groups import (check_reward_names, completion_length_metrics, reward_function, sample_groups,
                      step_advantages)
 
@@ -31,18 +33,21 @@ class GRPOConfig(TrainConfig):
 
     num_generations: int = 8
     temperature: float = 1.0
-    max_completion_length: Optional[int] = None  # TRL's name for max_new_tokens; overrides it when set
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (normalizations: pydistill.losses.grpo_loss)
-    epsilon: float = 0.2  # lower clip of the ratio (1 - epsilon)
-    epsilon_high: Optional[float] = None  # upper clip (1 + epsilon_high); None: epsilon
-    delta: Optional[float] = None  # two-sided clipping: cap on the unclipped ratio (> 1)
-    importance_sampling_level: str = "token"  # token (GRPO) | sequence (GSPO)
-    beta: float = 0.0  # k3 KL to the reference model (the initial weights)
-    scale_rewards: str = "group"  # group | batch | none
-    reward_functions: str = "accuracy"  # comma-separated: accuracy, format
-    reward_weights: Optional[str] = None  # comma-separated weights, one per reward function
+    max_completion_length: Optional[int] = option(None, "TRL's name for max_new_tokens; overrides it when set")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = option("dapo", "grpo | bnpo | dr_grpo | dapo "
+                                                                           "(normalizations: "
+                                                                           "pydistill.losses.grpo_loss)")
+    epsilon: float = option(0.2, "lower clip of the ratio (1 - epsilon)")
+    epsilon_high: Optional[float] = option(None, "upper clip (1 + epsilon_high); None: epsilon")
+    delta: Optional[float] = option(None, "two-sided clipping: cap on the unclipped ratio (> 1)")
+    importance_sampling_level: Literal["token", "sequence"] = option("token", "token (GRPO) | sequence (GSPO)")
+    beta: float = option(0.0, "k3 KL to the reference model (the initial weights)")
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", "advantage scaling: group std, batch std or none (Dr. GRPO)")
+    reward_functions: str = option("accuracy", "comma-separated: accuracy, format")
+    reward_weights: Optional[str] = option(None, "comma-separated weights, one per reward function")
     entropy_coef: float = 0.0
-    skip_zero_advantage: bool = True  # leave zero-advantage rollouts out of the op when their loss is 0
+    skip_zero_advantage: bool = option(True, "leave zero-advantage rollouts out of the op when their loss is 0")
     output_dir: str = "runs/grpo"
 
     def validate(self):
@@ -79,7 +84,7 @@ class GRPOTrainer(Trainer):
         config's named ones (with ``reward_weights``)."""
         super().__init__(config, *args, **kwargs)
         self.reward = reward_function(self.task, config.reward_functions, config.reward_weights,
-                                      reward_functions, reward_weights)
+                                      reward_functions, reward_weights, max_failures=config.max_reward_failures)
 
     def uses_teacher(self) -> bool:
         return self.config.beta > 0  # the reference model of the KL term
@@ -105,7 +110,8 @@ class GRPOTrainer(Trainer):
                        accuracy=float(batch.correct.float().mean()), zero_spread_fraction=zero_spread_fraction,
                        **completion_length_metrics(batch), **group_diversity(batch.rollouts.texts, batch.group_size))
         for name, column in batch.reward_columns.items():
-            metrics[f"rewards/{name}"] = sum(column) / len(column)
+            finite_column = [v for v in column if math.isfinite(v)]  # unscorable values are counted apart
+            metrics[f"rewards/{name}"] = sum(finite_column) / len(finite_column) if finite_column else 0.0
         return metrics
 
     def trained_mask(self, prepared: dict) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..token_stats import token_stats
 from .config import TrainConfig, check_divergence
 from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
+from .fields import Literal, option
 
 
 @dataclass
@@ -28,11 +29,11 @@ class OPSDConfig(TrainConfig):
     temperature: float = 1.1
     top_p: float = 0.95
     top_k: int = 20
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
-    beta: float = 0.5  # JSD interpolation (0: forward KL, 1: reverse KL)
-    clip: Optional[float] = 0.05  # pointwise clip tau on each vocabulary entry's term; None disables
-    loss_temperature: float = 1.0  # temperature of the distributions being matched (not the sampling one)
-    sampled_token: bool = False  # the sampled-token variant: advantage = logp_teacher(y) - logp_student(y)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("forward_kl", "the divergence distilled")
+    beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
+    clip: Optional[float] = option(0.05, "pointwise clip tau on each vocabulary entry's term; None disables")
+    loss_temperature: float = option(1.0, "temperature of the distributions being matched (not the sampling one)")
+    sampled_token: bool = option(False, "the sampled-token variant: advantage = logp_teacher(y) - logp_student(y)")
     output_dir: str = "runs/opsd"
 
     def validate(self):

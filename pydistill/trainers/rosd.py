@@ -46,6 +46,7 @@ from ..reflection import ModelReflector, StepCheckReflector, first_error_token_i
 from .config import TrainConfig, check_divergence
 from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from .core import Trainer
+from .fields import Literal, option
 from .groups import completion_length_metrics, reward_function, sample_groups
 from .rollout import SamplingSettings
 
@@ -61,22 +62,26 @@ class ROSDConfig(TrainConfig):
     learning_rate: float = 1e-5
     warmup_steps: int = 10
     teacher: str = "fixed"
-    divergence: str = "jsd"  # forward_kl | reverse_kl | jsd
-    beta: float = 0.5  # JSD interpolation (0: forward KL, 1: reverse KL)
-    clip: Optional[float] = None  # optional pointwise clip tau (OPSD's); ROSD uses none
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("jsd", "the divergence distilled")
+    beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
+    clip: Optional[float] = option(None, "optional pointwise clip tau (OPSD's); ROSD uses none")
     # cap on the detached per-token importance ratio exp(logp - logp_old); None disables. One update per batch of
     # fresh rollouts makes logp_old = logp (weight 1) here; the cap matters for off-policy or stale rollouts.
-    importance_clip: Optional[float] = 2.0
-    drop_zero_spread: bool = True  # drop groups whose rollouts are all correct (all-wrong ones are always skipped)
-    reflector: str = "step_check"  # step_check | model
-    reflection_temperature: float = 0.6  # sampling temperature of the model reflector
+    importance_clip: Optional[float] = option(2.0, "cap on the detached per-token importance ratio; None disables")
+    drop_zero_spread: bool = option(True, "drop groups whose rollouts are all correct (all-wrong ones are always "
+                                          "skipped)")
+    reflector: Literal["step_check", "model"] = option(
+        "step_check", "first-error locator: the task step checker or the model")
+    reflection_temperature: float = option(0.6, "sampling temperature of the model reflector")
     reflection_max_new_tokens: int = 256
     # Diagnosis switches (the paper's setting is the default of each). ``privileged``: what the teacher (and a
     # model reflector) is shown as the correct solution: a correct sibling rollout, or the task's reference
     # solution (OPSD's privileged text; the group selection is unchanged, so only the teacher's text differs).
-    privileged: str = "sibling"  # sibling | reference
-    explanation: bool = True  # put the reflection's explanation in the teacher context
-    loss_span: str = "suffix"  # suffix: tokens from the first error on (correct rollouts whole) | whole rollout
+    privileged: Literal["sibling", "reference"] = option(
+        "sibling", "the correct solution the teacher is shown: a correct sibling rollout or the reference solution")
+    explanation: bool = option(True, "put the reflection's explanation in the teacher context")
+    loss_span: Literal["suffix", "whole"] = option(
+        "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")
     output_dir: str = "runs/rosd"
 
     def validate(self):
@@ -147,7 +152,8 @@ class ROSDTrainer(Trainer):
         """``reflector``: any object with ``reflect_batch(items) -> list[Reflection]`` (see
         :mod:`pydistill.reflection`); it replaces the one ``config.reflector`` names."""
         super().__init__(config, *args, **kwargs)
-        self.reward = reward_function(self.task, "accuracy")  # ROSD's binary verifier reward
+        # ROSD's binary verifier reward
+        self.reward = reward_function(self.task, "accuracy", max_failures=self.config.max_reward_failures)
         self.reflector = reflector or self._default_reflector()
 
     def _default_reflector(self):
