@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from pydistill import token_stats
 from tests.helpers import assert_no_worse_than_eager, eager_low_precision, make_inputs, run, upstream
@@ -111,3 +112,19 @@ def test_triton_real_scale_matches_torch():
     want = run(token_stats, inputs, grads, impl="torch", **opts)
     _close(got[:3], want[:3], atol=2e-3, rtol=2e-3)
     _close(got[3:], want[3:], atol=2e-2, rtol=2e-2)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 19), width=st.integers(1, 17), vocab=st.integers(2, 1500),
+       div=st.sampled_from([None, "forward_kl", "reverse_kl", "jsd"]), beta=st.sampled_from([0.0, 0.25, 1.0]),
+       clip=st.sampled_from([None, 0.01, 0.3]), temperature=st.sampled_from([0.5, 1.0, 2.0]),
+       softcap=st.sampled_from([None, 3.0]), budget=st.sampled_from([256.0, 0.05]), seed=st.integers(0, 2 ** 16))
+def test_triton_hypothesis_shapes_options_and_budgets(n, width, vocab, div, beta, clip, temperature, softcap, budget,
+                                                      seed):
+    """Odd shapes, every option, and budgets small enough to split rows and vocabulary: Triton folds = float64."""
+    inputs = make_inputs(n=n, width=width, vocab=vocab, seed=seed, ignore_rows=(0,) if n > 2 else (), device=DEVICE)
+    grads = upstream(n, seed=seed + 1)
+    opts = dict(divergence=div, beta=beta, clip=clip, temperature=temperature, softcap=softcap)
+    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    got = run(token_stats, inputs, grads, impl="triton", memory_budget_mb=budget, **opts)
+    _close(got, want, atol=3e-5)
