@@ -23,6 +23,19 @@ class EvalResult:
         out.update({f"{prefix}pass@{k}": v for k, v in self.pass_at_k.items()})
         return out
 
+    @classmethod
+    def from_records(cls, records: Sequence[dict], n_samples: int, ks: Sequence[int] = (1, 2, 4, 8)) -> "EvalResult":
+        """The result over per-problem records (``correct`` flags and ``completion_tokens`` per sample), e.g.
+        the records of several processes' shards gathered together."""
+        if not records:
+            return cls(accuracy=0.0)
+        per_problem = [sum(r["correct"]) / n_samples for r in records]
+        passes = {k: sum(pass_at_k(n_samples, sum(r["correct"]), k) for r in records) / len(records)
+                  for k in ks if k <= n_samples}
+        tokens = [t for r in records for t in r["completion_tokens"]]
+        return cls(accuracy=sum(per_problem) / len(records), pass_at_k=passes,
+                   mean_completion_tokens=sum(tokens) / len(tokens), records=list(records))
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimator 1 - C(n - c, k) / C(n, k) of the chance that one of k samples is correct."""
@@ -78,15 +91,10 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, batch_size: int = 16
     texts, ids = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=greedy,
                                       temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size,
                                       progress=progress, desc="evaluate")
-    records, per_problem, passes = [], [], {k: [] for k in ks if k <= n_samples}
+    records = []
     for i, problem in enumerate(problems):
         chunk = slice(i * n_samples, (i + 1) * n_samples)
-        correct = [task.is_correct(problem, t) for t in texts[chunk]]
-        per_problem.append(sum(correct) / n_samples)
-        for k in passes:
-            passes[k].append(pass_at_k(n_samples, sum(correct), k))
         records.append(dict(question=problem.question, answer=problem.answer, completions=texts[chunk],
-                            correct=correct))
-    return EvalResult(accuracy=sum(per_problem) / len(problems),
-                      pass_at_k={k: sum(v) / len(v) for k, v in passes.items()},
-                      mean_completion_tokens=sum(len(x) for x in ids) / len(ids), records=records)
+                            correct=[task.is_correct(problem, t) for t in texts[chunk]],
+                            completion_tokens=[len(x) for x in ids[chunk]]))
+    return EvalResult.from_records(records, n_samples, ks)

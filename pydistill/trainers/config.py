@@ -56,6 +56,16 @@ class TrainConfig:
     resume: bool = False
     impl: str = "auto"  # the fused op's backend
     progress: bool = True
+    # ----- your own data, trackers and memory (issue 15; checked by validate_ecosystem) -----
+    # A dataset replaces `task`: a jsonl/json/csv/parquet file, a dataset folder (save_to_disk or data files
+    # named by split) or a `datasets` hub name; its splits are train_split / eval_split (a single file: "train").
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None  # the hub dataset's configuration name (e.g. "main" for openai/gsm8k)
+    prompt_column: str = "prompt"  # the question the student sees (a string or a list of chat messages)
+    solution_column: Optional[str] = "solution"  # worked solution for teacher contexts; None: "The answer is X."
+    answer_column: str = "answer"  # final answer the verifier compares with ("... #### 42" is read as 42)
+    report_to: str = "none"  # none | tensorboard | wandb | all, or a comma list: accelerate's trackers
+    gradient_checkpointing: bool = False  # recompute the decoder layers' activations in backward
 
     def validate(self):
         """Fail fast with a message naming the field."""
@@ -96,7 +106,27 @@ class TrainConfig:
                 and (self.data_path.startswith((".", "/")) or self.data_path.endswith(".jsonl")) \
                 and not os.path.exists(self.data_path):
             raise ValueError(f"data_path {self.data_path!r} does not exist")
+        self.validate_ecosystem()
         return self
+
+    def validate_ecosystem(self):
+        """The dataset, column and tracker fields (one message naming the field, the value and what is expected)."""
+        from ..tasks.dataset import looks_like_hub_name
+        from .accel import parse_report_to
+
+        if self.dataset is not None:
+            if not isinstance(self.dataset, str) or not self.dataset.strip():
+                raise ValueError(f"dataset must be a file, a folder or a datasets hub name, got {self.dataset!r}")
+            if not os.path.exists(self.dataset) and not looks_like_hub_name(self.dataset):
+                raise ValueError(f"dataset {self.dataset!r} does not exist (a data file or folder; relative paths "
+                                 f"are read from {os.getcwd()!r})")
+        for name in ("prompt_column", "answer_column", "solution_column"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value.strip()) and not (name == "solution_column" and value is None):
+                raise ValueError(f"{name} must be a column name, got {value!r}")
+        parse_report_to(self.report_to)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
     @classmethod
     def from_dict(cls, values: dict):

@@ -85,4 +85,6 @@ class ResponseHiddenStates(torch.nn.Module):
         body = causal_lm(self.model).get_decoder()
         out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        # Under bf16 autocast the body may return bf16 while the head stays fp32: the fused op needs one dtype.
+        return hidden.to(lm_head_weight(self.model).dtype)

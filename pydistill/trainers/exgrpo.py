@@ -319,7 +319,7 @@ class ExGRPOTrainer(Trainer):
         random.Random(cfg.seed).shuffle(self.sft_examples)
         self.sft_dir = os.path.join(cfg.output_dir, "sft")
         self.sft_step, self.sft_position, self.sft_optimizer, self.sft_scheduler = 0, 0, None, None
-        self.sft_log = MetricsLog(cfg.output_dir, "sft_metrics.jsonl", tensorboard=False) if self.is_main else None
+        self.sft_log = MetricsLog(cfg.output_dir, "sft_metrics.jsonl") if self.is_main else None
         if self._resume_requested:
             self._resume_stages()
 
@@ -509,7 +509,7 @@ class ExGRPOTrainer(Trainer):
         dialogues = self.rollout_dialogues(plans)
         problems = [item.problem for item in items for _ in range(2 * g)]
         finals = [self.tokenizer.decode(d[-1].reply_ids, skip_special_tokens=True) for d in dialogues]
-        rewards, _ = self.reward(problems, finals)
+        rewards, _ = self.reward(problems, finals, completion_ids=[d[-1].reply_ids for d in dialogues])
         rewards = torch.tensor(rewards, dtype=torch.float32).reshape(len(items), 2 * g)
         success = torch.tensor([float(self.task.is_correct(p, t)) for p, t in zip(problems, finals)])
         success = success.reshape(len(items), 2 * g)

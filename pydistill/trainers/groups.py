@@ -35,7 +35,9 @@ class GroupBatch:
 def reward_function(task, names: str, weights: Optional[str] = None, functions: Optional[Sequence] = None,
                     function_weights: Optional[Sequence[float]] = None):
     """The combined reward function (its ``names`` attribute lists the components) from config names
-    ("accuracy,format") and weights ("1,0.1"), or from plain callables ``functions`` when given (they win)."""
+    ("accuracy,format") and weights ("1,0.1"), or from plain callables ``functions`` when given (they win), each
+    with TRL's signature ``(prompts, completions, **kwargs)`` or ``(problems, completions)``
+    (:mod:`pydistill.rewards`)."""
     if functions is None:
         chosen, parsed = check_reward_names(names, weights)
         functions = [REWARD_FUNCTIONS[n](task) for n in chosen]
@@ -76,7 +78,7 @@ def sample_groups(trainer, problems: list, reward, prompt_messages=student_messa
     prompts = [render(tok, prompt_messages(p.question)) for p in problems]
     rollouts = trainer.engine.sample(prompts, trainer.sampling)
     repeated = [p for p in problems for _ in range(n)]
-    combined, columns = reward(repeated, rollouts.texts)
+    combined, columns = reward(repeated, rollouts.texts, completion_ids=rollouts.completion_ids)
     names = getattr(reward, "names", [f"reward_{i}" for i in range(len(columns))])
     student = build_context_batch(rollouts.prompt_ids, rollouts.completion_ids, tok.pad_token_id,
                                   trainer.accelerator.device)
