@@ -22,7 +22,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
         "train": ["transformers>=4.46", "accelerate>=1.0", "peft>=0.13", "safetensors", "gguf>=0.10",
-                  "datasets>=3.0", "tqdm", "matplotlib", "pyyaml", "rich"],
+                  "datasets>=3.0", "tqdm", "matplotlib", "pyyaml", "rich", "tensorboard"],
         "cuda": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["pydistill=pydistill.cli:main"]},

@@ -106,5 +106,9 @@ def enable_gradient_checkpointing(model):
     needs no input gradients, so it works under LoRA's frozen embeddings)."""
     from .contexts import causal_lm
 
-    causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    causal_lm(model).config.use_cache = False
+    lm = causal_lm(model)
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
