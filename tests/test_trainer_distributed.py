@@ -62,3 +62,19 @@ def test_two_processes_match_one(tmp_path):
     assert scale > 1e-4  # a real gradient
     for name, value in one["state"].items():
         torch.testing.assert_close(two["state"][name], value, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_fsdp2_sharded_policy_matches_one_process(tmp_path):
+    """accelerate runs FSDP only on accelerators, so the worker shards the policy with torch's FSDP2 itself (as
+    accelerate's FSDP2 preparation does): the fused loss reads the whole lm_head weight and generation and the
+    teacher see whole root parameters (Trainer.root_view), with the same gradients as one unsharded process."""
+    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
+    _run("tests.fsdp_worker", [str(single), str(tmp_path / "s")], 1)
+    _run("tests.fsdp_worker", [str(double), str(tmp_path / "d")], 2)
+    one, two = torch.load(single), torch.load(double)
+    assert one["world"] == 1 and two["world"] == 2
+    scale = max(v.abs().max().item() for v in one["state"].values())
+    assert scale > 1e-4 and one["state"].keys() == two["state"].keys()
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two["state"][name], value, atol=1e-5 * scale, rtol=1e-4)
+    assert two["eval"]["eval/accuracy"] == one["eval"]["eval/accuracy"]  # generation under sharded weights

@@ -112,3 +112,58 @@ def enable_gradient_checkpointing(model):
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
+
+
+# ----- sharded parameters (FSDP2 through accelerate) -----------------------------------------------------------
+# Under FSDP each process holds a shard of every parameter outside a wrapped module's forward. The trainers read
+# the lm_head weight for the fused loss, run teacher forwards through the unwrapped model and generate with it,
+# all outside the policy's forward; `root_view` makes the root unit's parameters (embeddings, final norm,
+# lm_head: everything accelerate does not wrap per decoder layer) whole for that span, while each decoder
+# layer gathers its own in its forward hooks. Those gathers are collectives, so every process must run the same
+# number of forwards: generation passes `synced_gpus` (processes that finished keep stepping until all have).
+
+
+def uses_sharded_parameters(accelerator) -> bool:
+    """True under FSDP (any version) or DeepSpeed ZeRO-3; raises for the combinations the trainers do not run."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise ValueError("DeepSpeed ZeRO stage 3 is not supported by the pydistill trainers (the fused loss reads "
+                             "the lm_head weight outside the forward): use zero_stage 1 or 2, or FSDP with "
+                             "fsdp_version: 2 in the accelerate config")
+        return False
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if not accelerator.is_fsdp2:
+        raise ValueError(f"FSDP version {accelerator.state.fsdp_plugin.fsdp_version} is not supported by the "
+                         "pydistill trainers: set fsdp_version: 2 in the accelerate config (FSDP1's "
+                         "summon_full_params cannot span the forward and backward the fused loss needs)")
+    return True
+
+
+def start_sharded(policy, device):
+    """FSDP2 initializes lazily in the root's first forward, and a decoder layer called before it fails: run one
+    one-token forward through the root on every process."""
+    one = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        policy(one, torch.ones_like(one), one)
+
+
+class root_view:
+    """Context: the FSDP2 root unit's parameters whole (``unshard``) until exit (``reshard``); a no-op when
+    ``active`` is False. Gradients of a backward run inside still reduce-scatter to the shards."""
+
+    def __init__(self, policy, active: bool):
+        self.policy, self.active = policy, active
+
+    def __enter__(self):
+        if self.active:
+            self.policy.unshard()
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.policy.reshard()
+        return False

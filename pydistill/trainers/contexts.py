@@ -80,6 +80,12 @@ class ResponseHiddenStates(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # accelerate's FSDP auto-wrap reads the decoder layer classes to shard one by one from here
+        self._no_split_modules = getattr(causal_lm(model), "_no_split_modules", None)
+
+    def tie_weights(self):
+        """accelerate's FSDP preparation re-ties tied embeddings after sharding through this method."""
+        causal_lm(self.model).tie_weights()
 
     def forward(self, input_ids, attention_mask, positions):
         body = causal_lm(self.model).get_decoder()

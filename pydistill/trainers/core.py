@@ -26,7 +26,7 @@ from ..evaluation import EvalResult, evaluate
 from ..models import LoraSettings, load_model
 from ..tasks import task_from_config
 from .accel import (enable_gradient_checkpointing, finish_trackers, init_trackers, log_to_trackers,
-                    make_accelerator)
+                    make_accelerator, root_view, start_sharded, uses_sharded_parameters)
 from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog
@@ -88,14 +88,22 @@ class Trainer(abc.ABC):
         self.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.max_steps)
         model.to(self.accelerator.device)
-        # DDP wraps the body-as-a-module (see ResponseHiddenStates): its forward is what the loss runs.
-        self.policy, self.optimizer = self.accelerator.prepare(ResponseHiddenStates(model), optimizer)
         self.model = model
-        # A method without a teacher or reference model (GRPO with beta = 0) keeps no frozen copy.
+        # A method without a teacher or reference model (GRPO with beta = 0) keeps no frozen copy. Built before
+        # prepare: under FSDP a teacher copy must be taken from the whole weights, not the shards.
         self.teacher = (Teacher(self.model, config.teacher, config.ema_rate, starts_from_base=not config.init_from)
                         if self.uses_teacher() else None)
+        # DDP wraps the body-as-a-module (see ResponseHiddenStates): its forward is what the loss runs.
+        self.policy, self.optimizer = self.accelerator.prepare(ResponseHiddenStates(model), optimizer)
+        self.sharded = uses_sharded_parameters(self.accelerator)  # FSDP2: see accel.root_view
+        if self.sharded:
+            if not self.supports_sharded_parameters:
+                raise ValueError(f"{self.method} does not run under FSDP: its processes generate different numbers "
+                                 "of batches, and sharded forwards must run in lock step (use DDP)")
+            start_sharded(self.policy, self.accelerator.device)
         self.engine = rollout_engine or HFRolloutEngine(self.model, tokenizer,
-                                                        batch_size=config.micro_batch_size * config.num_generations)
+                                                        batch_size=config.micro_batch_size * config.num_generations,
+                                                        synced_gpus=self.sharded)
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                                          config.num_generations)
         self.step, self.data_position, self.train_seconds, self.generated_tokens = 0, 0, 0.0, 0
@@ -104,6 +112,9 @@ class Trainer(abc.ABC):
         init_trackers(self.accelerator, config, self.method)
         if config.resume:
             self._resume()
+
+    # Whether every process runs the same number of generate calls and forwards per step (FSDP needs it).
+    supports_sharded_parameters = True
 
     # ----- what a method provides ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -135,7 +146,8 @@ class Trainer(abc.ABC):
         global_batch = self._next_problems(cfg.batch_size)
         mine = global_batch[self.accelerator.process_index::self.world]  # each process its share
         micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
-        with self.accelerator.autocast():  # bf16 autocast when the run has fp32 master weights; else a no-op
+        # bf16 autocast when the run has fp32 master weights; the root's parameters whole under FSDP.
+        with self.accelerator.autocast(), self.root_view():
             prepared = [self.prepare(problems) for problems in micro]
         self.finalize_batch(prepared)
         generated = time.perf_counter()
@@ -146,7 +158,7 @@ class Trainer(abc.ABC):
         metrics, total = {}, 0.0
         for i, batch in enumerate(prepared):
             context = self.accelerator.no_sync(self.policy) if i < len(prepared) - 1 else _null()
-            with context, self.accelerator.autocast():
+            with context, self.accelerator.autocast(), self.root_view():
                 out = self.loss(batch, max(num_items, 1.0))
                 # DDP averages gradients over processes; the loss is already normalized globally.
                 self.accelerator.backward(out.loss * self.world)
@@ -156,6 +168,7 @@ class Trainer(abc.ABC):
             for k, v in batch.get("metrics", {}).items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,14 +203,25 @@ class Trainer(abc.ABC):
             metrics.update(group_diversity(texts, cfg.eval_samples, prefix="eval/"))
         return metrics
 
+    def root_view(self):
+        """The FSDP2 root unit's parameters whole for the span of the context (no-op without FSDP)."""
+        return root_view(self.policy, self.sharded)
+
     def _sharded_evaluate(self, problems, **options) -> EvalResult:
         cfg = self.config
-        with self.accelerator.split_between_processes(list(problems)) as mine, self.accelerator.autocast():
+        with self.accelerator.split_between_processes(list(problems)) as mine:
+            mine = list(mine)
+        count = len(mine)
+        if self.sharded:  # equal shares (padded with a repeat, dropped below): generation runs in lock step
+            longest = -(-len(problems) // self.world)
+            mine += [problems[-1]] * (longest - count)
+        with self.accelerator.autocast(), self.root_view():
             local = evaluate(self.model, self.tokenizer, self.task, mine, batch_size=max(cfg.micro_batch_size, 8),
-                             max_new_tokens=cfg.eval_max_new_tokens, progress=False, **options)
+                             max_new_tokens=cfg.eval_max_new_tokens, progress=False, synced_gpus=self.sharded,
+                             **options)
         if self.world == 1:
             return local
-        records = self.accelerator.gather_for_metrics(local.records, use_gather_object=True)
+        records = self.accelerator.gather_for_metrics(local.records[:count], use_gather_object=True)
         return EvalResult.from_records(records, options.get("n_samples", 1))
 
     def train(self) -> dict:

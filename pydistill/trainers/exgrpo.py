@@ -297,6 +297,8 @@ def _rows(batch: ContextBatch, rows: slice) -> ContextBatch:
 
 class ExGRPOTrainer(Trainer):
     method = "exgrpo"
+    supports_sharded_parameters = False  # dialogue turns end at different times on different processes
+
 
     def __init__(self, config: ExGRPOConfig, *args, ei_teacher: Optional[TextGenerator] = None,
                  ei_student: Optional[TextGenerator] = None, reward_functions: Optional[Sequence] = None,
