@@ -124,3 +124,36 @@ def test_opsd_and_sft_read_the_dataset_from_the_config(tmp_path):
                                eval_problems=0, output_dir=str(tmp_path / "sft"), progress=False, train_problems=4,
                                dataset=path, **COLUMNS), model=model, tokenizer=tok)
     assert torch.isfinite(torch.tensor(sft.training_step()["loss"]))
+
+
+def test_readme_dataset_example_runs(tmp_path, monkeypatch):
+    """The README's dataset + TRL-reward example as written, on a tiny model with scripted rollouts."""
+    import dataclasses
+    import os
+    import re
+
+    import pydistill.trainers as trainers
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    section = text.split("### Your data and your rewards", 1)[1].split("\n### ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data")
+    with open("data/my_problems.jsonl", "w") as f:
+        for p in SOURCE:
+            f.write(json.dumps(dict(q=p.question, final=p.answer, level=1)) + "\n")
+    built = []
+
+    def tiny_trainer(config, **kwargs):
+        config = dataclasses.replace(config, model="tiny", lora_r=0, max_steps=1, batch_size=2, micro_batch_size=2,
+                                     num_generations=4, max_new_tokens=24, progress=False, train_problems=8)
+        model, tok = tiny_model(seed=0)
+        engine = GroupEngine(tok, SOURCE)  # scripts right and wrong answers from the source problems' solutions
+        built.append(GRPOTrainer(config, model=model, tokenizer=tok, rollout_engine=engine, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(trainers, "GRPOTrainer", tiny_trainer)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    rows = [json.loads(line) for line in open("runs/mine/metrics.jsonl")]
+    assert rows[0]["rewards/final_answer"] == pytest.approx(rows[0]["accuracy"])
+    assert rows[0]["rewards/shorter"] < 0
