@@ -78,6 +78,29 @@ def test_full_finetune_keeps_fp32_master_weights_under_bf16_autocast(tmp_path):
         assert trainer.accelerator.mixed_precision == "bf16"
 
 
+def test_cuda_precision_path_on_the_cpu(tmp_path, monkeypatch):
+    """The full fine-tune's CUDA precision (fp32 weights, bf16 autocast) forced on the CPU: a bf16 model handed
+    in is upcast, the optimizer holds fp32 weights, and a step under autocast gives finite fp32 gradients."""
+    from accelerate.state import AcceleratorState
+
+    import pydistill.trainers.accel as accel
+
+    monkeypatch.setattr(accel, "training_precision",
+                        lambda full_finetune, device: accel.Precision(torch.float32, "bf16"))
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        model, tok = tiny_model(seed=0)
+        trainer = OPSDTrainer(tiny_config(tmp_path, max_steps=1), model=model.to(torch.bfloat16), tokenizer=tok,
+                              task=TASK, rollout_engine=ScriptedEngine(tok))
+        assert trainer.accelerator.mixed_precision == "bf16"
+        assert all(p.dtype == torch.float32 for group in trainer.optimizer.param_groups for p in group["params"])
+        metrics, grads = step_gradients(trainer)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["loss"] != 0
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+
 def test_gradient_checkpointing_under_lora(tmp_path):
     trainer = opsd(tmp_path, max_steps=1, lora_r=4, lora_alpha=8, gradient_checkpointing=True)
     _, grads = step_gradients(trainer)

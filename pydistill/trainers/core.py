@@ -65,12 +65,12 @@ class Trainer(abc.ABC):
         if model is None:
             model, tokenizer = load_model(config.model, lora=lora, device=self.accelerator.device,
                                           dtype=precision.load_dtype)
-        elif precision.load_dtype is not None:
-            model.to(precision.load_dtype)  # fp32 master weights for AdamW
         elif lora is not None and not hasattr(model, "disable_adapter"):
             from ..models import apply_lora
 
             model = apply_lora(model, lora)
+        if precision.load_dtype is not None:
+            model.to(precision.load_dtype)  # fp32 master weights for AdamW (a no-op for a model loaded so)
         if config.init_from:
             load_weights(model, latest_checkpoint(config.init_from) or config.init_from)
         if config.gradient_checkpointing:
