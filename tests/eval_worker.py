@@ -38,6 +38,9 @@ def main(out_path, run_dir):
     expected = sum(int(p.answer) % 2 == 0 for p in trainer.eval_set) / len(trainer.eval_set)
     torch.save(dict(metrics=metrics, seen=seen, expected=expected, world=trainer.world),
                f"{out_path}.{trainer.accelerator.process_index}")
+    if torch.distributed.is_initialized():  # an orderly exit: gloo's threads otherwise may abort at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

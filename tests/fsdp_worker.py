@@ -65,6 +65,9 @@ def main(out_path, run_dir):
     evaluation = trainer.evaluate()
     if trainer.is_main:
         torch.save(dict(state=grads, loss=metrics["loss"], world=trainer.world, eval=evaluation), out_path)
+    if torch.distributed.is_initialized():  # an orderly exit: gloo's threads otherwise abort at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
