@@ -24,7 +24,7 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "trl>=1.16,<1.17"],
         "trl": ["trl>=1.16,<1.17", "transformers>=4.56", "accelerate>=1.4"],
         "train": ["transformers>=4.46", "accelerate>=1.0", "peft>=0.13", "safetensors", "gguf>=0.10",
-                  "datasets>=3.0", "tqdm", "matplotlib", "pyyaml", "rich"],
+                  "datasets>=3.0", "tqdm", "matplotlib", "pyyaml", "rich", "tensorboard"],
         "cuda": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["pydistill=pydistill.cli:main"]},

@@ -23,6 +23,19 @@ class EvalResult:
         out.update({f"{prefix}pass@{k}": v for k, v in self.pass_at_k.items()})
         return out
 
+    @classmethod
+    def from_records(cls, records: Sequence[dict], n_samples: int, ks: Sequence[int] = (1, 2, 4, 8)) -> "EvalResult":
+        """The result over per-problem records (``correct`` flags and ``completion_tokens`` per sample), e.g.
+        the records of several processes' shards gathered together."""
+        if not records:
+            return cls(accuracy=0.0)
+        per_problem = [sum(r["correct"]) / n_samples for r in records]
+        passes = {k: sum(pass_at_k(n_samples, sum(r["correct"]), k) for r in records) / len(records)
+                  for k in ks if k <= n_samples}
+        tokens = [t for r in records for t in r["completion_tokens"]]
+        return cls(accuracy=sum(per_problem) / len(records), pass_at_k=passes,
+                   mean_completion_tokens=sum(tokens) / len(tokens), records=list(records))
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimator 1 - C(n - c, k) / C(n, k) of the chance that one of k samples is correct."""
@@ -34,8 +47,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, greedy: bool = True,
                          temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 16,
-                         progress: bool = False, desc: str = "generate"):
-    """Completions (text, token ids without padding) for each prompt, left-padded batches."""
+                         progress: bool = False, desc: str = "generate", synced_gpus: bool = False):
+    """Completions (text, token ids without padding) for each prompt, left-padded batches. ``synced_gpus``:
+    processes that finished keep stepping until all have (needed when parameters are sharded, e.g. FSDP)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
@@ -48,7 +62,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
                                                              top_k=top_k)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **sampling)
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, **sampling)
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             kept = []
             for token in row:
@@ -66,7 +80,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
 def evaluate(model, tokenizer, task, problems: Sequence, *, batch_size: int = 16, max_new_tokens: int = 128,
              greedy: bool = True, n_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, progress: bool = True, ks: Sequence[int] = (1, 2, 4, 8),
-             prompt_messages=student_messages) -> EvalResult:
+             prompt_messages=student_messages, synced_gpus: bool = False) -> EvalResult:
     """Greedy accuracy (``n_samples=1``), or sampled accuracy and pass@k with ``n_samples`` per problem."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -77,16 +91,11 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, batch_size: int = 16
     prompts = [render(tokenizer, prompt_messages(p.question)) for p in problems for _ in range(n_samples)]
     texts, ids = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=greedy,
                                       temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size,
-                                      progress=progress, desc="evaluate")
-    records, per_problem, passes = [], [], {k: [] for k in ks if k <= n_samples}
+                                      progress=progress, desc="evaluate", synced_gpus=synced_gpus)
+    records = []
     for i, problem in enumerate(problems):
         chunk = slice(i * n_samples, (i + 1) * n_samples)
-        correct = [task.is_correct(problem, t) for t in texts[chunk]]
-        per_problem.append(sum(correct) / n_samples)
-        for k in passes:
-            passes[k].append(pass_at_k(n_samples, sum(correct), k))
         records.append(dict(question=problem.question, answer=problem.answer, completions=texts[chunk],
-                            correct=correct))
-    return EvalResult(accuracy=sum(per_problem) / len(problems),
-                      pass_at_k={k: sum(v) / len(v) for k, v in passes.items()},
-                      mean_completion_tokens=sum(len(x) for x in ids) / len(ids), records=records)
+                            correct=[task.is_correct(problem, t) for t in texts[chunk]],
+                            completion_tokens=[len(x) for x in ids[chunk]]))
+    return EvalResult.from_records(records, n_samples, ks)

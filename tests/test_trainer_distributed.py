@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, through accelerate) agree with one process on the same global batch."""
+"""Two CPU processes (gloo, through accelerate) agree with one process on the same global batch, and share
+the held-out evaluation between them with gathered metrics."""
 import os
 import socket
 import subprocess
@@ -21,22 +22,59 @@ def _env(**extra):
     return env
 
 
-def test_two_processes_match_one(tmp_path):
-    single = tmp_path / "single.pt"
-    subprocess.run([sys.executable, "-m", "tests.ddp_worker", str(single), str(tmp_path / "s")], cwd=ROOT,
-                   env=_env(), check=True, timeout=300)
+def _run(module, args, world):
+    """Run ``python -m module args`` as ``world`` processes (one plain process when world is 1)."""
+    if world == 1:
+        subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(), check=True, timeout=300)
+        return
     port = str(_free_port())
-    double = tmp_path / "double.pt"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.ddp_worker", str(double), str(tmp_path / "d")], cwd=ROOT,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
+
+
+def test_evaluation_is_sharded_and_gathered(tmp_path):
+    _run("tests.eval_worker", [str(tmp_path / "one"), str(tmp_path / "s")], 1)
+    _run("tests.eval_worker", [str(tmp_path / "two"), str(tmp_path / "d")], 2)
+    single = torch.load(tmp_path / "one.0")
+    assert 0 < single["expected"] < 1  # a mix of right and wrong: the gathered share is informative
+    ranks = [torch.load(tmp_path / f"two.{r}") for r in range(2)]
+    assert single["seen"] == [7, 7]  # greedy, then sampled: every problem on the one process
+    assert [r["seen"] for r in ranks] == [[4, 4], [3, 3]]  # each process generates for its share only
+    for r in ranks:  # every process returns the metrics of all 7 problems
+        assert r["metrics"]["eval/accuracy"] == single["metrics"]["eval/accuracy"] == single["expected"]
+        for key in ("eval/pass@1", "eval/pass@2", "eval/sampled_accuracy"):
+            assert r["metrics"][key] == single["metrics"][key]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+
+
+def test_two_processes_match_one(tmp_path):
+    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
+    _run("tests.ddp_worker", [str(single), str(tmp_path / "s")], 1)
+    _run("tests.ddp_worker", [str(double), str(tmp_path / "d")], 2)
     one, two = torch.load(single), torch.load(double)
     assert one["world"] == 1 and two["world"] == 2
     scale = max(v.abs().max().item() for v in one["state"].values())
     assert scale > 1e-4  # a real gradient
     for name, value in one["state"].items():
         torch.testing.assert_close(two["state"][name], value, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_fsdp2_sharded_policy_matches_one_process(tmp_path):
+    """accelerate runs FSDP only on accelerators, so the worker shards the policy with torch's FSDP2 itself (as
+    accelerate's FSDP2 preparation does): the fused loss reads the whole lm_head weight and generation and the
+    teacher see whole root parameters (Trainer.root_view), with the same gradients as one unsharded process."""
+    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
+    _run("tests.fsdp_worker", [str(single), str(tmp_path / "s")], 1)
+    _run("tests.fsdp_worker", [str(double), str(tmp_path / "d")], 2)
+    one, two = torch.load(single), torch.load(double)
+    assert one["world"] == 1 and two["world"] == 2
+    scale = max(v.abs().max().item() for v in one["state"].values())
+    assert scale > 1e-4 and one["state"].keys() == two["state"].keys()
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two["state"][name], value, atol=1e-5 * scale, rtol=1e-4)
+    assert two["eval"]["eval/accuracy"] == one["eval"]["eval/accuracy"]  # generation under sharded weights

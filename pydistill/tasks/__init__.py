@@ -2,6 +2,7 @@
 from .answers import StepError, extract_answer, find_first_wrong_step, normalize_number, reference_answer, same_answer
 from .arithmetic import ArithmeticTask, Difficulty
 from .base import Problem, Task
+from .dataset import DatasetTask
 from .gsm8k import GSM8KTask
 
 TASKS = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask}
@@ -14,5 +15,15 @@ def get_task(name: str, **options) -> Task:
     return TASKS[name](**options)
 
 
-__all__ = ["ArithmeticTask", "Difficulty", "GSM8KTask", "Problem", "StepError", "TASKS", "Task", "extract_answer",
+def task_from_config(config) -> Task:
+    """The task a training config names: a :class:`DatasetTask` when ``config.dataset`` is set (its
+    ``prompt_column`` / ``solution_column`` / ``answer_column``), else the built-in ``config.task``."""
+    if getattr(config, "dataset", None):
+        return DatasetTask(config.dataset, prompt_column=config.prompt_column,
+                           solution_column=config.solution_column, answer_column=config.answer_column,
+                           config_name=config.dataset_config)
+    return get_task(config.task, **({"path": config.data_path} if config.task == "gsm8k" else {}))
+
+
+__all__ = ["ArithmeticTask", "DatasetTask", "task_from_config", "Difficulty", "GSM8KTask", "Problem", "StepError", "TASKS", "Task", "extract_answer",
            "find_first_wrong_step", "get_task", "normalize_number", "reference_answer", "same_answer"]

@@ -71,8 +71,21 @@ class TrainConfig:
     max_nonfinite_steps: int = option(3, "end the run after this many optimizer steps in a row with a non-finite "
                                       "loss or gradient norm (each is skipped)")
     max_reward_failures: int = option(20, "end the run after this many failed reward-function calls")
-    impl: Literal["auto", "triton", "chunked", "reference"] = option("auto", "the fused op's backend")
+    impl: Literal["auto", "triton", "torch", "chunked", "reference"] = option(
+        "auto", "the fused op's folds: triton (CUDA), torch, auto (triton on CUDA), chunked (torch's former name)")
     progress: bool = option(True, "show a progress bar")
+    # ----- your own data, trackers and memory (checked by validate_ecosystem) -----
+    # A dataset replaces `task`: a jsonl/json/csv/parquet file, a dataset folder (save_to_disk or data files
+    # named by split) or a `datasets` hub name; its splits are train_split / eval_split (a single file: "train").
+    dataset: Optional[str] = option(None, "a dataset to train on instead of task: a jsonl/json/csv/parquet file, a "
+                                    "dataset folder or a hub name")
+    dataset_config: Optional[str] = option(None, "the hub dataset's configuration name (e.g. main for openai/gsm8k)")
+    prompt_column: str = option("prompt", "the dataset column the student sees (a string or chat messages)")
+    solution_column: Optional[str] = option("solution", "worked solution for teacher contexts; None: "
+                                            "\"The answer is X.\"")
+    answer_column: str = option("answer", "final answer the verifier compares with (\"... #### 42\" reads as 42)")
+    report_to: str = option("none", "trackers through accelerate: none, tensorboard, wandb, all, or a comma list")
+    gradient_checkpointing: bool = option(False, "recompute the decoder layers' activations in the backward")
 
     def validate(self):
         """Fail fast with one line naming the field, the value and what is expected."""
@@ -128,7 +141,27 @@ class TrainConfig:
             from ..tasks.gsm8k import resolve_source
 
             resolve_source(self.data_path)
+        self.validate_ecosystem()
         return self
+
+    def validate_ecosystem(self):
+        """The dataset, column and tracker fields (one message naming the field, the value and what is expected)."""
+        from ..tasks.dataset import looks_like_hub_name
+        from .accel import parse_report_to
+
+        if self.dataset is not None:
+            if not isinstance(self.dataset, str) or not self.dataset.strip():
+                raise ValueError(f"dataset must be a file, a folder or a datasets hub name, got {self.dataset!r}")
+            if not os.path.exists(self.dataset) and not looks_like_hub_name(self.dataset):
+                raise ValueError(f"dataset {self.dataset!r} does not exist (a data file or folder; relative paths "
+                                 f"are read from {os.getcwd()!r})")
+        for name in ("prompt_column", "answer_column", "solution_column"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value.strip()) and not (name == "solution_column" and value is None):
+                raise ValueError(f"{name} must be a column name, got {value!r}")
+        parse_report_to(self.report_to)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
     @classmethod
     def from_dict(cls, values: dict):

@@ -80,9 +80,17 @@ class ResponseHiddenStates(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # accelerate's FSDP auto-wrap reads the decoder layer classes to shard one by one from here
+        self._no_split_modules = getattr(causal_lm(model), "_no_split_modules", None)
+
+    def tie_weights(self):
+        """accelerate's FSDP preparation re-ties tied embeddings after sharding through this method."""
+        causal_lm(self.model).tie_weights()
 
     def forward(self, input_ids, attention_mask, positions):
         body = causal_lm(self.model).get_decoder()
         out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        # Under bf16 autocast the body may return bf16 while the head stays fp32: the fused op needs one dtype.
+        return hidden.to(lm_head_weight(self.model).dtype)

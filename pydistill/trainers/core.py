@@ -24,10 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diversity import group_diversity
-from ..evaluation import evaluate
+from ..evaluation import EvalResult, evaluate
 from ..models import LoraSettings, load_model
-from ..tasks import get_task
+from ..tasks import task_from_config
 from . import run_folder
+from .accel import (enable_gradient_checkpointing, finish_trackers, init_trackers, log_to_trackers,
+                    make_accelerator, root_view, start_sharded, uses_sharded_parameters)
 from .checkpoint import (NonFiniteWeights, clean_stale, export_pretrained, latest_checkpoint, load_checkpoint,
                          load_weights, resolve_checkpoint, rng_state, save_checkpoint)
 from .config import TrainConfig
@@ -57,12 +59,12 @@ class Trainer(abc.ABC):
     """Base trainer; see the module docstring for what a method adds."""
 
     def __init__(self, config: TrainConfig, model=None, tokenizer=None, rollout_engine=None, task=None):
-        from accelerate import Accelerator
         from transformers import get_scheduler
 
         self.config = config.validate()
         seed_everything(config.seed)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # Trackers (report_to) and precision: a full fine-tune on CUDA keeps fp32 weights under bf16 autocast.
+        self.accelerator, precision = make_accelerator(config, full_finetune=not config.lora_r)
         self.world = self.accelerator.num_processes
         if config.batch_size % (config.micro_batch_size * self.world):
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
@@ -86,40 +88,56 @@ class Trainer(abc.ABC):
         lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora_r else None
         if model is None:
             try:
-                model, tokenizer = load_model(config.model, lora=lora, device=self.accelerator.device)
+                model, tokenizer = load_model(config.model, lora=lora, device=self.accelerator.device,
+                                              dtype=precision.load_dtype)
             except OSError as exc:  # transformers' "not a local folder and not a valid model identifier ..."
                 raise ValueError(f"model {config.model!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
         elif lora is not None and not hasattr(model, "disable_adapter"):
             from ..models import apply_lora
 
             model = apply_lora(model, lora)
+        if precision.load_dtype is not None:
+            model.to(precision.load_dtype)  # fp32 master weights for AdamW (a no-op for a model loaded so)
         if config.init_from:
             load_weights(model, resolve_checkpoint(config.init_from))
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.tokenizer = tokenizer
-        self.task = task or get_task(config.task, **({"path": config.data_path} if config.task == "gsm8k" else {}))
+        self.task = task or task_from_config(config)
         self.train_pool = self.task.problems(config.train_split, n=config.train_problems, seed=config.seed)
         if not self.train_pool:
             raise ValueError(f"the {config.train_split!r} split of task {config.task!r} has no problems")
-        self.eval_set = self.task.problems(config.eval_split, n=config.eval_problems, seed=config.seed + 1)
+        # No held-out evaluation (eval_problems 0) needs no eval split: a one-file dataset has only "train".
+        self.eval_set = (self.task.problems(config.eval_split, n=config.eval_problems, seed=config.seed + 1)
+                         if config.eval_problems else [])
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.max_steps)
         model.to(self.accelerator.device)
-        # DDP wraps the body-as-a-module (see ResponseHiddenStates): its forward is what the loss runs.
-        self.policy, self.optimizer = self.accelerator.prepare(ResponseHiddenStates(model), optimizer)
         self.model = model
-        # A method without a teacher or reference model (GRPO with beta = 0) keeps no frozen copy.
+        # A method without a teacher or reference model (GRPO with beta = 0) keeps no frozen copy. Built before
+        # prepare: under FSDP a teacher copy must be taken from the whole weights, not the shards.
         self.teacher = (Teacher(self.model, config.teacher, config.ema_rate, starts_from_base=not config.init_from)
                         if self.uses_teacher() else None)
+        # DDP wraps the body-as-a-module (see ResponseHiddenStates): its forward is what the loss runs.
+        self.policy, self.optimizer = self.accelerator.prepare(ResponseHiddenStates(model), optimizer)
+        self.sharded = uses_sharded_parameters(self.accelerator)  # FSDP2: see accel.root_view
+        if self.sharded:
+            if not self.supports_sharded_parameters:
+                raise ValueError(f"{self.method} does not run under FSDP: its processes generate different numbers "
+                                 "of batches, and sharded forwards must run in lock step (use DDP)")
+            start_sharded(self.policy, self.accelerator.device)
         self.engine = rollout_engine or HFRolloutEngine(self.model, tokenizer,
-                                                        batch_size=config.micro_batch_size * config.num_generations)
+                                                        batch_size=config.micro_batch_size * config.num_generations,
+                                                        synced_gpus=self.sharded)
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                                          config.num_generations)
         self.step, self.data_position, self.train_seconds, self.generated_tokens = 0, 0, 0.0, 0
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
         self._saved_step, self._step_snapshot = None, None
         self.log = MetricsLog(config.output_dir) if self.is_main else None
+        init_trackers(self.accelerator, config, self.method)
         if config.resume:
             try:
                 self._resume()
@@ -137,6 +155,9 @@ class Trainer(abc.ABC):
     def __del__(self):
         if getattr(self, "_lock", None) is not None:
             self.close()
+
+    # Whether every process runs the same number of generate calls and forwards per step (FSDP needs it).
+    supports_sharded_parameters = True
 
     # ----- what a method provides ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -174,7 +195,9 @@ class Trainer(abc.ABC):
         global_batch = self._next_problems(cfg.batch_size)
         mine = global_batch[self.accelerator.process_index::self.world]  # each process its share
         micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
-        prepared = [self.prepare(problems) for problems in micro]
+        # bf16 autocast when the run has fp32 master weights; the root's parameters whole under FSDP.
+        with self.accelerator.autocast(), self.root_view():
+            prepared = [self.prepare(problems) for problems in micro]
         self.finalize_batch(prepared)
         generated = time.perf_counter()
         # Global token count: every token of the optimizer step weighs the same, whatever its micro-batch.
@@ -184,7 +207,7 @@ class Trainer(abc.ABC):
         metrics, total = {}, 0.0
         for i, batch in enumerate(prepared):
             context = self.accelerator.no_sync(self.policy) if i < len(prepared) - 1 else _null()
-            with context:
+            with context, self.accelerator.autocast(), self.root_view():
                 out = self.loss(batch, max(num_items, 1.0))
                 # DDP averages gradients over processes; the loss is already normalized globally.
                 self.accelerator.backward(out.loss * self.world)
@@ -194,6 +217,7 @@ class Trainer(abc.ABC):
             for k, v in batch.get("metrics", {}).items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         skipped = self.nonfinite_update(total, grad_norm)
         # A step without any trained token (ROSD dropping every group) carries no signal, yet AdamW's momentum
         # alone would move every weight: no update then either.
@@ -244,21 +268,42 @@ class Trainer(abc.ABC):
     def evaluate(self, problems=None) -> dict:
         """Greedy accuracy (eval/accuracy); with ``eval_samples`` > 1 also a sampled evaluation of that many
         completions per problem: eval/pass@k for k in {1, 2, 4, 8} up to ``eval_samples``, and the diversity
-        of each problem's samples (eval/distinct_answers, eval/distinct_2grams)."""
+        of each problem's samples (eval/distinct_answers, eval/distinct_2grams).
+
+        Under several processes each evaluates a contiguous share of the problems and the per-problem records
+        are gathered (``gather_for_metrics``), so every process returns the metrics of the whole set."""
         cfg, problems = self.config, problems or self.eval_set
-        batch_size = max(cfg.micro_batch_size, 8)
-        result = evaluate(self.model, self.tokenizer, self.task, problems, batch_size=batch_size,
-                          max_new_tokens=cfg.eval_max_new_tokens, progress=False)
+        result = self._sharded_evaluate(problems)
         metrics = result.as_metrics()
         if cfg.eval_samples > 1:
-            sampled = evaluate(self.model, self.tokenizer, self.task, problems, batch_size=batch_size,
-                               max_new_tokens=cfg.eval_max_new_tokens, greedy=False, n_samples=cfg.eval_samples,
-                               temperature=cfg.eval_temperature, progress=False)
+            sampled = self._sharded_evaluate(problems, greedy=False, n_samples=cfg.eval_samples,
+                                             temperature=cfg.eval_temperature)
             metrics.update({f"eval/pass@{k}": v for k, v in sampled.pass_at_k.items()})
             metrics["eval/sampled_accuracy"] = sampled.accuracy
             texts = [c for record in sampled.records for c in record["completions"]]
             metrics.update(group_diversity(texts, cfg.eval_samples, prefix="eval/"))
         return metrics
+
+    def root_view(self):
+        """The FSDP2 root unit's parameters whole for the span of the context (no-op without FSDP)."""
+        return root_view(self.policy, self.sharded)
+
+    def _sharded_evaluate(self, problems, **options) -> EvalResult:
+        cfg = self.config
+        with self.accelerator.split_between_processes(list(problems)) as mine:
+            mine = list(mine)
+        count = len(mine)
+        if self.sharded:  # equal shares (padded with a repeat, dropped below): generation runs in lock step
+            longest = -(-len(problems) // self.world)
+            mine += [problems[-1]] * (longest - count)
+        with self.accelerator.autocast(), self.root_view():
+            local = evaluate(self.model, self.tokenizer, self.task, mine, batch_size=max(cfg.micro_batch_size, 8),
+                             max_new_tokens=cfg.eval_max_new_tokens, progress=False, synced_gpus=self.sharded,
+                             **options)
+        if self.world == 1:
+            return local
+        records = self.accelerator.gather_for_metrics(local.records[:count], use_gather_object=True)
+        return EvalResult.from_records(records, options.get("n_samples", 1))
 
     def train(self) -> dict:
         """Run until ``max_steps``, the time budget or the generated-token budget; returns the last metrics (with
@@ -290,6 +335,7 @@ class Trainer(abc.ABC):
                 last.update(self.evaluate())
             if self.is_main:
                 self.log.log(self.step, last)
+                log_to_trackers(self.accelerator, self.step, last)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             if cfg.save_every and self.step % cfg.save_every == 0:
@@ -299,6 +345,8 @@ class Trainer(abc.ABC):
         final = self.evaluate() if cfg.eval_problems else {}
         if self.is_main and final:
             self.log.log(self.step, final)
+            log_to_trackers(self.accelerator, self.step, final)
+        finish_trackers(self.accelerator)
         last.update(final)
         return last
 

@@ -314,6 +314,8 @@ def _rows(batch: ContextBatch, rows: slice) -> ContextBatch:
 
 class ExGRPOTrainer(Trainer):
     method = "exgrpo"
+    supports_sharded_parameters = False  # dialogue turns end at different times on different processes
+
 
     def __init__(self, config: ExGRPOConfig, *args, ei_teacher: Optional[TextGenerator] = None,
                  ei_student: Optional[TextGenerator] = None, reward_functions: Optional[Sequence] = None,
@@ -338,7 +340,7 @@ class ExGRPOTrainer(Trainer):
         if self.is_main:
             clean_stale(self.sft_dir)
         self.sft_step, self.sft_position, self.sft_optimizer, self.sft_scheduler = 0, 0, None, None
-        self.sft_log = MetricsLog(cfg.output_dir, "sft_metrics.jsonl", tensorboard=False) if self.is_main else None
+        self.sft_log = MetricsLog(cfg.output_dir, "sft_metrics.jsonl") if self.is_main else None
         if self._resume_requested:
             self._resume_stages()
 
@@ -561,7 +563,7 @@ class ExGRPOTrainer(Trainer):
         dialogues = self.rollout_dialogues(plans)
         problems = [item.problem for item in items for _ in range(2 * g)]
         finals = [self.tokenizer.decode(d[-1].reply_ids, skip_special_tokens=True) for d in dialogues]
-        rewards, _ = self.reward(problems, finals)
+        rewards, _ = self.reward(problems, finals, completion_ids=[d[-1].reply_ids for d in dialogues])
         rewards = torch.tensor(rewards, dtype=torch.float32).reshape(len(items), 2 * g)
         success = torch.tensor([float(self.task.is_correct(p, t)) for p, t in zip(problems, finals)])
         success = success.reshape(len(items), 2 * g)

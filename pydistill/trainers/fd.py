@@ -131,6 +131,11 @@ class FDConfig(GRPOConfig):
 class FDTrainer(GRPOTrainer):
     method = "fd"
 
+    @property
+    def supports_sharded_parameters(self) -> bool:
+        # a critic retries failed items one by one: a data-dependent number of generate calls per process
+        return self.config.feedback != "critic"
+
     def __init__(self, config: FDConfig, *args, feedback_source: Optional[Callable] = None, **kwargs):
         """``feedback_source``: any callable ``(prompt, attempt, reference) -> str | None`` (optionally with a
         ``batch(items)`` method) that replaces the configured one."""

@@ -48,37 +48,31 @@ class RewardHealth:
     def as_metrics(self) -> dict:
         return {"rewards/failures_total": self.failures, "rewards/nonfinite_total": self.nonfinite}
 
-    def guard(self, function, name: str):
-        """``function`` made total: a failure gives nan for the whole call (reported with its name and a
-        sample, counted, and after ``max_failures`` a :class:`RewardFunctionError`); a value that is not a
-        finite number gives nan and is counted."""
-
-        def guarded(problems, completions):
-            try:
-                values = function(problems, completions)
-                values = list(values)
-                if len(values) != len(completions):
-                    raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
-            except Exception as exc:  # a reward function is user code: report, count, keep training
-                self.failures += 1
-                sample = completions[0][:200] if completions else ""
-                print(f"pydistill: reward function {name!r} failed ({type(exc).__name__}: {exc}) on a batch of "
-                      f"{len(completions)} completions, e.g. {sample!r}; scored as unscorable "
-                      f"(failure {self.failures} of at most {self.max_failures})", file=sys.stderr)
-                if self.failures >= self.max_failures:
-                    raise RewardFunctionError(
-                        f"reward function {name!r} failed {self.failures} times (max_reward_failures "
-                        f"{self.max_failures}); last: {type(exc).__name__}: {exc}; sample: {sample!r}") from exc
-                return [math.nan] * len(completions)
-            clean = []
-            for value in values:
-                number = _finite(value)
-                self.nonfinite += number is None
-                clean.append(math.nan if number is None else number)
-            return clean
-
-        guarded.__name__ = name
-        return guarded
+    def run(self, name: str, call, completions) -> list:
+        """``call()``'s values for ``completions``, made total: a failure gives nan for the whole call (reported
+        with the function's name and a sample, counted, and after ``max_failures`` a
+        :class:`RewardFunctionError`); a value that is not a finite number gives nan and is counted."""
+        try:
+            values = list(call())
+            if len(values) != len(completions):
+                raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+        except Exception as exc:  # a reward function is user code: report, count, keep training
+            self.failures += 1
+            sample = completions[0][:200] if completions else ""
+            print(f"pydistill: reward function {name!r} failed ({type(exc).__name__}: {exc}) on a batch of "
+                  f"{len(completions)} completions, e.g. {sample!r}; scored as unscorable "
+                  f"(failure {self.failures} of at most {self.max_failures})", file=sys.stderr)
+            if self.failures >= self.max_failures:
+                raise RewardFunctionError(
+                    f"reward function {name!r} failed {self.failures} times (max_reward_failures "
+                    f"{self.max_failures}); last: {type(exc).__name__}: {exc}; sample: {sample!r}") from exc
+            return [math.nan] * len(completions)
+        clean = []
+        for value in values:
+            number = _finite(value)
+            self.nonfinite += number is None
+            clean.append(math.nan if number is None else number)
+        return clean
 
 
 def _finite(value) -> Optional[float]:
@@ -95,7 +89,8 @@ def reward_function(task, names: str, weights: Optional[str] = None, functions: 
                     function_weights: Optional[Sequence[float]] = None, max_failures: int = 20):
     """The combined reward function (its ``names`` attribute lists the components, its ``health`` the
     :class:`RewardHealth` counts) from config names ("accuracy,format") and weights ("1,0.1"), or from plain
-    callables ``functions`` when given (they win). Each component is guarded (:meth:`RewardHealth.guard`)."""
+    callables ``functions`` when given (they win), each with TRL's signature ``(prompts, completions, **kwargs)``
+    or ``(problems, completions)`` (:mod:`pydistill.rewards`). Every call is guarded (:meth:`RewardHealth.run`)."""
     if functions is None:
         chosen, parsed = check_reward_names(names, weights)
         functions = [REWARD_FUNCTIONS[n](task) for n in chosen]
@@ -104,8 +99,7 @@ def reward_function(task, names: str, weights: Optional[str] = None, functions: 
     if function_weights is None:
         function_weights = parsed
     health = RewardHealth(max_failures)
-    named = [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(functions)]
-    combined, names = combine_rewards([health.guard(f, n) for f, n in zip(functions, named)], function_weights)
+    combined, names = combine_rewards(functions, function_weights, health=health)
     combined.names, combined.health = names, health
     return combined
 
@@ -138,7 +132,7 @@ def sample_groups(trainer, problems: list, reward, prompt_messages=student_messa
     prompts = [render(tok, prompt_messages(p.question)) for p in problems]
     rollouts = trainer.engine.sample(prompts, trainer.sampling)
     repeated = [p for p in problems for _ in range(n)]
-    combined, columns = reward(repeated, rollouts.texts)
+    combined, columns = reward(repeated, rollouts.texts, completion_ids=rollouts.completion_ids)
     names = getattr(reward, "names", [f"reward_{i}" for i in range(len(columns))])
     student = build_context_batch(rollouts.prompt_ids, rollouts.completion_ids, tok.pad_token_id,
                                   trainer.accelerator.device)

@@ -80,8 +80,9 @@ class GRPOTrainer(Trainer):
 
     def __init__(self, config: GRPOConfig, *args, reward_functions: Optional[Sequence] = None,
                  reward_weights: Optional[Sequence[float]] = None, **kwargs):
-        """``reward_functions``: plain callables ``(problems, completions) -> list[float]`` that replace the
-        config's named ones (with ``reward_weights``)."""
+        """``reward_functions``: callables that replace the config's named ones (with ``reward_weights``), with
+        TRL's signature ``(prompts, completions, **kwargs) -> list[float]`` (kwargs: the dataset's other
+        columns and ``completion_ids``) or ``(problems, completions) -> list[float]``; see :mod:`pydistill.rewards`."""
         super().__init__(config, *args, **kwargs)
         self.reward = reward_function(self.task, config.reward_functions, config.reward_weights,
                                       reward_functions, reward_weights, max_failures=config.max_reward_failures)

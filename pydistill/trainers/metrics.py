@@ -1,4 +1,5 @@
-"""Run logging: one JSONL line per logged step, TensorBoard when installed."""
+"""Run logging: one JSONL line per logged step (TensorBoard and wandb go through accelerate's trackers: see
+:mod:`pydistill.trainers.accel`)."""
 from __future__ import annotations
 
 import json
@@ -7,31 +8,15 @@ import time
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str, filename: str = "metrics.jsonl", tensorboard: bool = True):
+    def __init__(self, output_dir: str, filename: str = "metrics.jsonl"):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, filename)
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.writer = None
 
     def log(self, step: int, values: dict):
         record = dict(step=step, time=time.time(), **{k: _plain(v) for k, v in values.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.writer.add_scalar(k, v, step)
         return record
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _plain(value):

@@ -37,14 +37,16 @@ class RolloutEngine(Protocol):
 class HFRolloutEngine:
     """Batched sampling with ``model.generate`` (left padding, EOS-terminated completions)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 16, synced_gpus: bool = False):
+        """``synced_gpus``: keep every process stepping until all finished (sharded parameters, e.g. FSDP)."""
+        self.model, self.tokenizer, self.batch_size, self.synced_gpus = model, tokenizer, batch_size, synced_gpus
 
     def sample(self, prompts: Sequence[str], settings: SamplingSettings) -> Rollouts:
         repeated = [p for p in prompts for _ in range(settings.n)]
         texts, ids = generate_completions(self.model, self.tokenizer, repeated, max_new_tokens=settings.max_new_tokens,
                                           greedy=False, temperature=settings.temperature, top_p=settings.top_p,
-                                          top_k=settings.top_k, batch_size=self.batch_size)
+                                          top_k=settings.top_k, batch_size=self.batch_size,
+                                          synced_gpus=self.synced_gpus)
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in repeated]
         return Rollouts(repeated, prompt_ids, ids, texts)
 
@@ -72,7 +74,7 @@ class HFRolloutEngine:
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=settings.max_new_tokens, do_sample=True,
                                  temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                 pad_token_id=pad, eos_token_id=eos)
+                                 pad_token_id=pad, eos_token_id=eos, synced_gpus=self.synced_gpus)
             completions += [_until_eos(row, eos, pad) for row in out[:, width:].tolist()]
         model.train(was_training)
         return Rollouts([tok.decode(p) for p in repeated], repeated, completions,

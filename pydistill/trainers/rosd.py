@@ -148,6 +148,11 @@ def select_siblings(correct: torch.Tensor, drop_zero_spread: bool = True) -> Gro
 class ROSDTrainer(Trainer):
     method = "rosd"
 
+    @property
+    def supports_sharded_parameters(self) -> bool:
+        # the model reflector prompts a data-dependent number of rollouts per process
+        return self.config.reflector != "model"
+
     def __init__(self, config: ROSDConfig, *args, reflector=None, **kwargs):
         """``reflector``: any object with ``reflect_batch(items) -> list[Reflection]`` (see
         :mod:`pydistill.reflection`); it replaces the one ``config.reflector`` names."""

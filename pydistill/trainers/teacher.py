@@ -53,7 +53,9 @@ class Teacher:
             return
         student = dict(causal_lm_wrapper(self.student).named_parameters())
         for name, p in self.copy.named_parameters():
-            p.lerp_(student[name].detach(), self.ema_rate)
+            value = student[name].detach()
+            # FSDP2 student parameters are shards (DTensor): the whole copy updates from the gathered tensor.
+            p.lerp_(value.full_tensor() if hasattr(value, "full_tensor") else value, self.ema_rate)
 
     def state_dict(self):
         return None if self.kind != "ema" else {k: v.detach().clone() for k, v in self.copy.named_parameters()}
