@@ -22,7 +22,12 @@ def _env(**extra):
     return env
 
 
-def _run(module, args, world):
+# A gloo process sometimes aborts in C++ teardown at interpreter exit ("terminate called without an active
+# exception", SIGABRT) after its work is done, more often on a loaded machine; such a run is repeated once.
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _run(module, args, world, attempts=2):
     """Run ``python -m module args`` as ``world`` processes (one plain process when world is 1)."""
     if world == 1:
         subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(), check=True, timeout=300)
@@ -32,9 +37,11 @@ def _run(module, args, world):
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+    if attempts > 1 and any(code == -6 and _TEARDOWN_ABORT in err for code, err in results):
+        return _run(module, args, world, attempts - 1)
+    for code, err in results:
+        assert code == 0, err[-3000:]
 
 
 def test_evaluation_is_sharded_and_gathered(tmp_path):
