@@ -97,10 +97,11 @@ def _field_names(method: str) -> set:
     return {f.name for f in dataclasses.fields(TRAINERS[method][0])}
 
 
-def _convert(text: str, annotation):
-    from pydistill.cli import _parse_value
+def _convert(name: str, text: str, annotation):
+    """A run override's text as its field's type (the YAML/flag parsing); ValueError names the field."""
+    from pydistill.trainers.fields import coerce
 
-    return _parse_value(text, annotation)
+    return coerce(name, text, annotation)
 
 
 def method_config(method: str, output_dir: str, budget: int, minutes: float, seed: int, overrides: dict):
@@ -115,7 +116,7 @@ def method_config(method: str, output_dir: str, budget: int, minutes: float, see
     for key, text in overrides.items():
         if key not in names:
             raise ValueError(f"--set {method}.{key}: {config_cls.__name__} has no field {key!r}")
-        values[key] = _convert(text, hints[key])
+        values[key] = _convert(key, text, hints[key])
     values.update(output_dir=output_dir, generated_token_budget=budget, time_budget_s=60 * minutes, seed=seed)
     return config_cls.from_dict(values).validate()
 
