@@ -15,6 +15,7 @@ import triton.language as tl
 from ..token_stats.config import StatsConfig
 
 BLOCK = 1024
+OVERWRITES_LOGITS = False  # the kernels only read the logits chunk (the torch folds transform it in place)
 NUM_WARPS = 4
 KINDS = {None: 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3}
 

@@ -142,3 +142,26 @@ def test_shared_head_takes_one_stacked_gemm_per_chunk(monkeypatch):
     token_stats(inputs["hidden"], inputs["weight"], teacher_hidden=inputs["teacher_hidden"],
                 teacher_weight=inputs["weight"].detach().clone(), divergence="forward_kl")
     assert calls == [12, 12]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("div", [("jsd", 0.3, None), ("forward_kl", 0.5, 0.03), ("reverse_kl", 0.5, 0.02)])
+def test_resident_rows_second_sweep_reuses_the_logits(impl, div, monkeypatch):
+    """JSD / clip with whole-vocabulary row blocks (two blocks here): one GEMM per block in the forward, none
+    for a second sweep, and the same answer as float64."""
+    budget = {"torch": 3.2, "triton": 0.45}[impl]
+    plan = loop.plan_resident(41, 20, 1500, torch.float32, torch.device("cpu"), shared_head=True,
+                              triton_folds=impl == "triton", budget_mb=budget)
+    assert plan is not None and 32 <= plan.rows < 41 and plan.cols == 1500
+    calls = []
+    real_mm = loop._Operands.mm
+    monkeypatch.setattr(loop._Operands, "mm", lambda self, a, b, out: calls.append(a.shape[0]) or real_mm(self, a, b, out))
+    inputs = make_inputs(n=41, width=20, vocab=1500, seed=21)
+    grads = upstream(41, seed=22)
+    opts = dict(divergence=div[0], beta=div[1], clip=div[2])
+    got = run(token_stats, inputs, grads, impl=impl, memory_budget_mb=budget, **opts)
+    forward_gemms = [c for c in calls if c == 2 * plan.rows or c == 2 * (41 - plan.rows)]
+    assert forward_gemms == [2 * plan.rows, 2 * (41 - plan.rows)]  # no second sweep
+    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5

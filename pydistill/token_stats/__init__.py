@@ -53,8 +53,14 @@ class _TokenStatsFunction(torch.autograd.Function):
             hidden.device, two_contexts=two, shared_head=two and loop.same_tensor(teacher_weight, weight),
             triton_folds=impl == "triton", budget_mb=budget_mb)
         ctx.cfg, ctx.folds, ctx.plan = cfg, folds, plan
+        forward_plan = None
+        if cfg.needs_second_sweep and plan.cols < weight.shape[0]:
+            forward_plan = loop.plan_resident(
+                hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.dtype, hidden.device,
+                shared_head=plan.stacked, triton_folds=impl == "triton", budget_mb=budget_mb)
         logp, entropy, div, lse_s, lse_t, grad_sum = loop.stats_forward(
-            folds, plan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg)
+            folds, forward_plan or plan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+            targets, cfg)
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
                               lse_s, lse_t, entropy, grad_sum)
         return logp, entropy, div

@@ -21,6 +21,8 @@ import torch
 
 from .config import StatsConfig
 
+# The torch folds transform logits in place (their chunk is the loop's own buffer); the Triton folds only read.
+OVERWRITES_LOGITS = True
 # Rows of the forward state tensor [STATE_ROWS, N].
 M_S, S_S, A_S, G_S, M_T, S_T, G_T, Z_Y = range(8)
 STATE_ROWS = 8

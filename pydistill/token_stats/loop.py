@@ -29,6 +29,8 @@ MIN_COLS = 256
 MAX_COLS = {"cuda": 16384, "cpu": 4096}
 COL_ALIGN = 128
 MAX_GROUP_CHUNKS = 8
+# Fewest rows per block worth re-reading W for (plan_resident): the GEMM's W reads are amortised over them.
+MIN_RESIDENT_ROWS = {"cuda": 128, "cpu": 32}
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,26 @@ def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch
             cols = min(MIN_COLS, vocab)
             return ChunkPlan(rows=1, cols=cols, group=cols, stacked=False)
         rows = max(1, rows // 2)
+
+
+def plan_resident(n: int, width: int, vocab: int, dtype: torch.dtype, device: torch.device, *, shared_head: bool,
+                  triton_folds: bool, budget_mb: float = DEFAULT_MEMORY_BUDGET_MB):
+    """The forward plan of JSD and the clip when whole-vocabulary rows fit: row blocks whose [R, V] logits of
+    both contexts stay in memory, so the second sweep reuses them instead of recomputing them (12 N H V in all
+    instead of 16, at the price of reading W once per row block). None when fewer than MIN_RESIDENT_ROWS rows
+    fit or the GEMM would need float32 copies of 16-bit operands."""
+    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
+        return None
+    elem = 8 if dtype == torch.float64 else 4
+    in_elem = torch.empty((), dtype=dtype).element_size()
+    # logits of both contexts, plus (torch folds) the forward fold's copies and its temporaries
+    per_row = 2 * vocab * elem * (1 if triton_folds else 2 + TORCH_FOLD_TEMPORARIES) + (2 * width * in_elem
+                                                                                          if shared_head else 0)
+    rows = min(n, int(budget_mb * 2 ** 20 // per_row))
+    minimum = min(n, MIN_RESIDENT_ROWS["cuda" if device.type == "cuda" else "cpu"])
+    if rows < minimum:
+        return None
+    return ChunkPlan(rows=rows, cols=vocab, group=vocab, stacked=shared_head)
 
 
 class _Operands:
@@ -205,11 +227,21 @@ def stats_forward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, 
     state = torch.zeros(STATE_ROWS, n, device=ops.device, dtype=ops.acc)
     state[M_S] = state[M_T] = -math.inf
     y = targets if targets is not None else torch.full((n,), -1, device=ops.device, dtype=torch.long)
+    # One chunk spanning the vocabulary: JSD's and the clip's second sweep reads the same logits (no recompute).
+    resident = ops.two and cfg.needs_second_sweep and plan.cols >= vocab
+    sums = torch.zeros(2, n, device=ops.device, dtype=ops.acc) if resident else None
     for r0, r1 in _row_blocks(n, plan):
         logits = _Logits(ops, plan, r0, r1, ops.two)
         for c0, c1 in _col_chunks(vocab, plan):
             z_s, z_t = logits.chunk(c0, c1)
-            folds.forward_fold(z_s, z_t, state[:, r0:r1], y[r0:r1], c0, cfg)
+            if resident and folds.OVERWRITES_LOGITS:
+                folds.forward_fold(z_s.clone(), z_t.clone(), state[:, r0:r1], y[r0:r1], c0, cfg)
+            else:
+                folds.forward_fold(z_s, z_t, state[:, r0:r1], y[r0:r1], c0, cfg)
+        if resident:
+            block = state[:, r0:r1]
+            folds.divergence_fold(z_s, z_t, block[M_S] + torch.log(block[S_S]), block[M_T] + torch.log(block[S_T]),
+                                  sums[:, r0:r1], cfg)
     log_s = torch.log(state[S_S])
     lse_s = state[M_S] + log_s
     entropy = log_s + state[A_S] / state[S_S]
@@ -218,13 +250,14 @@ def stats_forward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, 
     if not ops.two:
         return logp, entropy, zeros, lse_s, zeros, zeros
     lse_t = state[M_T] + torch.log(state[S_T])
-    if cfg.needs_second_sweep:
+    if cfg.needs_second_sweep and not resident:
         sums = torch.zeros(2, n, device=ops.device, dtype=ops.acc)
         for r0, r1 in _row_blocks(n, plan):
             logits = _Logits(ops, plan, r0, r1, True)
             for c0, c1 in _col_chunks(vocab, plan):
                 z_s, z_t = logits.chunk(c0, c1)
                 folds.divergence_fold(z_s, z_t, lse_s[r0:r1], lse_t[r0:r1], sums[:, r0:r1], cfg)
+    if cfg.needs_second_sweep:
         return logp, entropy, sums[0], lse_s, lse_t, sums[1]
     if cfg.divergence == "forward_kl":
         div = lse_s - lse_t - state[G_T] / state[S_T]
