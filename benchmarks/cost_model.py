@@ -4,13 +4,14 @@
     python -m benchmarks.cost_model --n 8192 --h 4096 --v 151936 --matmul-tflops 790 --bandwidth-tbs 4.0 --json out.json
 
 Predicted time = GEMM FLOPs / matmul rate + non-GEMM bytes / bandwidth (GEMMs and folds run one after the other
-on one stream; GEMM operand reads are inside the matmul rate, GEMM outputs are traffic). "% of roofline" is the floor of the op itself,
-12 N H V FLOPs at the matmul rate (16 N H V for JSD and the clip, which need a second forward sweep whatever
-the implementation), over the predicted time. The case: two contexts sharing a bf16 lm_head, forward + backward
-of logp + entropy + divergence (one context, logp + entropy, for "ce").
+on one stream; GEMM operand reads are inside the matmul rate, GEMM outputs are traffic). "% of roofline" is the
+floor of the op itself, 12 N H V FLOPs at the matmul rate (6 N H V for one context), over the predicted time.
+The case: two contexts sharing a bf16 lm_head, forward + backward of logp + entropy + divergence (one context,
+logp + entropy, for "ce").
 
 How each implementation is counted:
-- ``ours``: the chunk loop with the chunk sizes :func:`pydistill.token_stats.loop.plan_chunks` picks, counted
+- ``ours``: the chunk loop with the chunk sizes :func:`pydistill.token_stats.loop.plan_chunks` (and, for JSD and
+  the clip, :func:`~pydistill.token_stats.loop.plan_resident`) picks, counted
   pass by pass below (float32 logits written by cuBLAS and read by a fold, bf16 dlogits, dH accumulation).
 - ``eager``: the float32-statistics eager loss of ``pydistill.token_stats.reference`` run on ``meta`` tensors
   of the real shape under a dispatch mode that adds up every op's input and output bytes, the GEMMs' FLOPs and
@@ -48,11 +49,10 @@ VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "sq
 
 
 def floor_flops(n, h, v, variant) -> int:
-    divergence, clip, contexts = VARIANTS[variant]
-    if contexts == 1:
-        return 6 * n * h * v
-    second_sweep = divergence == "jsd" or clip is not None
-    return (16 if second_sweep else 12) * n * h * v
+    """A recompute design's GEMM work: 6 N H V per context (forward 2, backward recompute 2 + dH 2 + dW 2, the
+    teacher's without its dH and dW)."""
+    contexts = VARIANTS[variant][2]
+    return (6 if contexts == 1 else 12) * n * h * v
 
 
 class _Counter(TorchDispatchMode):
@@ -125,19 +125,25 @@ def ours(n, h, v, variant, dtype=torch.bfloat16, budget_mb=loop.DEFAULT_MEMORY_B
     groups = math.ceil(v / plan.group)
     sweeps = 1 + (contexts == 2 and (divergence == "jsd" or clip is not None))
     nv = n * v
-    # forward sweeps: cuBLAS writes float32 logits of every context, the fold reads them
+    resident = loop.plan_resident(n, h, v, dtype, torch.device("cuda"), shared_head=True, triton_folds=True,
+                                  budget_mb=budget_mb) if sweeps == 2 else None
+    # forward sweeps: cuBLAS writes float32 logits of every context, the fold reads them; with resident rows
+    # the second sweep re-reads the same logits instead of recomputing them, and W is read once per row block
     fwd_bytes = sweeps * contexts * nv * 4 * 2
+    if resident is not None:
+        fwd_bytes = contexts * nv * 4 * 3 + math.ceil(n / resident.rows) * v * h * e
     if plan.stacked:
         fwd_bytes += sweeps * 2 * n * h * e * 2
     # backward: recompute (write + read), bf16 dlogits written once and read by the dH and dW GEMMs,
     # the float32 dH accumulator read and written by every chunk's addmm, dW written once, the final dH cast
     bwd_bytes = contexts * nv * 4 * 2 + nv * e * 3 + groups * n * h * 4 * 2 + v * h * e + n * h * (4 + e)
-    flops = sweeps * 2 * contexts * n * h * v + 2 * contexts * n * h * v + 4 * n * h * v
+    flops = (1 if resident else sweeps) * 2 * contexts * n * h * v + 2 * contexts * n * h * v + 4 * n * h * v
     extra = contexts * plan.rows * plan.cols * 4 + plan.rows * plan.group * e + n * h * 4
     extra += 2 * plan.rows * h * e if plan.stacked else 0
     return dict(flops=flops, bytes=fwd_bytes + bwd_bytes, extra_mb=extra / 2 ** 20,
                 note=f"rows {plan.rows}, chunk {plan.cols}, dlogits group {plan.group}"
-                     + (", stacked GEMM" if plan.stacked else ""))
+                     + (", stacked GEMM" if plan.stacked else "")
+                     + (f"; forward: resident blocks of {resident.rows} rows" if resident else ""))
 
 
 def trl(n, h, v, variant, dtype=torch.bfloat16, token_chunk=4096, vocab_chunk=32768):
