@@ -78,15 +78,7 @@ def run_grpo(trainer_cls, tmp_path, *, from_disk=False, peft_config=None, forbid
     trainer = trainer_cls(model=model, reward_funcs=length_reward, args=grpo_config(tmp_path, **overrides),
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
                           rollout_func=scripted_rollouts, callbacks=[recorder], peft_config=peft_config)
-    if patch is not None:
-        patch(trainer)
-    if forbid_logits:
-        forbid_lm_head(trainer.model, trainer)
-        if getattr(trainer, "ref_model", None) is not None:
-            forbid_lm_head(trainer.ref_model, trainer)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return losses, recorder.steps, trainer
+    return train_and_record(trainer, recorder, patch, forbid_logits, "ref_model")
 
 
 def forbid_lm_head(model, trainer=None):
@@ -119,6 +111,20 @@ def forbid_lm_head(model, trainer=None):
 
     head.forward = guarded
 
+
+
+def train_and_record(trainer, recorder, patch, forbid_logits: bool, other_model: str):
+    """Optionally patch the trainer and forbid [B, T, V] logits in the policy and ``other_model`` (the reference
+    or the teacher, when present), train, and return (logged losses, recorded gradient steps, trainer)."""
+    if patch is not None:
+        patch(trainer)
+    if forbid_logits:
+        forbid_lm_head(trainer.model, trainer)
+        if getattr(trainer, other_model, None) is not None:
+            forbid_lm_head(getattr(trainer, other_model), trainer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, recorder.steps, trainer
 
 def eager_grpo_trainer():
     """TRL's GRPOTrainer with its fused head bypassed: full logits, log_softmax, entropy (the plain path)."""
@@ -174,14 +180,7 @@ def run_distillation(trainer_cls, tmp_path, *, peft_config=None, forbid_logits=F
     trainer = trainer_cls(model=student, teacher_model=teacher, args=distillation_config(tmp_path, **overrides),
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
                           callbacks=[recorder], peft_config=peft_config)
-    if patch is not None:
-        patch(trainer)
-    if forbid_logits:
-        forbid_lm_head(trainer.model, trainer)
-        forbid_lm_head(trainer.teacher_model, trainer)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return losses, recorder.steps, trainer
+    return train_and_record(trainer, recorder, patch, forbid_logits, "teacher_model")
 
 
 def gkd_config(tmp_path, **overrides):
@@ -246,11 +245,4 @@ def run_self_distillation(kind, trainer_cls, tmp_path, *, peft_config=None, forb
     recorder = GradientRecorder()
     trainer = trainer_cls(model=str(tmp_path / "policy"), args=config, train_dataset=data, processing_class=tokenizer,
                           callbacks=[recorder], peft_config=peft_config, **extra)
-    if patch is not None:
-        patch(trainer)
-    if forbid_logits:
-        forbid_lm_head(trainer.model, trainer)
-        forbid_lm_head(trainer.teacher_model, trainer)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return losses, recorder.steps, trainer
+    return train_and_record(trainer, recorder, patch, forbid_logits, "teacher_model")
