@@ -1,6 +1,6 @@
 """The per-chunk folds of the core op as Triton kernels (imported as ``pydistill.kernels.folds``).
 
-Same three functions, arguments and arithmetic as the torch spelling in ``pydistill/token_stats/folds.py``
+Same three functions, arguments and math as the torch spelling in ``pydistill/token_stats/folds.py``
 (whose docstring defines the state and the per-entry algebra); the chunk loop calls these on CUDA. The GEMMs
 stay in cuBLAS: each kernel reads one ``[R, C]`` float32 chunk of raw logits, one program per row walking the
 chunk in BLOCK-wide vectors, so registers hold a few vectors and scalars (no spills, no atomics, no [N, V]).
