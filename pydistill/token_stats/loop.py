@@ -69,7 +69,7 @@ def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch
     after the fixed buffers goes to the logits chunk; the rest widens the dlogits group (up to MAX_GROUP_CHUNKS
     chunks). Rows are halved only when even a MIN_COLS-wide chunk does not fit.
     """
-    elem = 8 if dtype == torch.float64 else 4
+    elem = torch.empty((), dtype=compute_dtype(dtype)).element_size()
     contexts = 2 if two_contexts else 1
     upcast = dtype in (torch.float16, torch.bfloat16) and not (device.type == "cuda" and dtype == torch.bfloat16)
     in_elem = torch.empty((), dtype=dtype).element_size()
@@ -117,7 +117,7 @@ def plan_resident(n: int, width: int, vocab: int, dtype: torch.dtype, device: to
     fit or the GEMM would need float32 copies of 16-bit operands."""
     if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
         return None
-    elem = 8 if dtype == torch.float64 else 4
+    elem = torch.empty((), dtype=compute_dtype(dtype)).element_size()
     in_elem = torch.empty((), dtype=dtype).element_size()
     # logits of both contexts, plus (torch folds) the forward fold's copies and its temporaries
     per_row = 2 * vocab * elem * (1 if triton_folds else 2 + TORCH_FOLD_TEMPORARIES) + (2 * width * in_elem
@@ -134,7 +134,6 @@ class _Operands:
 
     def __init__(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, cfg: StatsConfig):
         self.device = hidden.device
-        self.dtype = hidden.dtype
         self.acc = compute_dtype(hidden.dtype)
         # CUDA multiplies 16-bit operands with float32 output; elsewhere operands become the compute dtype.
         self.native = self.device.type == "cuda" and hidden.dtype in (torch.float16, torch.bfloat16)
@@ -219,6 +218,11 @@ def _col_chunks(vocab, plan):
     return [(c0, min(c0 + plan.cols, vocab)) for c0 in range(0, vocab, plan.cols)]
 
 
+def _lse(state, m_row: int, s_row: int):
+    """log-sum-exp of a context from its online state rows (running max, rescaled sum of exponentials)."""
+    return state[m_row] + torch.log(state[s_row])
+
+
 def stats_forward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                   targets, cfg: StatsConfig):
     """Per-row (logp, entropy, divergence, lse_s, lse_t, grad_sum) in the compute dtype, [N] each."""
@@ -240,16 +244,14 @@ def stats_forward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, 
                 folds.forward_fold(z_s, z_t, state[:, r0:r1], y[r0:r1], c0, cfg)
         if resident:
             block = state[:, r0:r1]
-            folds.divergence_fold(z_s, z_t, block[M_S] + torch.log(block[S_S]), block[M_T] + torch.log(block[S_T]),
-                                  sums[:, r0:r1], cfg)
-    log_s = torch.log(state[S_S])
-    lse_s = state[M_S] + log_s
-    entropy = log_s + state[A_S] / state[S_S]
+            folds.divergence_fold(z_s, z_t, _lse(block, M_S, S_S), _lse(block, M_T, S_T), sums[:, r0:r1], cfg)
+    lse_s = _lse(state, M_S, S_S)
+    entropy = torch.log(state[S_S]) + state[A_S] / state[S_S]
     zeros = torch.zeros_like(lse_s)
     logp = state[Z_Y] - lse_s if targets is not None else zeros
     if not ops.two:
         return logp, entropy, zeros, lse_s, zeros, zeros
-    lse_t = state[M_T] + torch.log(state[S_T])
+    lse_t = _lse(state, M_T, S_T)
     if cfg.needs_second_sweep and not resident:
         sums = torch.zeros(2, n, device=ops.device, dtype=ops.acc)
         for r0, r1 in _row_blocks(n, plan):
