@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import cost_model
-from benchmarks.cases import CASES
-from benchmarks.measure import device_name, is_oom, measure_case, versions
+from benchmarks.cases import CASES, make_inputs
+from benchmarks.measure import device_name, is_oom, matmul_gflops, measure_case, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = dict(sweep_shapes=[(8192, 4096, 151936), (8192, 4096, 128256), (2048, 4096, 151936), (2048, 4096, 128256)],
@@ -75,7 +75,7 @@ class Clock:
 def environment(device: str, smoke: bool) -> dict:
     """Device, versions, and the two rates the cost model needs, measured here."""
     env = dict(device=device, device_name=device_name(device), date=datetime.date.today().isoformat(), **versions())
-    for module in ("transformers", "trl", "liger_kernel", "cut_cross_entropy"):
+    for module in ("transformers", "trl"):  # measure.versions() has torch, triton, liger_kernel and cce
         try:
             env[module] = getattr(__import__(module), "__version__", "installed")
         except ImportError:
@@ -85,9 +85,7 @@ def environment(device: str, smoke: bool) -> dict:
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
     size = 512 if smoke else 8192
     dtype = torch.float32 if smoke else torch.bfloat16
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    env["matmul_tflops"] = 2 * size ** 3 / (_bench(lambda: a @ b, device) / 1e3) / 1e12
+    env["matmul_tflops"] = matmul_gflops(size, size, size, dtype, device) / 1e3
     src = torch.empty(2 ** (20 if smoke else 29), device=device, dtype=torch.float32)  # 2 GiB on the GPU
     dst = torch.empty_like(src)
     env["bandwidth_tbs"] = 2 * src.numel() * 4 / (_bench(lambda: dst.copy_(src), device) / 1e3) / 1e12
@@ -138,11 +136,8 @@ def real_scale_check(shape, rows: int, device: str, dtype) -> dict:
     from pydistill import token_stats
 
     n, h, v = shape
-    g = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(n, h, device=device, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, device=device, generator=g) / h ** 0.5).to(dtype).requires_grad_()
-    teacher = (hidden.detach().float() + 0.5 * torch.randn(n, h, device=device, generator=g)).to(dtype)
-    targets = torch.randint(0, v, (n,), device=device, generator=g)
+    x = make_inputs(n, h, v, dtype, device)  # the sweep's inputs (teacher context = student + noise)
+    hidden, weight, teacher, targets = x.hidden, x.weight, x.teacher, x.targets
     opts = dict(targets=targets, teacher_hidden=teacher, divergence="forward_kl", clip=0.05)
     fused = "triton" if device == "cuda" else "torch"
     results = {}
@@ -150,7 +145,8 @@ def real_scale_check(shape, rows: int, device: str, dtype) -> dict:
         out = token_stats(hidden, weight, impl=impl, **opts)
         (out.logp.sum() + out.entropy.sum() + out.divergence.sum()).backward()
         results[impl] = ([o.detach().double() for o in out], hidden.grad.double(), weight.grad.double())
-        hidden.grad = weight.grad = None
+        hidden.grad.zero_()
+        weight.grad.zero_()
     pick = torch.linspace(0, n - 1, rows, device=device).long()
     h64 = hidden.detach()[pick].double().requires_grad_()
     ref = token_stats(h64, weight.detach().double(), targets=targets[pick], teacher_hidden=teacher[pick].double(),
@@ -232,7 +228,7 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU session — {env['device_name']}, {env['date']}", "",
              f"torch {env['torch']}, triton {env.get('triton')}, transformers {env.get('transformers')}, "
              f"trl {env.get('trl')}, liger-kernel {env.get('liger_kernel')}, cut-cross-entropy "
-             f"{env.get('cut_cross_entropy')}; driver {env.get('driver', '-')}.",
+             f"{env.get('cce')}; driver {env.get('driver', '-')}.",
              f"Measured: matmul {env['matmul_tflops']:.1f} TFLOP/s, copy bandwidth {env['bandwidth_tbs']:.2f} TB/s.",
              f"Command: `{result['command']}` ({result['wall_s']:.0f} s).", "",
              f"Tests: {result['tests'].get('status')} — {result['tests'].get('summary', '')}", "",

@@ -34,20 +34,15 @@ def _child(args) -> dict:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
 
     from benchmarks.measure import device_name, peak_rss_mb, reset_peak_rss, rss_mb
-    from benchmarks.trainer_step import QWEN25_05B, SMOLLM2
+    from benchmarks.trainer_step import build_model
     from pydistill.models import tiny_tokenizer
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    if args.model == "qwen2.5-0.5b":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=args.layers, max_position_embeddings=8192, **QWEN25_05B))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=8192, **SMOLLM2))
+    model, _ = build_model(f"random-{args.model}", args.layers, "cpu", torch.float32)  # TRL moves it
     tokenizer = tiny_tokenizer()  # token ids of the scripted rollouts stay inside its small vocabulary
     tokenizer.padding_side = "left"
     cuda = args.device == "cuda"
