@@ -59,29 +59,28 @@ def test_evaluation_is_sharded_and_gathered(tmp_path):
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
 
 
-def test_two_processes_match_one(tmp_path):
+def _one_and_two_processes(worker: str, tmp_path):
+    """The worker's saved results with 1 and with 2 processes, after checking both states agree: the same
+    names and values to float32 tolerance, with a real (non-zero) gradient behind them."""
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    _run("tests.ddp_worker", [str(single), str(tmp_path / "s")], 1)
-    _run("tests.ddp_worker", [str(double), str(tmp_path / "d")], 2)
-    one, two = torch.load(single), torch.load(double)
-    assert one["world"] == 1 and two["world"] == 2
-    scale = max(v.abs().max().item() for v in one["state"].values())
-    assert scale > 1e-4  # a real gradient
-    for name, value in one["state"].items():
-        torch.testing.assert_close(two["state"][name], value, atol=1e-5 * scale, rtol=1e-4)
-
-
-def test_fsdp2_sharded_policy_matches_one_process(tmp_path):
-    """accelerate runs FSDP only on accelerators, so the worker shards the policy with torch's FSDP2 itself (as
-    accelerate's FSDP2 preparation does): the fused loss reads the whole lm_head weight and generation and the
-    teacher see whole root parameters (Trainer.root_view), with the same gradients as one unsharded process."""
-    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    _run("tests.fsdp_worker", [str(single), str(tmp_path / "s")], 1)
-    _run("tests.fsdp_worker", [str(double), str(tmp_path / "d")], 2)
+    _run(worker, [str(single), str(tmp_path / "s")], 1)
+    _run(worker, [str(double), str(tmp_path / "d")], 2)
     one, two = torch.load(single), torch.load(double)
     assert one["world"] == 1 and two["world"] == 2
     scale = max(v.abs().max().item() for v in one["state"].values())
     assert scale > 1e-4 and one["state"].keys() == two["state"].keys()
     for name, value in one["state"].items():
         torch.testing.assert_close(two["state"][name], value, atol=1e-5 * scale, rtol=1e-4)
+    return one, two
+
+
+def test_two_processes_match_one(tmp_path):
+    _one_and_two_processes("tests.ddp_worker", tmp_path)
+
+
+def test_fsdp2_sharded_policy_matches_one_process(tmp_path):
+    """accelerate runs FSDP only on accelerators, so the worker shards the policy with torch's FSDP2 itself (as
+    accelerate's FSDP2 preparation does): the fused loss reads the whole lm_head weight and generation and the
+    teacher see whole root parameters (Trainer.root_view), with the same gradients as one unsharded process."""
+    one, two = _one_and_two_processes("tests.fsdp_worker", tmp_path)
     assert two["eval"]["eval/accuracy"] == one["eval"]["eval/accuracy"]  # generation under sharded weights
