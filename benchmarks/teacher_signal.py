@@ -29,7 +29,7 @@ import sys
 import time
 
 CONTEXTS = ("opsd_reference", "rosd_sibling_explanation", "rosd_sibling_only", "rosd_reference_explanation",
-            "fd_verifier_full", "fd_verifier_no_attempt_numbers", "fd_reference_solution")
+            "fd_verifier_full", "fd_verifier_no_attempt_numbers", "fd_verifier_corrections", "fd_reference_solution")
 
 
 def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanation: str) -> list:
@@ -50,6 +50,9 @@ def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanatio
         return feedback_teacher_messages(q, VerifierFeedback()(q, attempt, problem.answer))
     if context == "fd_verifier_no_attempt_numbers":
         return feedback_teacher_messages(q, VerifierFeedback(quote_attempt=False)(q, attempt, problem.answer))
+    if context == "fd_verifier_corrections":
+        feedback = VerifierFeedback(quote_attempt=False, state_answer=True)(q, attempt, problem.answer)
+        return feedback_teacher_messages(q, feedback)
     if context == "fd_reference_solution":
         return feedback_teacher_messages(q, ReferenceSolutionFeedback({q: problem.solution})(q, attempt, None))
     raise ValueError(f"unknown context {context!r}; expected one of {CONTEXTS}")

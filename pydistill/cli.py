@@ -81,7 +81,7 @@ def cmd_train(args, overrides):
 
 
 def run_settings(checkpoint: str) -> dict:
-    """The model and LoRA settings a checkpoint was trained with (from its trainer_state.json), or {}."""
+    """The model, LoRA and data settings a checkpoint was trained with (from its trainer_state.json), or {}."""
     import json as _json
 
     path = os.path.join(checkpoint, "trainer_state.json")
@@ -89,15 +89,22 @@ def run_settings(checkpoint: str) -> dict:
         return {}
     with open(path, encoding="utf-8") as f:
         config = _json.load(f).get("config", {})
-    return {k: config[k] for k in ("model", "lora_r", "lora_alpha") if k in config}
+    return {k: config[k] for k in ("model", "lora_r", "lora_alpha") + DATA_SETTINGS if k in config}
+
+
+# What names the evaluation data; `pydistill eval` takes each from its flag, else from the checkpoint's run.
+DATA_SETTINGS = ("task", "data_path", "dataset", "dataset_config", "prompt_column", "solution_column",
+                 "answer_column")
 
 
 def cmd_eval(args, _):
-    """Accuracy of a model or a checkpoint; a checkpoint's model and LoRA settings come from its run unless
-    given as flags."""
+    """Accuracy of a model or a checkpoint; a checkpoint's model, LoRA and data settings (task or dataset and
+    its columns) come from its run unless given as flags."""
+    import types
+
     from .evaluation import evaluate
     from .models import LoraSettings, load_model
-    from .tasks import get_task
+    from .tasks import task_from_config
     from .trainers.checkpoint import load_weights, resolve_checkpoint
 
     path = resolve_checkpoint(args.checkpoint, "--checkpoint") if args.checkpoint else None
@@ -112,7 +119,12 @@ def cmd_eval(args, _):
         raise ValueError(f"model {model_name!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
     if path:
         load_weights(model, path)
-    task = get_task(args.task, **({"path": args.data_path} if args.task == "gsm8k" else {}))
+    defaults = dict(task="arithmetic", data_path=None, dataset=None, dataset_config=None, prompt_column="prompt",
+                    solution_column="solution", answer_column="answer")
+    data = {k: getattr(args, k) if getattr(args, k) is not None else run.get(k, defaults[k]) for k in DATA_SETTINGS}
+    if args.task is not None and args.dataset is None:  # a task flag replaces the run's dataset
+        data["dataset"] = None
+    task = task_from_config(types.SimpleNamespace(**data))
     problems = task.problems(args.split, n=args.n, seed=args.seed)
     result = evaluate(model, tokenizer, task, problems, max_new_tokens=args.max_new_tokens,
                       greedy=args.samples == 1, n_samples=args.samples, temperature=args.temperature)
@@ -186,8 +198,15 @@ def build_parser():
     ev.add_argument("--checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
     ev.add_argument("--lora-r", type=int, help="LoRA rank (default: the checkpoint's run's; 0: full fine-tune)")
     ev.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the checkpoint's run's)")
-    ev.add_argument("--task", default="arithmetic")
-    ev.add_argument("--data-path")
+    ev.add_argument("--task", help="built-in task: arithmetic or gsm8k (default: the checkpoint's run's, else "
+                    "arithmetic)")
+    ev.add_argument("--data-path", help="GSM8K folder or file (task gsm8k)")
+    ev.add_argument("--dataset", help="evaluate on a dataset instead of a task: a jsonl/json/csv/parquet file, a "
+                    "dataset folder or a hub name (default: the checkpoint's run's)")
+    ev.add_argument("--dataset-config", help="the hub dataset's configuration name")
+    ev.add_argument("--prompt-column", help="the dataset's prompt column (default: the run's, else prompt)")
+    ev.add_argument("--solution-column", help="the dataset's solution column (default: the run's, else solution)")
+    ev.add_argument("--answer-column", help="the dataset's answer column (default: the run's, else answer)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--n", type=int, default=64)
     ev.add_argument("--seed", type=int, default=1)

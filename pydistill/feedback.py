@@ -95,10 +95,12 @@ class VerifierFeedback:
     ('The step "5 * 2 = 11" is wrong: 5 * 2 = 10, not 11. The final answer 11 is not correct.'). False: it
     states only what is right, never a number the attempt got wrong ('One step is wrong: it should read
     "5 * 2 = 10". The final answer is not correct.'), so a teacher reading it cannot copy the wrong values.
+    ``state_answer``: an incorrect or missing final answer is followed by the right one ('The final answer
+    should be 10.'), so the feedback names the right value of every error it reports.
     """
 
-    def __init__(self, quote_attempt: bool = True):
-        self.quote_attempt = quote_attempt
+    def __init__(self, quote_attempt: bool = True, state_answer: bool = False):
+        self.quote_attempt, self.state_answer = quote_attempt, state_answer
 
     def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
         from .tasks import extract_answer, find_first_wrong_step
@@ -122,6 +124,8 @@ class VerifierFeedback:
                 parts.append(f"The final answer {final} is not correct.")
             else:
                 parts.append("The final answer is not correct.")
+            if self.state_answer and (final is None or not _same_number(final, reference)):
+                parts.append(f"The final answer should be {reference}.")
         return " ".join(parts) or None
 
 

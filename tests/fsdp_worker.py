@@ -1,6 +1,7 @@
 """One process of the FSDP test: the trainer's policy sharded with torch's FSDP2 the way accelerate's FSDP2
 preparation shards it (each decoder layer, then the root), on the CPU where accelerate itself runs only DDP.
-Saves the gradients of one OPSD step (gathered from the shards) and a held-out evaluation's metrics."""
+Saves the gradients of one OPSD step (gathered from the shards) and a held-out evaluation's metrics; with a
+third argument ``train``/``resume``, trains one real step and checkpoints it, or resumes that run for one more."""
 import os
 import sys
 
@@ -21,16 +22,21 @@ def shard_like_accelerate(accelerator):
 
     def prepare(policy, optimizer):
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        before = {id(p): name for name, p in policy.named_parameters()}
         for layer in policy.model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(policy, mesh=mesh)
+        # fully_shard replaces each parameter by a sharded one: point the optimizer at those, as accelerate does
+        after = dict(policy.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [after[before[id(p)]] for p in group["params"]]
         return policy, optimizer
 
     accelerator.prepare = prepare
     return accelerator
 
 
-def main(out_path, run_dir):
+def main(out_path, run_dir, mode="gradients"):
     import pathlib
 
     sharded = "WORLD_SIZE" in os.environ
@@ -44,12 +50,14 @@ def main(out_path, run_dir):
         core.make_accelerator = sharding_accelerator
         core.uses_sharded_parameters = lambda accelerator: True
     model, tok = tiny_model(seed=0)
-    cfg = tiny_config(pathlib.Path(run_dir), max_steps=1, batch_size=4, micro_batch_size=2, learning_rate=1e-2,
-                      divergence="jsd", clip=None, eval_problems=3, eval_max_new_tokens=4)
     with torch.no_grad():  # a student away from its teacher (the initial weights), so the step has a gradient
         torch.manual_seed(1)
         for p in model.parameters():
             p.mul_(1 + 0.3 * torch.randn_like(p))
+    if mode != "gradients":
+        return checkpoint_run(model, tok, pathlib.Path(run_dir), sharded, resume=mode == "resume")
+    cfg = tiny_config(pathlib.Path(run_dir), max_steps=1, batch_size=4, micro_batch_size=2, learning_rate=1e-2,
+                      divergence="jsd", clip=None, eval_problems=3, eval_max_new_tokens=4)
     trainer = OPSDTrainer(cfg, model=model, tokenizer=tok, task=EvenAnswers(), rollout_engine=ScriptedEngine(tok))
     trainer.teacher.copy.load_state_dict(tiny_model(seed=0)[0].state_dict())
     assert trainer.sharded == sharded
@@ -65,10 +73,25 @@ def main(out_path, run_dir):
     evaluation = trainer.evaluate()
     if trainer.is_main:
         torch.save(dict(state=grads, loss=metrics["loss"], world=trainer.world, eval=evaluation), out_path)
+    _exit()
+
+
+def checkpoint_run(model, tok, run_dir, sharded, resume):
+    """One step and a checkpoint (with its save_pretrained folder), or the resumed run's second step."""
+    cfg = tiny_config(run_dir, max_steps=2 if resume else 1, batch_size=4, micro_batch_size=2, learning_rate=1e-2,
+                      divergence="jsd", clip=None, resume=resume, save_pretrained=True)
+    trainer = OPSDTrainer(cfg, model=model, tokenizer=tok, task=EvenAnswers(), rollout_engine=ScriptedEngine(tok))
+    trainer.teacher.copy.load_state_dict(tiny_model(seed=0)[0].state_dict())
+    assert trainer.sharded == sharded
+    trainer.train()
+    _exit()
+
+
+def _exit():
     if torch.distributed.is_initialized():  # an orderly exit: gloo's threads otherwise abort at interpreter exit
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

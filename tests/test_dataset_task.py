@@ -157,3 +157,33 @@ def test_readme_dataset_example_runs(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open("runs/mine/metrics.jsonl")]
     assert rows[0]["rewards/final_answer"] == pytest.approx(rows[0]["accuracy"])
     assert rows[0]["rewards/shorter"] < 0
+
+
+def test_eval_takes_the_runs_dataset_and_columns_or_flags(tmp_path, monkeypatch, capsys):
+    """`pydistill eval --checkpoint RUN` evaluates on the data the run trained on (its dataset and column names);
+    --dataset and the column flags name other data; --task replaces the run's dataset."""
+    import pydistill.evaluation as evaluation
+    import pydistill.models as models
+    from pydistill.cli import main
+
+    path = str(write_jsonl(tmp_path / "mine.jsonl"))
+    model, tok = tiny_model(seed=0)
+    run = OPSDTrainer(tiny_config(tmp_path, max_steps=1, dataset=path, **COLUMNS), model=model, tokenizer=tok,
+                      rollout_engine=ScriptedEngine(tok))
+    run.train()
+    monkeypatch.setattr(models, "load_model", lambda name, lora=None, **kw: tiny_model(seed=0))
+    seen = []
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda m, t, task, problems, **kw: (
+        seen.append([p.question for p in problems]), real(m, t, task, problems, **kw))[1])
+    args = ["eval", "--checkpoint", run.config.output_dir, "--n", "3", "--max-new-tokens", "2", "--split", "train"]
+    assert main(args) == 0
+    assert set(seen[-1]) <= {p.question for p in SOURCE} and len(seen[-1]) == 3
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"q": p.question, "a": f"#### {p.answer}"}) + "\n" for p in SOURCE[:2]))
+    assert main(args + ["--dataset", str(renamed), "--prompt-column", "q", "--answer-column", "a",
+                        "--solution-column", "a"]) == 0
+    assert sorted(seen[-1]) == sorted(p.question for p in SOURCE[:2])
+    assert main(args[:-2] + ["--task", "arithmetic", "--split", "test"]) == 0
+    assert not set(seen[-1]) & {p.question for p in SOURCE}
+    assert "accuracy" in capsys.readouterr().out

@@ -138,6 +138,7 @@ FD_VARIANTS = [
     dict(feedback_content="no_attempt_numbers"),
     dict(feedback_content="no_attempt_numbers", include_sibling=True),
     dict(feedback_content="reference_solution"),
+    dict(feedback_content="corrections"),
     dict(feedback="critic"),
     dict(feedback="critic", feedback_content="no_attempt_numbers"),
     dict(teacher="fixed"),
@@ -152,7 +153,8 @@ def expected_feedback(cfg, problem, attempt):
         text = "Check the product; the total is [answer withheld]."  # FDEngine's critique, answer redacted
         return without_attempt_numbers(text, attempt, problem.question) \
             if cfg.feedback_content == "no_attempt_numbers" else text
-    return VerifierFeedback(quote_attempt=cfg.feedback_content == "full")(problem.question, attempt, problem.answer)
+    return VerifierFeedback(quote_attempt=cfg.feedback_content == "full", state_answer=cfg.feedback_content ==
+                            "corrections")(problem.question, attempt, problem.answer)
 
 
 @pytest.mark.parametrize("overrides", FD_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
@@ -197,6 +199,17 @@ def test_verifier_feedback_without_the_attempts_numbers():
     assert without_attempt_numbers(None, "1", "2") is None
 
 
+def test_verifier_corrections_state_every_right_value_and_no_attempt_number():
+    corrections = VerifierFeedback(quote_attempt=False, state_answer=True)
+    assert corrections("q", WRONG, "7") == ('One step is wrong: it should read "5 * 2 = 10". The final answer is not '
+                                            'correct. The final answer should be 7.')
+    assert corrections("q", RIGHT, "7") == "The final answer is correct."
+    assert corrections("q", "5 + 2 = 7. The answer is 8.", "7") == ("The final answer is not correct. The final "
+                                                                    "answer should be 7.")
+    assert corrections("q", "I am not sure.", "7").endswith('"The answer is" and the number. The final answer '
+                                                           'should be 7.')
+
+
 def test_rosd_and_fd_diagnosis_switches_are_validated():
     from pydistill.trainers import FDConfig, ROSDConfig
 
@@ -207,6 +220,8 @@ def test_rosd_and_fd_diagnosis_switches_are_validated():
             ROSDConfig(**overrides).validate()
     with pytest.raises(ValueError, match="feedback_content must be one of"):
         FDConfig(feedback_content="numbers").validate()
+    with pytest.raises(ValueError, match="feedback_content 'corrections' needs feedback='verifier'"):
+        FDConfig(feedback="critic", feedback_content="corrections").validate()
     assert (ROSDConfig().privileged, ROSDConfig().explanation, ROSDConfig().loss_span) == ("sibling", True, "suffix")
     assert FDConfig().feedback_content == "full"
 

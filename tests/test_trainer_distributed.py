@@ -84,3 +84,32 @@ def test_fsdp2_sharded_policy_matches_one_process(tmp_path):
     teacher see whole root parameters (Trainer.root_view), with the same gradients as one unsharded process."""
     one, two = _one_and_two_processes("tests.fsdp_worker", tmp_path)
     assert two["eval"]["eval/accuracy"] == one["eval"]["eval/accuracy"]  # generation under sharded weights
+
+
+def test_fsdp2_checkpoint_holds_whole_weights_and_resumes(tmp_path):
+    """A 2-process FSDP2 run checkpoints whole tensors (not this process's shards): its weights and its
+    save_pretrained folder equal the unsharded run's after one step, the folder loads with from_pretrained, and
+    resuming under FSDP2 (weights and the name-keyed optimizer state given back as shards) takes the same second
+    step as the unsharded run resumed."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    weights = {}
+    for world, name in ((1, "one"), (2, "two")):
+        run = tmp_path / name
+        _run("tests.fsdp_worker", [str(tmp_path / "unused"), str(run), "train"], world)
+        _run("tests.fsdp_worker", [str(tmp_path / "unused"), str(run), "resume"], world)
+        weights[name] = {step: load_file(run / "run" / f"checkpoint-{step}" / "weights.safetensors")
+                         for step in (1, 2)}
+        exported = AutoModelForCausalLM.from_pretrained(run / "run" / "checkpoint-1" / "model")
+        saved = dict(exported.named_parameters())
+        for key, value in weights[name][1].items():
+            torch.testing.assert_close(saved[key], value, atol=0, rtol=0)
+    one, two = weights["one"], weights["two"]
+    moved = max((one[2][k] - one[1][k]).abs().max().item() for k in one[1])
+    assert moved > 1e-4  # the resumed step trained
+    for step in (1, 2):
+        assert one[step].keys() == two[step].keys()
+        for key, value in one[step].items():
+            assert two[step][key].shape == value.shape
+            torch.testing.assert_close(two[step][key], value, atol=1e-4, rtol=1e-3)

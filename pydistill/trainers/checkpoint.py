@@ -10,6 +10,12 @@ Guarantees, whatever moment a run is killed at (SIGKILL included):
 - Loading runs no pickled code: ``training_state.pt`` holds tensors and plain values only and is read with
   ``torch.load(weights_only=True)``; ``latest`` may only name a ``checkpoint-<step>`` folder inside the run.
 - :func:`clean_stale` removes what a killed save left behind (temporary folders, a half-finished re-save).
+
+Under FSDP2 (``sharded=True``) every process holds a shard of each parameter and of its optimizer state: a save
+gathers whole tensors on every process (collectives) and the main process writes whole tensors, so the weights
+and the exported folders load with or without sharding, on any number of processes; the optimizer state is
+keyed by parameter name there, and resumes under FSDP2 on any number of processes. A load gives each process
+its shard of the whole tensors read from the files.
 """
 from __future__ import annotations
 
@@ -41,8 +47,29 @@ class CheckpointError(ValueError):
 
 
 def _trainable_state(model) -> dict:
-    # named_parameters() lists a tied weight once, which safetensors requires
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    # named_parameters() lists a tied weight once, which safetensors requires; a DTensor shard is gathered whole
+    # (a collective: every process of a sharded run calls this)
+    return {n: _whole(p).detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _whole(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def gather_training_state(model, optimizer, policy=None, sharded: bool = False):
+    """(trainable weights, optimizer state) as whole tensors, for :func:`save_checkpoint`. Under FSDP2 a
+    collective: call it on every process; the optimizer state is then keyed by parameter name (torch's
+    distributed-checkpoint "full" form for ``policy``, the prepared module that owns the parameters) and is
+    complete on the main process only."""
+    if sharded:
+        policy.reshard()  # the root unit stays whole after a forward without backward; its shards are the params
+    weights = _trainable_state(model)
+    if not sharded:
+        return weights, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return weights, get_optimizer_state_dict(policy, optimizer, options=options)
 
 
 def _check_finite(state: dict, what: str):
@@ -103,27 +130,29 @@ def _pointer(output_dir: str) -> Optional[str]:
     return name
 
 
-def export_pretrained(folder: str, model, tokenizer=None):
+def export_pretrained(folder: str, model, tokenizer=None, weights: Optional[dict] = None):
     """Write ``model`` where the ecosystem loads it from: under LoRA a PEFT adapter folder ``adapter/``
     (``PeftModel.from_pretrained(base, folder/adapter)``), else a ``save_pretrained`` folder ``model/`` with the
-    tokenizer (``AutoModelForCausalLM.from_pretrained(folder/model)``)."""
+    tokenizer (``AutoModelForCausalLM.from_pretrained(folder/model)``). ``weights``: whole trainable tensors
+    by parameter name, written instead of the model's own (which are shards under FSDP)."""
     if hasattr(model, "peft_config"):
-        model.save_pretrained(os.path.join(folder, "adapter"))
+        model.save_pretrained(os.path.join(folder, "adapter"), state_dict=weights)
         return
     target = os.path.join(folder, "model")
-    model.save_pretrained(target, safe_serialization=True)
+    model.save_pretrained(target, safe_serialization=True, state_dict=weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    teacher_state=None, rng: Optional[dict] = None, export=None) -> str:
+                    teacher_state=None, rng: Optional[dict] = None, export=None, gathered=None) -> str:
     """Write ``output_dir/checkpoint-<step>`` and point ``output_dir/latest`` at it (see the module docstring).
 
     ``rng``: the RNG states to record (default: the current ones). ``export(folder)``: writes more files into
-    the checkpoint before it is renamed into place (e.g. :func:`export_pretrained`)."""
+    the checkpoint before it is renamed into place (e.g. :func:`export_pretrained`). ``gathered``: the
+    (weights, optimizer state) of :func:`gather_training_state` when already gathered (sharded runs)."""
     os.makedirs(output_dir, exist_ok=True)
-    weights = _trainable_state(model)
+    weights, optimizer_state = gathered if gathered is not None else gather_training_state(model, optimizer)
     _check_finite(weights, "weights")
     teacher = None
     if teacher_state is not None:
@@ -139,7 +168,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, tra
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
         if teacher is not None:
             save_file(teacher, os.path.join(tmp, "teacher.safetensors"))
-        torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        torch.save(dict(optimizer=optimizer_state, scheduler=scheduler.state_dict(),
                         rng=rng if rng is not None else rng_state()),
                    os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -231,7 +260,13 @@ def load_weights(model, checkpoint: str):
                          f"architecture?): {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            param = params[name]
+            value = value.to(param.device, param.dtype)
+            if hasattr(param, "device_mesh"):  # an FSDP2 shard: keep this process's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, param.device_mesh, param.placements)
+            param.copy_(value)
 
 
 def _follow_schedule(optimizer, scheduler):
@@ -245,15 +280,24 @@ def _follow_schedule(optimizer, scheduler):
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def load_checkpoint(checkpoint: str, model, optimizer, scheduler):
-    """Restore weights, optimizer, scheduler and RNG states; returns (trainer_state, teacher_state or None)."""
+def load_checkpoint(checkpoint: str, model, optimizer, scheduler, policy=None, sharded: bool = False):
+    """Restore weights, optimizer, scheduler and RNG states; returns (trainer_state, teacher_state or None).
+    ``sharded``: FSDP2 (every process reads the files and keeps its shards; ``policy`` as for
+    :func:`gather_training_state`)."""
+    if sharded:
+        policy.reshard()  # write into the shards, not into a whole root view that the next reshard drops
     load_weights(model, checkpoint)
     try:
         state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)
     except Exception as exc:  # an old pickle-based file, or a planted one: never unpickle code
         raise CheckpointError(f"cannot read {checkpoint}/training_state.pt as plain tensors and values "
                               f"({type(exc).__name__}); it was not written by this version of pydistill") from None
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _follow_schedule(optimizer, scheduler)
     set_rng_state(state["rng"])

@@ -30,8 +30,8 @@ from ..tasks import task_from_config
 from . import run_folder
 from .accel import (enable_gradient_checkpointing, finish_trackers, init_trackers, log_to_trackers,
                     make_accelerator, root_view, start_sharded, uses_sharded_parameters)
-from .checkpoint import (NonFiniteWeights, clean_stale, export_pretrained, latest_checkpoint, load_checkpoint,
-                         load_weights, resolve_checkpoint, rng_state, save_checkpoint)
+from .checkpoint import (NonFiniteWeights, clean_stale, export_pretrained, gather_training_state, latest_checkpoint,
+                         load_checkpoint, load_weights, resolve_checkpoint, rng_state, save_checkpoint)
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .rollout import HFRolloutEngine, SamplingSettings
@@ -360,13 +360,18 @@ class Trainer(abc.ABC):
         """Checkpoint the current step (a no-op when this step is already saved: the end of a run whose
         max_steps is a multiple of save_every, or a finished run resumed)."""
         self.accelerator.wait_for_everyone()
-        if not self.is_main or self._saved_step == self.step:
+        if self._saved_step == self.step:
+            return None
+        # Under FSDP2 every process takes part in gathering the whole tensors; the main process writes them.
+        gathered = gather_training_state(self.model, self.optimizer, self.policy, self.sharded)
+        if not self.is_main:
+            self._saved_step = self.step
             return None
         teacher_state = self.teacher.state_dict() if self.teacher is not None else None
-        export = ((lambda folder: export_pretrained(folder, self.model, self.tokenizer))
+        export = ((lambda folder: export_pretrained(folder, self.model, self.tokenizer, weights=gathered[0]))
                   if self.config.save_pretrained else None)
         path = save_checkpoint(self.config.output_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.trainer_state(), teacher_state, rng=rng, export=export)
+                               self.trainer_state(), teacher_state, rng=rng, export=export, gathered=gathered)
         self._saved_step = self.step
         return path
 
@@ -402,8 +407,8 @@ class Trainer(abc.ABC):
             if self.is_main:
                 run_folder.truncate_metrics(self.log.path, 0)
             return
-        state, teacher_state = load_checkpoint(path, self.model, self.optimizer,
-                                               self.scheduler)
+        state, teacher_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.policy,
+                                               self.sharded)
         if self.teacher is not None:
             self.teacher.load_state_dict(teacher_state)
         self.step, self.data_position = state["step"], state["data_position"]

@@ -40,7 +40,7 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .rollout import HFRolloutEngine, SamplingSettings
 
 FEEDBACK_SOURCES = ("verifier", "critic", "lean")
-FEEDBACK_CONTENTS = ("full", "no_attempt_numbers", "reference_solution")
+FEEDBACK_CONTENTS = ("full", "corrections", "no_attempt_numbers", "reference_solution")
 logger = logging.getLogger(__name__)
 
 
@@ -60,12 +60,14 @@ class FDConfig(GRPOConfig):
     num_generations: int = 8
     feedback: Literal["verifier", "critic", "lean"] = option(
         "verifier", "feedback source: the step verifier, a critic model or the Lean compiler")
-    # What of the feedback the teacher reads (a diagnosis switch; "full" is the method): "full" as the source
-    # wrote it; "no_attempt_numbers" without any number the attempt introduced (the verifier then states only
+    # What of the feedback the teacher reads: "full" as the source wrote it; "corrections" (verifier only) the
+    # right value of every error and none of the attempt's numbers (the wrong step corrected, the right final
+    # answer); "no_attempt_numbers" without any number the attempt introduced (the verifier then states only
     # the corrected step, other sources are redacted); "reference_solution": the task's reference solution
     # replaces the source's feedback (OPSD's privileged text in FD's teacher context).
-    feedback_content: str = option("full", "what of the feedback the teacher reads: full, no_attempt_numbers or "
-                                   "reference_solution (a diagnosis switch)")
+    feedback_content: Literal["full", "corrections", "no_attempt_numbers", "reference_solution"] = option(
+        "full", "what of the feedback the teacher reads: full, corrections (verifier: right values only), "
+        "no_attempt_numbers or reference_solution")
     critic_model: Optional[str] = option(None, "a second HF model (name/path) as critic; None: the student itself")
     critic_temperature: float = option(0.3, "the critic samples at a low temperature")
     critic_max_new_tokens: int = 128
@@ -94,6 +96,9 @@ class FDConfig(GRPOConfig):
             raise ValueError(f"feedback must be one of {FEEDBACK_SOURCES}, got {self.feedback!r}")
         if self.feedback_content not in FEEDBACK_CONTENTS:
             raise ValueError(f"feedback_content must be one of {FEEDBACK_CONTENTS}, got {self.feedback_content!r}")
+        if self.feedback_content == "corrections" and self.feedback != "verifier":
+            raise ValueError(f"feedback_content 'corrections' needs feedback='verifier' (only the verifier knows the "
+                             f"right values), got feedback={self.feedback!r}")
         if self.critic_model is not None and self.feedback != "critic":
             raise ValueError(f"critic_model is only used with feedback='critic', got feedback={self.feedback!r}")
         if not self.critic_temperature > 0:
@@ -152,7 +157,8 @@ class FDTrainer(GRPOTrainer):
         if content == "reference_solution":  # replaces any source: the teacher reads the reference instead
             self.feedback_source = ReferenceSolutionFeedback({p.question: p.solution for p in self.train_pool})
         elif self.feedback_source is None and config.feedback == "verifier":
-            self.feedback_source = VerifierFeedback(quote_attempt=content == "full")
+            self.feedback_source = VerifierFeedback(quote_attempt=content == "full",
+                                                    state_answer=content == "corrections")
         elif self.feedback_source is None:
             self.feedback_source = self._critic()
         quotes_nothing = isinstance(self.feedback_source, VerifierFeedback) and not self.feedback_source.quote_attempt
