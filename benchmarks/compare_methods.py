@@ -48,7 +48,8 @@ METHOD_DEFAULTS = {
     "opsd": dict(learning_rate=5e-5, divergence="jsd", beta=0.5, clip=None),
     "rosd": dict(num_generations=4, batch_size=4, micro_batch_size=4, learning_rate=5e-5, warmup_steps=0),
     "fd": dict(num_generations=4, batch_size=4, micro_batch_size=4, learning_rate=5e-5),
-    # the procedural Explanatory Inversion teacher: stage 0 needs no language model (see pydistill.ei_procedural)
+    # the procedural Explanatory Inversion teacher: stage 0 needs no language model
+    # (see pydistill.trainers.exgrpo.ei_procedural)
     "exgrpo": dict(num_generations=4, batch_size=2, micro_batch_size=2, learning_rate=5e-5, ei_teacher="procedural",
                    train_problems=64, num_probes=2, partial_probes=1, sft_steps=8, sft_batch_size=8,
                    sft_learning_rate=5e-5, ei_max_new_tokens=48),

@@ -12,7 +12,8 @@ calculated correctly would write it. Three kinds of corruption:
 
 A hit is a reflection whose quote is found in the attempt at the corrupted step's start. Prints and returns the
 hit rate per kind (and writes JSON with ``--out``). The default reflector is the step checker; any object with
-``reflect_batch(items)`` (e.g. :class:`pydistill.reflection.ModelReflector`) can be passed to :func:`measure`.
+``reflect_batch(items)`` (e.g. :class:`pydistill.trainers.rosd.reflection.ModelReflector`) can be passed to
+:func:`measure`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import re
 import sys
 from typing import Optional
 
-from pydistill.reflection import StepCheckReflector, find_quote
+from pydistill.trainers.rosd.reflection import StepCheckReflector, find_quote
 from pydistill.tasks import ArithmeticTask
 
 KINDS = ("result", "operand", "operator")

@@ -34,7 +34,7 @@ CONTEXTS = ("opsd_reference", "rosd_sibling_explanation", "rosd_sibling_only", "
 
 def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanation: str) -> list:
     """The messages of ``context`` for one rollout (see CONTEXTS)."""
-    from pydistill.feedback import ReferenceSolutionFeedback, VerifierFeedback
+    from pydistill.trainers.fd.feedback import ReferenceSolutionFeedback, VerifierFeedback
     from pydistill.prompts import feedback_teacher_messages, opsd_teacher_messages, rosd_teacher_messages
 
     q = problem.question
@@ -87,7 +87,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
 
     from pydistill.evaluation import generate_completions
     from pydistill.prompts import render, student_messages
-    from pydistill.reflection import StepCheckReflector
+    from pydistill.trainers.rosd.reflection import StepCheckReflector
     from pydistill.token_stats import token_stats
     from pydistill.trainers.contexts import lm_head_weight
 

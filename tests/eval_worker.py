@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-import pydistill.trainers.core as core
+import pydistill.trainers.held_out as held_out
 from pydistill.models import tiny_model
 from pydistill.tasks import ArithmeticTask
 from pydistill.trainers import OPSDTrainer
@@ -23,13 +23,13 @@ def main(out_path, run_dir):
     import pathlib
 
     seen = []
-    original = core.evaluate
+    original = held_out.evaluate
 
     def counting(model, tokenizer, task, problems, **kwargs):
         seen.append(len(problems))
         return original(model, tokenizer, task, problems, **kwargs)
 
-    core.evaluate = counting
+    held_out.evaluate = counting
     model, tok = tiny_model(seed=0)
     cfg = tiny_config(pathlib.Path(run_dir), eval_problems=7, eval_samples=2, eval_max_new_tokens=3,
                       batch_size=4, micro_batch_size=2)

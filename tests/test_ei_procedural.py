@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from pydistill.ei_procedural import WRITERS, ProceduralTeacher, Probe, Story, parse_story, verify, write_probes
-from pydistill.explanatory_inversion import EI_RULES, consistency_prompt
+from pydistill.trainers.exgrpo.ei_procedural import (WRITERS, ProceduralTeacher, Probe, Story, parse_story, verify,
+                                                     write_probes)
+from pydistill.trainers.exgrpo.explanatory_inversion import EI_RULES, consistency_prompt
 from pydistill.models import tiny_model
 from pydistill.tasks import ArithmeticTask, extract_answer, find_first_wrong_step
 from pydistill.tasks.base import Problem

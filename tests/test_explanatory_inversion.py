@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pydistill.explanatory_inversion import (EI_RULES, JsonlCache, filter_ei_data, generate_ei_data)
+from pydistill.trainers.exgrpo.explanatory_inversion import (EI_RULES, JsonlCache, filter_ei_data, generate_ei_data)
 
 
 def boxed(text):

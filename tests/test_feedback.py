@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from pydistill.feedback import (FeedbackStats, FeedbackUnavailable, LeanFeedback, ModelFeedback, VerifierFeedback,
-                                collect_feedback, parse_lean_messages, redact_answer)
+from pydistill.trainers.fd.feedback import (FeedbackStats, FeedbackUnavailable, LeanFeedback, ModelFeedback,
+                                            VerifierFeedback, collect_feedback, parse_lean_messages, redact_answer)
 
 LEAN_OUTPUT = """{path}:3:2: error: unknown identifier 'foo'
 {path}:5:10: error: type mismatch

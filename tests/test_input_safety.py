@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pydistill.cli import main
-from pydistill.feedback import LeanFeedback, VerifierFeedback, parse_lean_messages, redact_answer
+from pydistill.trainers.fd.feedback import LeanFeedback, VerifierFeedback, parse_lean_messages, redact_answer
 from pydistill.losses import distillation_loss, group_advantages, grpo_loss
-from pydistill.reflection import find_quote, parse_reflection
+from pydistill.trainers.rosd.reflection import find_quote, parse_reflection
 from pydistill.tasks import extract_answer, find_first_wrong_step, normalize_number, same_answer
 from pydistill.trainers import GRPOConfig, OPSDConfig
 
@@ -95,7 +95,7 @@ def test_lean_runs_in_a_temporary_folder_with_limits(tmp_path):
         pass
 
     source = Recording(command=[_fake_lean(tmp_path, body)], timeout=5, memory_mb=2048)
-    import pydistill.feedback as feedback
+    import pydistill.trainers.fd.feedback as feedback
 
     real = feedback.run_contained
 

@@ -3,7 +3,7 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-from pydistill.reflection import (ModelReflector, Reflection, StepCheckReflector, find_quote,
+from pydistill.trainers.rosd.reflection import (ModelReflector, Reflection, StepCheckReflector, find_quote,
                                   first_error_token_index, parse_reflection)
 
 CORPUS = ["Tom has 3 apples and buys 4 more, so 3 + 4 = 7 apples.", "Café prices: 12 € each; 2 × 12 = 24 €.",

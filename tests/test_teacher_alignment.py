@@ -7,10 +7,10 @@ import contextlib
 import pytest
 import torch
 
-from pydistill.feedback import VerifierFeedback, without_attempt_numbers
+from pydistill.trainers.fd.feedback import VerifierFeedback, without_attempt_numbers
 from pydistill.models import tiny_model
 from pydistill.prompts import feedback_teacher_messages, render, rosd_teacher_messages
-from pydistill.reflection import StepCheckReflector
+from pydistill.trainers.rosd.reflection import StepCheckReflector
 from pydistill.trainers import FDTrainer, ROSDTrainer
 from pydistill.trainers.contexts import lm_head_weight
 from tests.test_trainer_fd import GroupEngine as FDEngine

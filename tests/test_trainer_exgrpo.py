@@ -10,12 +10,13 @@ import torch
 
 from pydistill import cli
 from pydistill.models import apply_lora, tiny_model, LoraSettings
+from pydistill.prompts import student_messages
 from pydistill.tasks import Problem, Task
 from pydistill.trainers import ExGRPOConfig, ExGRPOTrainer
-from pydistill.trainers import exgrpo
 from pydistill.trainers.checkpoint import latest_checkpoint
-from pydistill.trainers.contexts import response_hidden_states
-from pydistill.trainers.exgrpo import StageReference, probe_turn
+from pydistill.trainers.contexts import build_context_batch, response_hidden_states
+from pydistill.trainers.exgrpo import StageReference, ei_data, probe_turn, question_turn
+from pydistill.trainers.exgrpo.dialogue import Turn
 from pydistill.trainers.rollout import HFRolloutEngine, Rollouts, SamplingSettings
 
 RULES = "counterfactual,decomposition,explanation_challenge,reverse_reasoning"
@@ -219,10 +220,10 @@ def test_sft_step_matches_eager(tmp_path):
         reply = list(trainer.reply_ids(solution))
         assert batch.targets[row][batch.completion_mask[row]].tolist() == reply  # only the solution is scored
         assert reply[-1] == trainer.tokenizer.eos_token_id
-        dialogue = trainer.builder.build([exgrpo.Turn(exgrpo.probe_turn(probe), tuple(reply))])
+        dialogue = trainer.builder.build([Turn(probe_turn(probe), tuple(reply))])
         start, stop = dialogue.reply_spans[0]
         assert trainer.tokenizer.decode(dialogue.input_ids[:start]).endswith(
-            f"{probe}\n{exgrpo.student_messages('')[0]['content'].strip()}<|im_end|>\n<|im_start|>assistant\n")
+            f"{probe}\n{student_messages('')[0]['content'].strip()}<|im_end|>\n<|im_start|>assistant\n")
         total = total - eager_logp(reference, dialogue.input_ids[:stop])[start - 1:].sum()
     (total / 40.0).backward()
     torch.testing.assert_close(out.loss.double(), total.detach() / 40.0, atol=1e-5, rtol=1e-5)
@@ -242,13 +243,13 @@ def test_dialogue_rollouts_turns_prefixes_and_masks(tmp_path):
     for q, item in enumerate(items):
         probes = trainer.dialogue_probes(item)
         assert len(probes) == 2 and {p["probe"] for p in probes} <= {p["probe"] for p in item.probes}
-        users = [exgrpo.probe_turn(p["probe"]) for p in probes] + [exgrpo.question_turn(item.problem.question)]
+        users = [probe_turn(p["probe"]) for p in probes] + [question_turn(item.problem.question)]
         group = dialogues[q * 2 * g:(q + 1) * 2 * g]
         for d in group[:g]:  # scenario A: both probes, then the question
             assert [t.user for t in d] == users
         for d in group[g:]:  # scenario B: the first k' = 1 probe, then the question
             assert [t.user for t in d] == users[:1] + users[-1:]
-        assert users[-1] == exgrpo.student_messages(item.problem.question)[0]["content"]  # = inference prompt
+        assert users[-1] == student_messages(item.problem.question)[0]["content"]  # = inference prompt
     # every turn was sampled from the exact prefix of the final dialogue
     expected_prompts = []
     for turn in range(3):
@@ -345,7 +346,7 @@ def test_exgrpo_step_matches_eager_float64(tmp_path):
 def test_reference_under_lora_is_the_adapter_snapshot():
     model, tok = tiny_model()
     model = apply_lora(model, LoraSettings(r=4, alpha=8))
-    batch = exgrpo.build_context_batch([[5, 6, 7]], [[8, 9, 10]], tok.pad_token_id)
+    batch = build_context_batch([[5, 6, 7]], [[8, 9, 10]], tok.pad_token_id)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -459,7 +460,7 @@ def test_cli_parses_both_commands_and_runs_ei_generate(tmp_path, monkeypatch, ca
         made.append((name, options))
         return ScriptedTeacher() if name == "T" else scripted_student
 
-    monkeypatch.setattr(exgrpo, "text_generator", fake_generator)
+    monkeypatch.setattr(ei_data, "text_generator", fake_generator)
     cache = str(tmp_path / "cli.jsonl")
     argv = ["ei", "generate", "--task", "toy", "--n", "4", "--teacher", "T", "--student", "S", "--cache", cache,
             "--rules", RULES, "--min-solved-fraction", "0.3", "--max-new-tokens", "32"]

@@ -17,7 +17,7 @@ import pydistill.models as models_module
 import pydistill.trainers.core as core_module
 from pydistill import cli
 from pydistill.diversity import distinct_answers, distinct_ngram_ratio, group_diversity, words
-from pydistill.feedback import FeedbackUnavailable
+from pydistill.trainers.fd.feedback import FeedbackUnavailable
 from pydistill.models import tiny_model
 from pydistill.plotting import plot_comparison
 from pydistill.prompts import feedback_teacher_messages, student_messages

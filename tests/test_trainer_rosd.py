@@ -9,7 +9,8 @@ import torch
 from pydistill.cli import build_parser, load_config
 from pydistill.models import tiny_model
 from pydistill.prompts import render, rosd_teacher_messages, student_messages
-from pydistill.reflection import Reflection, StepCheckReflector, find_quote, first_error_token_index, parse_reflection
+from pydistill.trainers.rosd.reflection import (Reflection, StepCheckReflector, find_quote, first_error_token_index,
+                                               parse_reflection)
 from pydistill.trainers import TRAINERS, ROSDConfig, ROSDTrainer
 from pydistill.trainers.contexts import lm_head_weight
 from pydistill.trainers.rollout import SamplingSettings

@@ -1,4 +1,7 @@
-"""Trainers over a shared rollout / teacher / step core (see :mod:`pydistill.trainers.core`)."""
+"""Trainers: one package per method — its ``config``, its ``trainer`` and its own parts (ROSD's reflection, Feedback
+Distillation's feedback sources, ExGRPO's Explanatory Inversion, procedural teacher and dialogues) — over the
+shared core of this package's modules: the loop (:mod:`.core`), its configuration, checkpoints, accelerate
+setup, contexts, rollouts, teachers, groups and run folder."""
 from .config import TrainConfig
 from .core import Trainer
 from .exgrpo import ExGRPOConfig, ExGRPOTrainer

@@ -4,15 +4,16 @@ A method subclasses :class:`Trainer` and provides two things: :meth:`Trainer.pre
 micro-batch of problems and build whatever contexts its loss needs) and :meth:`Trainer.loss` (the loss of one
 prepared micro-batch from hidden states, through the fused op). Everything else — models, LoRA, the
 optimizer and schedule, gradient accumulation with global token normalization, DDP through accelerate,
-atomic checkpoints and exact resume, JSONL/TensorBoard logging, periodic evaluation and a time budget — is here.
+atomic checkpoints and exact resume, JSONL/TensorBoard logging, periodic evaluation (its own part:
+:mod:`pydistill.trainers.held_out`) and a time budget — is here.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import json
 import os
-import random
 import resource
 import sys
 import time
@@ -21,10 +22,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..diversity import group_diversity
-from ..evaluation import EvalResult, evaluate
 from ..models import LoraSettings, load_model
 from ..tasks import task_from_config
 from . import run_folder
@@ -36,13 +36,8 @@ from .config import TrainConfig
 from .metrics import MetricsLog
 from .rollout import HFRolloutEngine, SamplingSettings
 from .contexts import ResponseHiddenStates
+from .held_out import HeldOutEvaluation
 from .teacher import Teacher
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class NonFiniteTraining(RuntimeError):
@@ -55,14 +50,14 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class Trainer(abc.ABC):
+class Trainer(HeldOutEvaluation, abc.ABC):
     """Base trainer; see the module docstring for what a method adds."""
 
     def __init__(self, config: TrainConfig, model=None, tokenizer=None, rollout_engine=None, task=None):
         from transformers import get_scheduler
 
         self.config = config.validate()
-        seed_everything(config.seed)
+        set_seed(config.seed)  # python, numpy and torch (every CUDA device too)
         # Trackers (report_to) and precision: a full fine-tune on CUDA keeps fp32 weights under bf16 autocast.
         self.accelerator, precision = make_accelerator(config, full_finetune=not config.lora_r)
         self.world = self.accelerator.num_processes
@@ -206,7 +201,7 @@ class Trainer(abc.ABC):
         self.model.train()
         metrics, total = {}, 0.0
         for i, batch in enumerate(prepared):
-            context = self.accelerator.no_sync(self.policy) if i < len(prepared) - 1 else _null()
+            context = self.accelerator.no_sync(self.policy) if i < len(prepared) - 1 else contextlib.nullcontext()
             with context, self.accelerator.autocast(), self.root_view():
                 out = self.loss(batch, max(num_items, 1.0))
                 # DDP averages gradients over processes; the loss is already normalized globally.
@@ -265,45 +260,9 @@ class Trainer(abc.ABC):
                 f"or gradient norm ({float(grad_norm)}); each was skipped, the weights are unchanged since the last "
                 "good step. Lower learning_rate, check the rewards and inputs, or raise max_nonfinite_steps")
 
-    def evaluate(self, problems=None) -> dict:
-        """Greedy accuracy (eval/accuracy); with ``eval_samples`` > 1 also a sampled evaluation of that many
-        completions per problem: eval/pass@k for k in {1, 2, 4, 8} up to ``eval_samples``, and the diversity
-        of each problem's samples (eval/distinct_answers, eval/distinct_2grams).
-
-        Under several processes each evaluates a contiguous share of the problems and the per-problem records
-        are gathered (``gather_for_metrics``), so every process returns the metrics of the whole set."""
-        cfg, problems = self.config, problems or self.eval_set
-        result = self._sharded_evaluate(problems)
-        metrics = result.as_metrics()
-        if cfg.eval_samples > 1:
-            sampled = self._sharded_evaluate(problems, greedy=False, n_samples=cfg.eval_samples,
-                                             temperature=cfg.eval_temperature)
-            metrics.update({f"eval/pass@{k}": v for k, v in sampled.pass_at_k.items()})
-            metrics["eval/sampled_accuracy"] = sampled.accuracy
-            texts = [c for record in sampled.records for c in record["completions"]]
-            metrics.update(group_diversity(texts, cfg.eval_samples, prefix="eval/"))
-        return metrics
-
     def root_view(self):
         """The FSDP2 root unit's parameters whole for the span of the context (no-op without FSDP)."""
         return root_view(self.policy, self.sharded)
-
-    def _sharded_evaluate(self, problems, **options) -> EvalResult:
-        cfg = self.config
-        with self.accelerator.split_between_processes(list(problems)) as mine:
-            mine = list(mine)
-        count = len(mine)
-        if self.sharded:  # equal shares (padded with a repeat, dropped below): generation runs in lock step
-            longest = -(-len(problems) // self.world)
-            mine += [problems[-1]] * (longest - count)
-        with self.accelerator.autocast(), self.root_view():
-            local = evaluate(self.model, self.tokenizer, self.task, mine, batch_size=max(cfg.micro_batch_size, 8),
-                             max_new_tokens=cfg.eval_max_new_tokens, progress=False, synced_gpus=self.sharded,
-                             **options)
-        if self.world == 1:
-            return local
-        records = self.accelerator.gather_for_metrics(local.records[:count], use_gather_object=True)
-        return EvalResult.from_records(records, options.get("n_samples", 1))
 
     def train(self) -> dict:
         """Run until ``max_steps``, the time budget or the generated-token budget; returns the last metrics (with
@@ -418,14 +377,6 @@ class Trainer(abc.ABC):
         self._saved_step = self.step
         if self.is_main:  # the steps after the checkpoint will be logged again
             run_folder.truncate_metrics(self.log.path, self.step)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def write_summary(output_dir: str, summary: dict):

@@ -5,6 +5,7 @@ import contextlib
 import copy
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .contexts import ContextBatch, causal_lm, lm_head_weight, response_hidden_states
 
@@ -25,6 +26,8 @@ class Teacher:
         self.uses_adapter_switch = (kind == "fixed" and starts_from_base
                                     and hasattr(causal_lm_wrapper(model), "disable_adapter"))
         self.copy = None
+        # torch's EMA step over all tensors at once: copy <- decay * copy + (1 - decay) * student
+        self.ema_step = get_ema_multi_avg_fn(decay=1.0 - ema_rate) if kind == "ema" else None
         if kind == "ema" or (kind == "fixed" and not self.uses_adapter_switch):
             self.copy = copy.deepcopy(causal_lm_wrapper(model)).eval()
             for p in self.copy.parameters():
@@ -52,10 +55,13 @@ class Teacher:
         if self.kind != "ema":
             return
         student = dict(causal_lm_wrapper(self.student).named_parameters())
-        for name, p in self.copy.named_parameters():
-            value = student[name].detach()
-            # FSDP2 student parameters are shards (DTensor): the whole copy updates from the gathered tensor.
-            p.lerp_(value.full_tensor() if hasattr(value, "full_tensor") else value, self.ema_rate)
+        pairs = [(p, student[name].detach()) for name, p in self.copy.named_parameters()]
+        if any(hasattr(value, "full_tensor") for _, value in pairs):
+            # FSDP2 student parameters are shards (DTensor): each is gathered whole in turn, never all at once.
+            for p, value in pairs:
+                self.ema_step([p], [value.full_tensor() if hasattr(value, "full_tensor") else value], None)
+            return
+        self.ema_step([p for p, _ in pairs], [value for _, value in pairs], None)
 
     def state_dict(self):
         return None if self.kind != "ema" else {k: v.detach().clone() for k, v in self.copy.named_parameters()}

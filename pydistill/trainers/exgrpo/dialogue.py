@@ -17,6 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
+
+from ...prompts import student_messages
+from ..contexts import ContextBatch, build_context_batch
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -111,3 +116,38 @@ class DialogueBuilder:
     def prompt_ids(self, turns: Sequence[Turn], next_user: str) -> list:
         """Ids the student conditions on to generate its reply to ``next_user`` after ``turns``."""
         return self.build(turns, next_user).input_ids
+
+
+def probe_turn(probe: str) -> str:
+    """A probe as a user turn, in the student's own prompt format."""
+    return student_messages(probe)[0]["content"]
+
+
+def question_turn(question: str) -> str:
+    """The question as the dialogue's last user turn: exactly the single-pass inference prompt's content."""
+    return student_messages(question)[0]["content"]
+
+
+def dialogue_context_batch(dialogues: Sequence[DialogueTokens], pad_id: int, device=None) -> ContextBatch:
+    """Rows of whole dialogues in the trainer's layout: the "completion" of a row runs from its first reply to
+    the end of its last one, and its mask marks the reply tokens only (template and user text are context)."""
+    prompts, completions, masks = [], [], []
+    for d in dialogues:
+        if not d.reply_spans:
+            raise ValueError("a dialogue needs at least one reply")
+        start, stop = d.reply_spans[0][0], d.reply_spans[-1][1]
+        prompts.append(d.input_ids[:start])
+        completions.append(d.input_ids[start:stop])
+        masks.append(d.trained[start:stop])
+    batch = build_context_batch(prompts, completions, pad_id, device)
+    trained = torch.zeros_like(batch.completion_mask)
+    for row, mask in enumerate(masks):
+        trained[row, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    batch.completion_mask = trained
+    return batch
+
+
+def context_rows(batch: ContextBatch, rows: slice) -> ContextBatch:
+    """The rows ``rows`` of ``batch`` as a batch of their own."""
+    return ContextBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.positions[rows],
+                        batch.completion_mask[rows], batch.targets[rows])

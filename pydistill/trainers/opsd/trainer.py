@@ -1,47 +1,13 @@
-"""OPSD — On-Policy Self-Distillation (arXiv 2601.18734).
-
-The student samples a rollout from the problem alone; the same model, given the problem plus a reference
-solution (the teacher context), scores the same rollout tokens; the loss is the full-vocabulary per-token
-divergence between the two next-token distributions, teacher gradient stopped. Defaults follow the paper's
-v3 setting: one rollout per prompt, forward KL with a pointwise clip of 0.05, sampling at temperature 1.1,
-top_p 0.95, top_k 20, fixed teacher, LoRA r=64/alpha=128 at lr 2e-4 (full fine-tune: lr 5e-6), grad-norm
-clip 0.1, batch 32, 100 steps.
-"""
+"""The OPSD trainer: the student's rollout scored by the same model reading the reference solution."""
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from ..losses import distillation_loss, sampled_token_distillation_loss
-from ..prompts import opsd_teacher_messages, render, student_messages
-from ..token_stats import token_stats
-from .config import TrainConfig, check_divergence
-from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
-from .core import Trainer
-from .fields import Literal, option
-
-
-@dataclass
-class OPSDConfig(TrainConfig):
-    num_generations: int = 1
-    temperature: float = 1.1
-    top_p: float = 0.95
-    top_k: int = 20
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("forward_kl", "the divergence distilled")
-    beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
-    clip: Optional[float] = option(0.05, "pointwise clip tau on each vocabulary entry's term; None disables")
-    loss_temperature: float = option(1.0, "temperature of the distributions being matched (not the sampling one)")
-    sampled_token: bool = option(False, "the sampled-token variant: advantage = logp_teacher(y) - logp_student(y)")
-    output_dir: str = "runs/opsd"
-
-    def validate(self):
-        super().validate()
-        check_divergence(self.divergence, self.beta, self.clip)
-        if not self.loss_temperature > 0:
-            raise ValueError(f"loss_temperature must be > 0, got {self.loss_temperature}")
-        return self
+from ...losses import distillation_loss, sampled_token_distillation_loss
+from ...prompts import opsd_teacher_messages, render, student_messages
+from ...token_stats import token_stats
+from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..core import Trainer
 
 
 class OPSDTrainer(Trainer):

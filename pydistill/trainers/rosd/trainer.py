@@ -1,108 +1,18 @@
-"""ROSD — Reflective On-Policy Self-Distillation (arXiv 2605.28014).
-
-For each prompt the student samples G rollouts, scored by the task's verifier. Groups whose rewards have zero
-spread are dropped (``drop_zero_spread``), and a prompt with no successful rollout is always skipped: it has no
-correct solution to show the teacher. Each remaining rollout is paired with a correct sibling from its own group
-(never the dataset solution) and handed to a reflector, which returns the exact quote where the rollout's
-reasoning first goes wrong and an explanation (for a correct rollout, why it is right):
-
-- ``reflector="step_check"``: the task's programmatic step checker (the first wrong "a op b = c");
-- ``reflector="model"``: the student model itself, prompted to answer in a tagged format, sampled at
-  ``reflection_temperature`` (see :mod:`pydistill.reflection`).
-
-The quote becomes t*, the number of rollout tokens before it (through the tokenizer's character offsets); an
-unparsable reflection, a reflection without a quote or a quote that cannot be found falls back to t* = 0, and
-each case is counted. Tokens t >= t* of an incorrect rollout are distilled; correct rollouts are distilled
-whole. The teacher is the model at its initial weights (``teacher="fixed"``: the LoRA adapter disabled, or a
-frozen copy), reading the problem, the correct sibling, the reflection's explanation (not the quote) and an
-instruction to solve the original question, then the same rollout tokens. The loss is the full-vocabulary JSD
-(beta 0.5) between teacher and student through the fused op, each token weighted by the detached importance
-ratio exp(logp - logp_old) clipped at 2, token-mean over the distilled tokens of the whole batch; rows of the
-prefix before t* are gathered out before the op and cost nothing. No policy-gradient term.
-
-Sibling rule: an incorrect rollout takes the group's correct rollouts in turn (the k-th incorrect rollout the
-(k mod C)-th of the C correct ones), so the teacher contexts spread over the successes. A correct rollout takes
-the next other correct rollout of its group (cyclically); when it is the group's only success it is its own
-sibling (the teacher then sees this very solution, which distills it toward a confident copy of itself).
-
-Paper defaults: G = 8, JSD beta 0.5, importance clip 2, fixed teacher, lr 1e-5 with 10 warm-up steps, batch 32.
-
-Diagnosis switches, each defaulting to the paper's setting: ``privileged="reference"`` shows the task's reference
-solution where the sibling would be (to the teacher and to a model reflector; which rollouts are kept does not
-change), ``explanation=False`` leaves the reflection's explanation out of the teacher context, and
-``loss_span="whole"`` distills every token of every kept rollout (t* = 0; the reflector still runs and its hit
-counts are still logged).
-"""
+"""The ROSD trainer: the group selection, the reflector's first error, the sibling-conditioned teacher."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-from ..losses import distillation_loss, first_error_mask
-from ..prompts import render, rosd_teacher_messages
-from ..reflection import ModelReflector, StepCheckReflector, first_error_token_index
-from .config import TrainConfig, check_divergence
-from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
-from .core import Trainer
-from .fields import Literal, option
-from .groups import completion_length_metrics, reward_function, sample_groups
-from .rollout import SamplingSettings
-
-REFLECTORS = ("step_check", "model")
-PRIVILEGED = ("sibling", "reference")
-LOSS_SPANS = ("suffix", "whole")
-
-
-@dataclass
-class ROSDConfig(TrainConfig):
-    num_generations: int = 8
-    temperature: float = 1.0
-    learning_rate: float = 1e-5
-    warmup_steps: int = 10
-    teacher: str = "fixed"
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("jsd", "the divergence distilled")
-    beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
-    clip: Optional[float] = option(None, "optional pointwise clip tau (OPSD's); ROSD uses none")
-    # cap on the detached per-token importance ratio exp(logp - logp_old); None disables. One update per batch of
-    # fresh rollouts makes logp_old = logp (weight 1) here; the cap matters for off-policy or stale rollouts.
-    importance_clip: Optional[float] = option(2.0, "cap on the detached per-token importance ratio; None disables")
-    drop_zero_spread: bool = option(True, "drop groups whose rollouts are all correct (all-wrong ones are always "
-                                          "skipped)")
-    reflector: Literal["step_check", "model"] = option(
-        "step_check", "first-error locator: the task step checker or the model")
-    reflection_temperature: float = option(0.6, "sampling temperature of the model reflector")
-    reflection_max_new_tokens: int = 256
-    # Diagnosis switches (the paper's setting is the default of each). ``privileged``: what the teacher (and a
-    # model reflector) is shown as the correct solution: a correct sibling rollout, or the task's reference
-    # solution (OPSD's privileged text; the group selection is unchanged, so only the teacher's text differs).
-    privileged: Literal["sibling", "reference"] = option(
-        "sibling", "the correct solution the teacher is shown: a correct sibling rollout or the reference solution")
-    explanation: bool = option(True, "put the reflection's explanation in the teacher context")
-    loss_span: Literal["suffix", "whole"] = option(
-        "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")
-    output_dir: str = "runs/rosd"
-
-    def validate(self):
-        super().validate()
-        check_divergence(self.divergence, self.beta, self.clip)
-        if self.importance_clip is not None and not self.importance_clip > 0:
-            raise ValueError(f"importance_clip must be > 0 or None, got {self.importance_clip}")
-        if self.reflector not in REFLECTORS:
-            raise ValueError(f"reflector must be one of {REFLECTORS}, got {self.reflector!r}")
-        if not self.reflection_temperature > 0:
-            raise ValueError(f"reflection_temperature must be > 0, got {self.reflection_temperature}")
-        if self.privileged not in PRIVILEGED:
-            raise ValueError(f"privileged must be one of {PRIVILEGED}, got {self.privileged!r}")
-        if self.loss_span not in LOSS_SPANS:
-            raise ValueError(f"loss_span must be one of {LOSS_SPANS}, got {self.loss_span!r}")
-        if not isinstance(self.explanation, bool):
-            raise ValueError(f"explanation must be true or false, got {self.explanation!r}")
-        if not isinstance(self.reflection_max_new_tokens, int) or self.reflection_max_new_tokens < 1:
-            raise ValueError(f"reflection_max_new_tokens must be a positive integer, "
-                             f"got {self.reflection_max_new_tokens!r}")
-        return self
+from ...losses import distillation_loss, first_error_mask
+from ...prompts import render, rosd_teacher_messages
+from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..core import Trainer
+from ..groups import completion_length_metrics, reward_function, sample_groups
+from ..rollout import SamplingSettings
+from .config import ROSDConfig
+from .reflection import ModelReflector, StepCheckReflector, first_error_token_index
 
 
 class GroupSelection(NamedTuple):
@@ -115,7 +25,7 @@ class GroupSelection(NamedTuple):
 def select_siblings(correct: torch.Tensor, drop_zero_spread: bool = True) -> GroupSelection:
     """Which rollouts ROSD trains on and the correct sibling of each; ``correct`` is [B, G] bool.
 
-    See the module docstring for the rule (incorrect rollouts take the successes in turn; a correct one the
+    See the package docstring for the rule (incorrect rollouts take the successes in turn; a correct one the
     next other success, or itself when it is the only one)."""
     if correct.dim() != 2:
         raise ValueError(f"correct must be [B, G], got {tuple(correct.shape)}")
@@ -155,7 +65,7 @@ class ROSDTrainer(Trainer):
 
     def __init__(self, config: ROSDConfig, *args, reflector=None, **kwargs):
         """``reflector``: any object with ``reflect_batch(items) -> list[Reflection]`` (see
-        :mod:`pydistill.reflection`); it replaces the one ``config.reflector`` names."""
+        :mod:`pydistill.trainers.rosd.reflection`); it replaces the one ``config.reflector`` names."""
         super().__init__(config, *args, **kwargs)
         # ROSD's binary verifier reward
         self.reward = reward_function(self.task, "accuracy", max_failures=self.config.max_reward_failures)

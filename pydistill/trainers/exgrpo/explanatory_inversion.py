@@ -10,8 +10,8 @@ For each question Q with answer A the teacher writes a rationale R, then one pro
 Every teacher/student call is cached as one jsonl record, appended and flushed as soon as it exists, so a
 crash loses at most the record in flight and a rerun resumes where the file stops (a torn last line is
 ignored). The teacher and student are plain callables ``prompts -> texts`` (a local HF model through the
-rollout engine, or any API). For the embedded arithmetic task, :mod:`pydistill.ei_procedural` writes the probes
-by rule instead, each with a verified answer, so that no teacher model is needed.
+rollout engine, or any API). For the embedded arithmetic task, :mod:`pydistill.trainers.exgrpo.ei_procedural`
+writes the probes by rule instead, each with a verified answer, so that no teacher model is needed.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def generate_ei_data(problems: Sequence, teacher: TextGenerator, cache_path: str
     Question ids are positions in ``problems``; keep the list stable between resumed runs.
     """
     if extract_answer is None:
-        from .tasks import extract_answer
+        from ...tasks import extract_answer
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not rules:
@@ -197,7 +197,7 @@ def filter_ei_data(data: EIData, teacher: TextGenerator, student: TextGenerator,
     solution has no final answer cannot be graded and are dropped. Returns (kept EIData, FilterReport).
     """
     if extract_answer is None:
-        from .tasks import extract_answer
+        from ...tasks import extract_answer
     if not 0.0 <= min_solved_fraction <= 1.0:
         raise ValueError(f"min_solved_fraction must be in [0, 1], got {min_solved_fraction}")
     cache = JsonlCache(cache_path)

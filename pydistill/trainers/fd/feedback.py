@@ -103,7 +103,7 @@ class VerifierFeedback:
         self.quote_attempt, self.state_answer = quote_attempt, state_answer
 
     def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
-        from .tasks import extract_answer, find_first_wrong_step
+        from ...tasks import extract_answer, find_first_wrong_step
 
         parts = []
         error = find_first_wrong_step(attempt)
@@ -138,7 +138,7 @@ def without_attempt_numbers(feedback: Optional[str], attempt: str, question: str
     the question's own numbers stay."""
     if not feedback:
         return feedback
-    from .tasks import normalize_number
+    from ...tasks import normalize_number
 
     def numbers(text):
         return {normalize_number(m.group(0)) for m in _STANDALONE_NUMBER.finditer(text)}
@@ -178,7 +178,7 @@ class ReferenceSolutionFeedback:
 
 
 def _same_number(a: str, b: str) -> bool:
-    from .tasks import normalize_number, same_answer
+    from ...tasks import normalize_number, same_answer
 
     if normalize_number(a) is not None and normalize_number(b) is not None:
         return same_answer(normalize_number(a), normalize_number(b))

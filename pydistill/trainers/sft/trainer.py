@@ -1,24 +1,10 @@
-"""Supervised fine-tuning on the task's reference solutions: the plain-SFT baseline of the comparisons.
-
-Each training problem becomes the student context (the problem, as at evaluation) followed by its reference
-worked solution and EOS; the loss is the fused NLL of the solution tokens only, on hidden states. No rollouts
-and no teacher: ``generated_token_budget`` does not apply (use ``max_steps`` or ``time_budget_s``).
-"""
+"""The SFT trainer: fused NLL of the reference solution's tokens after the student prompt."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..losses import nll_loss
-from ..prompts import render, student_messages
-from .config import TrainConfig
-from .contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
-from .core import Trainer
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    learning_rate: float = 1e-4
-    output_dir: str = "runs/sft"
+from ...losses import nll_loss
+from ...prompts import render, student_messages
+from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..core import Trainer
 
 
 class SFTTrainer(Trainer):

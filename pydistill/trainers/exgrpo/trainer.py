@@ -1,315 +1,36 @@
-"""ExGRPO — Explanatory Inversion + Explanatory GRPO (arXiv 2603.19266, ICLR 2026).
-
-Three stages, each resumable:
-
-0. **Explanatory Inversion data** (:func:`build_ei_dataset`). A teacher (``ei_teacher``: the student model
-   itself, any Hugging Face model, or any callable ``prompts -> texts``) writes a rationale for each training
-   question, one probe per transformation rule, and a solution to each probe
-   (:mod:`pydistill.explanatory_inversion`). The EI-consistency filter keeps a probe only if the teacher,
-   shown the probe and its solution, still answers the question; the difficulty filter drops questions whose
-   probes the *base* student (greedy, before any training) solves all of, or fewer than
-   ``min_solved_fraction`` of. Every call is cached in the ``ei_cache`` jsonl, so the generation runs once and
-   a crash loses at most the record in flight; the filter report is saved as ``ei_filter_report.json``.
-1. **SFT warm-up**: next-token NLL of the teacher's probe solutions given the probe (only the solution tokens
-   are scored), ``sft_steps`` steps at ``sft_learning_rate`` with its own AdamW, through the fused op on
-   hidden states. Checkpoints go to ``<output_dir>/sft``.
-2. **ExGRPO**. For each question, ``k`` = ``num_probes`` of its probes are drawn (in random order). Scenario A
-   dialogues ask the k probes one per turn, then the question; scenario B dialogues ask only the first
-   ``k'`` = ``partial_probes`` of them, then the question. The student writes every reply, each one sampled
-   from the exact token ids of the dialogue so far (:class:`pydistill.dialogue.DialogueBuilder`). G =
-   ``num_generations`` dialogues of each scenario per question. The reward is the outcome of the final answer
-   (``reward_functions``, default ``accuracy``: 1 if it equals the reference answer). Dialogue Structure
-   Utility bonus: ``dsu_delta`` is added to every successful scenario-A rollout of a question whose A success
-   rate P_full exceeds ``dsu_nu`` times its B success rate P_partial. Advantages are group-relative over
-   **all 2G rollouts of a question** (A and B together): both scenarios end with the same question under the
-   same outcome reward, and only a shared group lets the bonus act: a bonus paid to every success of a
-   binary-reward group on its own would vanish under the group's std normalization. The loss is GRPO's
-   clipped surrogate on the student's tokens of every turn (template text and user turns are not trained),
-   plus ``beta`` times the k3 KL to the reference policy, plus ``sft_coef`` times an auxiliary SFT loss: the
-   NLL of the teacher's dialogue for the same scenario-A probes (each probe's teacher solution as the reply to
-   that turn, the teacher's rationale as the reply to the question). Both terms come from ONE call of the fused
-   op over the union of their token masks; no logits tensor is ever built.
-
-The reference policy of the KL term is the policy at the start of stage 2 — the SFT warm-up's result (the
-initial weights when stage 1 is skipped) — as GRPO after SFT usually does; a KL to the pre-SFT weights would
-pull the warm-up back out. It is kept as a snapshot of the trainable weights only (under LoRA, the adapter).
-
-Inference is a single pass on the question, without probes (the core's evaluation). ``max_steps``,
-``time_budget_s``, ``learning_rate`` and the schedule are stage 2's; stage 1 has its own ``sft_*`` fields.
-Hyperparameters the method description leaves open (k, k', delta, nu, the aux SFT weight) have our defaults,
-documented on :class:`ExGRPOConfig`.
-"""
+"""The ExGRPO trainer: stage 0's data, the SFT warm-up, then GRPO over k-turn dialogues with the DSU bonus and
+the auxiliary SFT loss (see the package docstring)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..dialogue import DialogueBuilder, DialogueTokens, Turn
-from ..evaluation import generate_completions
-from ..ei_procedural import ProceduralTeacher
-from ..explanatory_inversion import (EI_RULES, RULES_BY_NAME, EIData, FilterReport, JsonlCache, filter_ei_data,
-                                     generate_ei_data)
-from ..losses import LossOutput, nll_loss
-from ..losses.output import masked_mean
-from ..losses.policy_gradient import policy_gradient_per_token, policy_metrics, reduce_policy_loss
-from ..losses.reductions import reduce_tokens
-from ..losses.stats import op_options, sequence_token_stats
-from ..models import load_model
-from ..prompts import render, student_messages
-from ..rewards import dialogue_structure_bonus
-from ..tasks import extract_answer, same_answer
-from . import run_folder
-from .checkpoint import clean_stale, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from .contexts import ContextBatch, build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
-from .core import Trainer
-from .fields import Literal, option
-from .grpo import GRPOConfig
-from .groups import reward_function, step_advantages
-from .metrics import MetricsLog
-from .rollout import HFRolloutEngine
-
-STAGES = ("both", "sft", "rl")
-TextGenerator = Callable[[list], list]
-
-
-@dataclass
-class ExGRPOConfig(GRPOConfig):
-    """GRPO's fields (clipping, loss_type, scale_rewards, beta, ...) plus ExGRPO's. Note the names: GRPO's
-    ``delta`` stays the two-sided clipping cap; the DSU bonus is ``dsu_delta``. ``teacher`` (the core's
-    teacher kind) must stay "fixed": the KL reference is the policy at the start of stage 2."""
-
-    # stage 2: dialogues and rewards
-    num_generations: int = option(4, "G: dialogues per scenario and question (2G rollouts per question, one group)")
-    num_probes: int = option(3, "k: probes before the question in scenario A")
-    partial_probes: int = option(1, "k' < k: probes before the question in scenario B (0: the question alone)")
-    dsu_delta: float = option(0.2, "DSU bonus added to successful scenario-A rollouts (>= 0)")
-    dsu_nu: float = option(1.0, "the bonus applies when P_full > dsu_nu * P_partial (>= 0)")
-    beta: float = option(0.04, "k3 KL to the reference (the policy at the start of stage 2)")
-    sft_coef: float = option(0.1, "weight of the auxiliary SFT loss on the teacher's dialogue (0: off)")
-    max_new_tokens: int = option(256, "per turn")
-    batch_size: int = option(16, "questions per optimizer step")
-    micro_batch_size: int = option(2, "questions per forward/backward (2G dialogues each, plus one teacher dialogue)")
-    train_problems: int = option(256, "training questions given to Explanatory Inversion (before the filters)")
-    # stage 0: Explanatory Inversion data
-    ei_teacher: str = option("student", "'student' (the student model itself), 'procedural' (probes written by rule "
-                             "for the embedded arithmetic task, no model: pydistill.ei_procedural) or a Hugging "
-                             "Face model name/path")
-    ei_cache: Optional[str] = option(None, "jsonl of every teacher/student call; None: <output_dir>/ei_cache.jsonl")
-    ei_rules: str = option("all", "'all' or comma-separated rule names (pydistill.explanatory_inversion.EI_RULES)")
-    ei_filters: bool = option(True, "apply the EI-consistency and difficulty filters")
-    min_solved_fraction: float = option(0.2, "tau_hard: drop questions whose probes the base student solves fewer of")
-    ei_max_new_tokens: int = option(256, "teacher / base-student generation length in stage 0")
-    ei_batch_size: int = option(16, "prompts per generate call in stage 0")
-    # stage 1: SFT warm-up
-    stage: Literal["both", "sft", "rl"] = option("both", "stages to run: SFT warm-up, dialogue GRPO, or both")
-    sft_steps: int = 50
-    sft_learning_rate: float = 1e-4
-    sft_batch_size: int = option(16, "(probe, solution) examples per SFT step")
-    output_dir: str = "runs/exgrpo"
-
-    def validate(self):
-        super().validate()
-        if not isinstance(self.num_probes, int) or self.num_probes < 1:
-            raise ValueError(f"num_probes (k) must be a positive integer, got {self.num_probes!r}")
-        if not isinstance(self.partial_probes, int) or not 0 <= self.partial_probes < self.num_probes:
-            raise ValueError(f"partial_probes (k') must be an integer in [0, num_probes={self.num_probes}), "
-                             f"got {self.partial_probes!r}")
-        for name in ("dsu_delta", "dsu_nu", "sft_coef"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if not isinstance(self.sft_steps, int) or self.sft_steps < 0:
-            raise ValueError(f"sft_steps must be an integer >= 0, got {self.sft_steps!r}")
-        if self.stage == "sft" and self.sft_steps == 0:
-            raise ValueError("stage 'sft' needs sft_steps >= 1")
-        if not self.sft_learning_rate > 0:
-            raise ValueError(f"sft_learning_rate must be > 0, got {self.sft_learning_rate}")
-        for name in ("sft_batch_size", "ei_max_new_tokens", "ei_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0.0 <= self.min_solved_fraction <= 1.0:
-            raise ValueError(f"min_solved_fraction must be in [0, 1], got {self.min_solved_fraction}")
-        if not self.ei_teacher:
-            raise ValueError("ei_teacher must be 'student', 'procedural' or a model name/path")
-        if self.ei_teacher == "procedural" and self.task != "arithmetic":
-            raise ValueError(f"ei_teacher 'procedural' writes probes for the arithmetic task only, got task "
-                             f"{self.task!r}: use 'student' or a model name/path")
-        parse_rules(self.ei_rules)
-        if self.teacher != "fixed":
-            raise ValueError(f"teacher must be 'fixed' for ExGRPO (its KL reference is the policy at the start of "
-                             f"stage 2), got {self.teacher!r}")
-        return self
-
-
-def parse_rules(spec: str) -> tuple:
-    """EI rules from "all" or comma-separated names."""
-    if spec.strip() == "all":
-        return EI_RULES
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RULES_BY_NAME]
-    if unknown or not names:
-        raise ValueError(f"ei_rules must be 'all' or comma-separated names from {sorted(RULES_BY_NAME)}, "
-                         f"got {spec!r}")
-    return tuple(RULES_BY_NAME[n] for n in names)
-
-
-# ----- stage 0 --------------------------------------------------------------------------------------------
-class ModelTextGenerator:
-    """``prompts -> texts``: greedy completions of a causal LM, each prompt sent as one user message through
-    the chat template. Given a name, the model is loaded on the first call only (a complete cache never
-    loads it)."""
-
-    def __init__(self, model, tokenizer=None, *, max_new_tokens: int, batch_size: int, device=None):
-        self.name = model if isinstance(model, str) else None
-        self.model, self.tokenizer = (None, None) if isinstance(model, str) else (model, tokenizer)
-        self.max_new_tokens, self.batch_size, self.device = max_new_tokens, batch_size, device
-
-    def __call__(self, prompts: list) -> list:
-        if self.model is None:
-            self.model, self.tokenizer = load_model(self.name, device=self.device)
-        rendered = [render(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-        texts, _ = generate_completions(self.model, self.tokenizer, rendered, max_new_tokens=self.max_new_tokens,
-                                        greedy=True, batch_size=self.batch_size)
-        return texts
-
-
-def final_answer_matches(completion: str, answer: str) -> bool:
-    """The filters' verifier: the completion's final number equals ``answer``."""
-    return same_answer(extract_answer(completion), answer)
-
-
-def check_cache_questions(cache_path: str, problems: Sequence, teacher_name: str, student_name: str):
-    """Records are keyed by question position: refuse a cache written for other questions or models."""
-    cache = JsonlCache(cache_path)
-    for i, p in enumerate(problems):
-        identity = dict(question=p.question, answer=str(p.answer), teacher=teacher_name, student=student_name)
-        found = cache.get(f"question/{i}")
-        if found is None:
-            cache.add(dict(key=f"question/{i}", kind="question", **identity))
-        elif {k: found.get(k) for k in identity} != identity:
-            changed = ", ".join(k for k in identity if found.get(k) != identity[k])
-            raise ValueError(f"ei_cache {cache_path!r} does not match this run at question {i} (different "
-                             f"{changed}): use another cache path, or the same task, split, train_problems, seed "
-                             f"and models")
-
-
-def build_ei_dataset(problems: Sequence, teacher: TextGenerator, student: TextGenerator, cache_path: str, *,
-                     rules: Sequence = EI_RULES, filters: bool = True, min_solved_fraction: float = 0.2,
-                     batch_size: int = 16, teacher_name: str = "custom", student_name: str = "custom"):
-    """Stage 0: (EIData kept, FilterReport). Without ``filters`` every generated probe is kept (the report
-    then only counts them)."""
-    check_cache_questions(cache_path, problems, teacher_name, student_name)
-    unverified = 0
-    if isinstance(teacher, ProceduralTeacher):  # probes written by rule, each verified: no model call
-        data, unverified = teacher.ei_data(problems, rules)
-    else:
-        data = generate_ei_data(problems, teacher, cache_path, rules=rules, batch_size=batch_size,
-                                extract_answer=extract_answer)
-    if filters:
-        # The base student answers each probe as it is asked at inference (its own prompt, as in the dialogues).
-        kept, report = filter_ei_data(data, teacher, student, cache_path, is_correct=final_answer_matches,
-                                      min_solved_fraction=min_solved_fraction, batch_size=batch_size,
-                                      extract_answer=extract_answer, student_prompt=probe_turn)
-        report.probes += unverified
-        report.removed_unanswerable += unverified
-        return kept, report
-    probes = sum(len(v) for v in data.probes.values())
-    kept = EIData({i: q for i, q in data.questions.items() if data.probes[i]},
-                  {i: ps for i, ps in data.probes.items() if ps})
-    return kept, FilterReport(questions=len(data.questions), probes=probes + unverified,
-                              removed_unanswerable=unverified, kept_questions=len(kept.questions),
-                              kept_probes=probes)
-
-
-@dataclass(frozen=True)
-class EIQuestion:
-    """One training question of stages 1-2 with what the teacher wrote for it."""
-
-    qid: int  # position in the EI question list (the cache's key)
-    problem: object
-    rationale: str
-    probes: tuple  # dicts: rule, probe, probe_solution, probe_answer
-
-
-def _refuse_generation(prompts):
-    raise RuntimeError("the EI cache is incomplete on this process: stage 0 runs on the main process first")
-
-
-# ----- the KL reference ---------------------------------------------------------------------------------
-class StageReference:
-    """pi_ref: the trainable weights at the start of stage 2, swapped in (no copy) for the reference forward.
-
-    Only trainable tensors are kept — the LoRA adapter under LoRA, every weight for a full fine-tune — since
-    the frozen ones are shared. Provides the core's teacher interface (update, state_dict, load_state_dict) so
-    the snapshot travels with every checkpoint and a resumed run keeps the same reference.
-    """
-
-    def __init__(self, model):
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.snapshot = {n: p.detach().clone() for n, p in self.params}
-
-    @contextlib.contextmanager
-    def weights(self):
-        """Inside: the model computes with the reference weights (use under no_grad)."""
-        self._swap()
-        try:
-            yield
-        finally:
-            self._swap()
-
-    def _swap(self):
-        # Exchanging the tensors behind the parameters: no copy, and the Parameter objects (which the
-        # optimizer and DDP hold) stay the same.
-        for name, param in self.params:
-            param.data, self.snapshot[name] = self.snapshot[name], param.data
-
-    def update(self):
-        """The reference stays fixed."""
-
-    def state_dict(self):
-        return self.snapshot
-
-    def load_state_dict(self, state):
-        if state is None:
-            return
-        for name, value in state.items():
-            self.snapshot[name].copy_(value)
-
-
-# ----- dialogues as a batch -----------------------------------------------------------------------------
-def dialogue_context_batch(dialogues: Sequence[DialogueTokens], pad_id: int, device=None) -> ContextBatch:
-    """Rows of whole dialogues in the trainer's layout: the "completion" of a row runs from its first reply to
-    the end of its last one, and its mask marks the reply tokens only (template and user text are context)."""
-    prompts, completions, masks = [], [], []
-    for d in dialogues:
-        if not d.reply_spans:
-            raise ValueError("a dialogue needs at least one reply")
-        start, stop = d.reply_spans[0][0], d.reply_spans[-1][1]
-        prompts.append(d.input_ids[:start])
-        completions.append(d.input_ids[start:stop])
-        masks.append(d.trained[start:stop])
-    batch = build_context_batch(prompts, completions, pad_id, device)
-    trained = torch.zeros_like(batch.completion_mask)
-    for row, mask in enumerate(masks):
-        trained[row, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
-    batch.completion_mask = trained
-    return batch
-
-
-def _rows(batch: ContextBatch, rows: slice) -> ContextBatch:
-    return ContextBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.positions[rows],
-                        batch.completion_mask[rows], batch.targets[rows])
+from ...losses import LossOutput, nll_loss
+from ...losses.output import masked_mean
+from ...losses.policy_gradient import policy_gradient_per_token, policy_metrics, reduce_policy_loss
+from ...losses.reductions import reduce_tokens
+from ...losses.stats import op_options, sequence_token_stats
+from ...rewards import dialogue_structure_bonus
+from .. import run_folder
+from ..checkpoint import clean_stale, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from ..contexts import ContextBatch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..core import Trainer
+from ..groups import reward_function, step_advantages
+from ..metrics import MetricsLog
+from ..rollout import HFRolloutEngine
+from .config import ExGRPOConfig, parse_rules
+from .dialogue import DialogueBuilder, Turn, context_rows, dialogue_context_batch, probe_turn, question_turn
+from .ei_data import EIQuestion, ModelTextGenerator, TextGenerator, build_ei_dataset, refuse_generation
+from .ei_procedural import ProceduralTeacher
+from .explanatory_inversion import FilterReport
+from .reference import StageReference
 
 
 class ExGRPOTrainer(Trainer):
@@ -379,7 +100,7 @@ class ExGRPOTrainer(Trainer):
             kept, report = build_ei_dataset(problems, teacher, student or own, cache, **options)
         self.accelerator.wait_for_everyone()
         if not self.is_main:  # the cache is complete now: read it, never generate
-            kept, report = build_ei_dataset(problems, _refuse_generation, _refuse_generation, cache, **options)
+            kept, report = build_ei_dataset(problems, refuse_generation, refuse_generation, cache, **options)
         if self.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "ei_filter_report.json"), "w") as f:
@@ -623,7 +344,7 @@ class ExGRPOTrainer(Trainer):
         cfg, batch, n = self.config, prepared["batch"], prepared["rollout_rows"]
         grpo_mask, sft_mask = self.trained_masks(prepared)
         rollouts = slice(0, n)
-        ref_logp = self.reference_logp(_rows(batch, rollouts), grpo_mask[rollouts]) if cfg.beta > 0 else None
+        ref_logp = self.reference_logp(context_rows(batch, rollouts), grpo_mask[rollouts]) if cfg.beta > 0 else None
         hidden = response_hidden_states(self.policy, batch)
         logp, entropy, _ = sequence_token_stats(hidden, lm_head_weight(self.model), grpo_mask | sft_mask,
                                                 targets=batch.targets,
@@ -652,44 +373,3 @@ class ExGRPOTrainer(Trainer):
 
     def trainer_state(self) -> dict:
         return dict(super().trainer_state(), sft_step=self.sft_step)
-
-
-def probe_turn(probe: str) -> str:
-    """A probe as a user turn, in the student's own prompt format."""
-    return student_messages(probe)[0]["content"]
-
-
-def question_turn(question: str) -> str:
-    """The question as the dialogue's last user turn: exactly the single-pass inference prompt's content."""
-    return student_messages(question)[0]["content"]
-
-
-def ei_generate(task: str, *, split: str = "train", n: int = 64, seed: int = 0, data_path: Optional[str] = None,
-                teacher: str = "SmolLM2-135M-Instruct", student: Optional[str] = None, cache: str,
-                filters: bool = True, min_solved_fraction: float = 0.2, rules: str = "all",
-                max_new_tokens: int = 256, batch_size: int = 16) -> FilterReport:
-    """`pydistill ei generate`: stage 0 alone, into ``cache`` (the trainer reuses it with the same task, split,
-    ``train_problems`` = n, seed and models). ``student`` (the base student of the difficulty filter) defaults
-    to the teacher."""
-    from ..tasks import get_task
-
-    problems = get_task(task, **({"path": data_path} if task == "gsm8k" else {})).problems(split, n=n, seed=seed)
-    procedural = teacher == "procedural"
-    if procedural and student is None and filters:
-        raise ValueError("the procedural teacher writes probes, it does not answer them as a student: name the "
-                         "base student of the difficulty filter (--student) or turn the filters off")
-    student = student or teacher
-    teacher_gen = ProceduralTeacher(seed) if procedural else text_generator(
-        teacher, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    student_gen = teacher_gen if student == teacher else text_generator(student, max_new_tokens=max_new_tokens,
-                                                                        batch_size=batch_size)
-    teacher = f"procedural:{seed}" if procedural else teacher  # the name the trainer gives the cache
-    _, report = build_ei_dataset(problems, teacher_gen, student_gen, cache, rules=parse_rules(rules),
-                                 filters=filters, min_solved_fraction=min_solved_fraction, batch_size=batch_size,
-                                 teacher_name=teacher, student_name=student)
-    return report
-
-
-def text_generator(name: str, *, max_new_tokens: int, batch_size: int) -> TextGenerator:
-    """A model by name as a lazy ``prompts -> texts`` generator (greedy, chat template)."""
-    return ModelTextGenerator(name, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -3,7 +3,8 @@
 Every arithmetic question is a story — "<name> has <n> <items>.", one sentence per operation (buys b more,
 gives away b, becomes k times as many, shares equally among k friends), then "How many ...?" — which
 :func:`parse_story` reads back into a :class:`Story`. From that structure each of the ten Explanatory
-Inversion rules (:data:`pydistill.explanatory_inversion.EI_RULES`) writes a probe where it applies:
+Inversion rules (:data:`pydistill.trainers.exgrpo.explanatory_inversion.EI_RULES`) writes a probe where it
+applies:
 
 - counterfactual: the same story with another starting amount;
 - decomposition: the story stopped before its last operation (stories of 2+ steps);
@@ -35,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from .explanatory_inversion import EI_RULES, EIData, Rule
-from .tasks.answers import extract_answer, find_first_wrong_step, same_answer
+from ...tasks.answers import extract_answer, find_first_wrong_step, same_answer
 
 NAMES = ["Tom", "Ana", "Lee", "Mia", "Sam", "Ivy", "Ben", "Zoe", "Max", "Eva", "Leo", "Ada"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells", "cards", "beads"]
@@ -326,7 +327,7 @@ def _write(question: str, rules: Sequence[Rule], seed: int) -> tuple:
     return out, failed
 
 
-_ASKED = re.compile(r"Question: (.*)\n")  # the prompts of pydistill.explanatory_inversion put one per line
+_ASKED = re.compile(r"Question: (.*)\n")  # explanatory_inversion's prompts put one per line
 
 
 class ProceduralTeacher:

@@ -1,0 +1,24 @@
+"""Feedback Distillation (arXiv 2605.30861): distill a feedback-conditioned EMA teacher into the student.
+
+The student samples G trajectories per prompt (as GRPO does). A feedback source writes text about each
+attempt — the step verifier (which step is wrong, what its value should be, whether the final answer is
+right), a critic model (the student itself through the rollout engine at a low temperature, or a second HF
+model, told not to give the answer away), or the Lean 4 compiler's errors. The teacher, an EMA copy of the
+student by default, reads the prompt plus that feedback (plus, with ``include_sibling``, a correct attempt
+from the same group) and scores the same trajectory tokens; the loss is the full-vocabulary per-token
+divergence teacher vs student through the fused op (forward KL by default, as in the paper's public config).
+
+With ``distillation_weight`` w < 1 the loss is ``w * FD + (1 - w) * GRPO`` from one pass of the op
+(:func:`pydistill.losses.blended_loss`), the GRPO term using this config's GRPO options and group advantages.
+GRPO started from a Feedback Distillation checkpoint (the paper's best setting) is
+``pydistill train grpo --init-from <fd run folder>``.
+
+Feedback failures and timeouts never stop a run: they are counted (``feedback/failures``,
+``feedback/timeouts`` per step) and logged, and an attempt without feedback (a failure, a timeout, or a source
+with nothing to say) gets the teacher context without a feedback section — the student prompt itself, or
+the prompt plus the sibling when there is one — so it is distilled toward the EMA teacher's plain view.
+"""
+from .config import FDConfig
+from .trainer import FDTrainer
+
+__all__ = ["FDConfig", "FDTrainer"]

@@ -1,0 +1,59 @@
+"""GRPO's options: the surrogate's clipping and normalization, the KL to a reference, the rewards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ...losses import LOSS_TYPES
+from ...losses.advantages import SCALINGS
+from ..config import TrainConfig
+from ..fields import Literal, option
+from ..groups import check_reward_names
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """TRL's names and defaults where TRL has them."""
+
+    num_generations: int = 8
+    temperature: float = 1.0
+    max_completion_length: Optional[int] = option(None, "TRL's name for max_new_tokens; overrides it when set")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = option("dapo", "grpo | bnpo | dr_grpo | dapo "
+                                                                           "(normalizations: "
+                                                                           "pydistill.losses.grpo_loss)")
+    epsilon: float = option(0.2, "lower clip of the ratio (1 - epsilon)")
+    epsilon_high: Optional[float] = option(None, "upper clip (1 + epsilon_high); None: epsilon")
+    delta: Optional[float] = option(None, "two-sided clipping: cap on the unclipped ratio (> 1)")
+    importance_sampling_level: Literal["token", "sequence"] = option("token", "token (GRPO) | sequence (GSPO)")
+    beta: float = option(0.0, "k3 KL to the reference model (the initial weights)")
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", "advantage scaling: group std, batch std or none (Dr. GRPO)")
+    reward_functions: str = option("accuracy", "comma-separated: accuracy, format")
+    reward_weights: Optional[str] = option(None, "comma-separated weights, one per reward function")
+    entropy_coef: float = 0.0
+    skip_zero_advantage: bool = option(True, "leave zero-advantage rollouts out of the op when their loss is 0")
+    output_dir: str = "runs/grpo"
+
+    def validate(self):
+        if self.max_completion_length is not None:
+            self.max_new_tokens = self.max_completion_length
+        super().validate()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALINGS:
+            raise ValueError(f"scale_rewards must be one of {SCALINGS}, got {self.scale_rewards!r}")
+        if not 0 <= self.epsilon < 1:
+            raise ValueError(f"epsilon must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.delta is not None and not self.delta > 1:
+            raise ValueError(f"delta must be > 1, got {self.delta}")
+        if self.beta < 0:
+            raise ValueError(f"beta (KL coefficient) must be >= 0, got {self.beta}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
+                             f"got {self.importance_sampling_level!r}")
+        check_reward_names(self.reward_functions, self.reward_weights)
+        if not self.entropy_coef >= 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        return self

@@ -1,0 +1,62 @@
+"""ROSD's options: the paper's defaults, and the diagnosis switches (see the package docstring)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import TrainConfig, check_divergence
+from ..fields import Literal, option
+
+REFLECTORS = ("step_check", "model")
+PRIVILEGED = ("sibling", "reference")
+LOSS_SPANS = ("suffix", "whole")
+
+
+@dataclass
+class ROSDConfig(TrainConfig):
+    num_generations: int = 8
+    temperature: float = 1.0
+    learning_rate: float = 1e-5
+    warmup_steps: int = 10
+    teacher: str = "fixed"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("jsd", "the divergence distilled")
+    beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
+    clip: Optional[float] = option(None, "optional pointwise clip tau (OPSD's); ROSD uses none")
+    # cap on the detached per-token importance ratio exp(logp - logp_old); None disables. One update per batch of
+    # fresh rollouts makes logp_old = logp (weight 1) here; the cap matters for off-policy or stale rollouts.
+    importance_clip: Optional[float] = option(2.0, "cap on the detached per-token importance ratio; None disables")
+    drop_zero_spread: bool = option(True, "drop groups whose rollouts are all correct (all-wrong ones are always "
+                                          "skipped)")
+    reflector: Literal["step_check", "model"] = option(
+        "step_check", "first-error locator: the task step checker or the model")
+    reflection_temperature: float = option(0.6, "sampling temperature of the model reflector")
+    reflection_max_new_tokens: int = 256
+    # Diagnosis switches (the paper's setting is the default of each). ``privileged``: what the teacher (and a
+    # model reflector) is shown as the correct solution: a correct sibling rollout, or the task's reference
+    # solution (OPSD's privileged text; the group selection is unchanged, so only the teacher's text differs).
+    privileged: Literal["sibling", "reference"] = option(
+        "sibling", "the correct solution the teacher is shown: a correct sibling rollout or the reference solution")
+    explanation: bool = option(True, "put the reflection's explanation in the teacher context")
+    loss_span: Literal["suffix", "whole"] = option(
+        "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")
+    output_dir: str = "runs/rosd"
+
+    def validate(self):
+        super().validate()
+        check_divergence(self.divergence, self.beta, self.clip)
+        if self.importance_clip is not None and not self.importance_clip > 0:
+            raise ValueError(f"importance_clip must be > 0 or None, got {self.importance_clip}")
+        if self.reflector not in REFLECTORS:
+            raise ValueError(f"reflector must be one of {REFLECTORS}, got {self.reflector!r}")
+        if not self.reflection_temperature > 0:
+            raise ValueError(f"reflection_temperature must be > 0, got {self.reflection_temperature}")
+        if self.privileged not in PRIVILEGED:
+            raise ValueError(f"privileged must be one of {PRIVILEGED}, got {self.privileged!r}")
+        if self.loss_span not in LOSS_SPANS:
+            raise ValueError(f"loss_span must be one of {LOSS_SPANS}, got {self.loss_span!r}")
+        if not isinstance(self.explanation, bool):
+            raise ValueError(f"explanation must be true or false, got {self.explanation!r}")
+        if not isinstance(self.reflection_max_new_tokens, int) or self.reflection_max_new_tokens < 1:
+            raise ValueError(f"reflection_max_new_tokens must be a positive integer, "
+                             f"got {self.reflection_max_new_tokens!r}")
+        return self
