@@ -41,7 +41,7 @@ from dataclasses import dataclass
 # Sampling at 0.7 for every method: a 135M model sampled at 1.0-1.1 writes mostly noise (see RESULTS.md).
 COMMON = dict(model="SmolLM2-135M-Instruct", task="arithmetic", lora_r=64, lora_alpha=128, batch_size=8,
               micro_batch_size=8, max_new_tokens=48, temperature=0.7, eval_problems=0, max_steps=1000,
-              save_every=0, warmup_steps=0, progress=False)
+              save_every=0, warmup_steps=0, progress=False, max_grad_norm=0.1, lr_scheduler="constant_with_warmup")
 # Per method: group size and learning rate that suit a short CPU run; the rest are each method's defaults.
 METHOD_DEFAULTS = {
     "grpo": dict(num_generations=4, batch_size=4, micro_batch_size=4, learning_rate=5e-5),

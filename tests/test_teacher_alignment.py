@@ -138,7 +138,7 @@ FD_VARIANTS = [
     dict(feedback_content="no_attempt_numbers"),
     dict(feedback_content="no_attempt_numbers", include_sibling=True),
     dict(feedback_content="reference_solution"),
-    dict(feedback_content="corrections"),
+    dict(feedback_content="full"),
     dict(feedback="critic"),
     dict(feedback="critic", feedback_content="no_attempt_numbers"),
     dict(teacher="fixed"),
@@ -220,10 +220,9 @@ def test_rosd_and_fd_diagnosis_switches_are_validated():
             ROSDConfig(**overrides).validate()
     with pytest.raises(ValueError, match="feedback_content must be one of"):
         FDConfig(feedback_content="numbers").validate()
-    with pytest.raises(ValueError, match="feedback_content 'corrections' needs feedback='verifier'"):
-        FDConfig(feedback="critic", feedback_content="corrections").validate()
+
     assert (ROSDConfig().privileged, ROSDConfig().explanation, ROSDConfig().loss_span) == ("sibling", True, "suffix")
-    assert FDConfig().feedback_content == "full"
+    assert FDConfig().feedback_content == "corrections"  # the verifier's right values, never the attempt's numbers
 
 
 def test_step_check_reflector_hit_rate_on_corrupted_reference_steps():

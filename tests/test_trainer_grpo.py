@@ -288,9 +288,21 @@ def test_cli_parses_grpo_flags():
 
 
 def test_trl_defaults():
-    cfg = GRPOConfig()
-    assert (cfg.num_generations, cfg.epsilon, cfg.epsilon_high, cfg.beta, cfg.scale_rewards, cfg.temperature,
-            cfg.loss_type) == (8, 0.2, None, 0.0, "group", 1.0, "dapo")
+    """Every default GRPOConfig shares with trl.GRPOConfig equals TRL's (the docstring names what differs)."""
+    import dataclasses
+
+    import trl
+
+    ours, theirs = GRPOConfig(), {f.name: f.default for f in dataclasses.fields(trl.GRPOConfig)}
+    same_concept = dict(learning_rate="learning_rate", lr_scheduler="lr_scheduler_type", max_grad_norm="max_grad_norm",
+                        max_new_tokens="max_completion_length", seed="seed", num_generations="num_generations",
+                        temperature="temperature", top_p="top_p", top_k="top_k", loss_type="loss_type", beta="beta",
+                        epsilon="epsilon", epsilon_high="epsilon_high", delta="delta", scale_rewards="scale_rewards",
+                        importance_sampling_level="importance_sampling_level", warmup_steps="warmup_steps",
+                        weight_decay="weight_decay")
+    for field, trl_name in same_concept.items():
+        assert getattr(ours, field) == theirs[trl_name], (field, getattr(ours, field), theirs[trl_name])
+    assert ours.lora_r == 0  # TRL trains without PEFT unless given a peft_config
 
 
 def test_logged_metrics(tmp_path):

@@ -23,19 +23,24 @@ class FDConfig(GRPOConfig):
     optimizer step, a half-life of ~69 steps, so within a 100-step run the teacher trails the student
     smoothly instead of staying at the initial weights (0.001) or chasing every step (1.0 = live).
     ``jsd_beta`` is the JSD interpolation (``beta`` stays GRPO's KL coefficient, which must be 0 here: the
-    teacher is the EMA, not a reference model).
+    teacher is the EMA, not a reference model). ``feedback_content`` = "corrections": the verifier's feedback
+    states the right value of each error it finds (the corrected step, the right final answer) and never a
+    number the attempt got wrong — measured on SmolLM2-135M, a teacher told "The final answer N is not
+    correct" raises the probability of N (benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis").
     """
 
     num_generations: int = 8
     feedback: Literal["verifier", "critic", "lean"] = option(
         "verifier", "feedback source: the step verifier, a critic model or the Lean compiler")
-    # What of the feedback the teacher reads: "full" as the source wrote it; "corrections" (verifier only) the
+    # What of the feedback the teacher reads: "full" as the source wrote it; "corrections" (the default; with a
+    # critic or Lean, whose feedback has no known right values, it means "full") the
     # right value of every error and none of the attempt's numbers (the wrong step corrected, the right final
     # answer); "no_attempt_numbers" without any number the attempt introduced (the verifier then states only
     # the corrected step, other sources are redacted); "reference_solution": the task's reference solution
     # replaces the source's feedback (OPSD's privileged text in FD's teacher context).
     feedback_content: Literal["full", "corrections", "no_attempt_numbers", "reference_solution"] = option(
-        "full", "what of the feedback the teacher reads: full, corrections (verifier: right values only), "
+        "corrections", "what of the feedback the teacher reads: full, corrections (verifier: right values only; "
+        "other sources: as written), "
         "no_attempt_numbers or reference_solution")
     critic_model: Optional[str] = option(None, "a second HF model (name/path) as critic; None: the student itself")
     critic_temperature: float = option(0.3, "the critic samples at a low temperature")
@@ -65,9 +70,6 @@ class FDConfig(GRPOConfig):
             raise ValueError(f"feedback must be one of {FEEDBACK_SOURCES}, got {self.feedback!r}")
         if self.feedback_content not in FEEDBACK_CONTENTS:
             raise ValueError(f"feedback_content must be one of {FEEDBACK_CONTENTS}, got {self.feedback_content!r}")
-        if self.feedback_content == "corrections" and self.feedback != "verifier":
-            raise ValueError(f"feedback_content 'corrections' needs feedback='verifier' (only the verifier knows the "
-                             f"right values), got feedback={self.feedback!r}")
         if self.critic_model is not None and self.feedback != "critic":
             raise ValueError(f"critic_model is only used with feedback='critic', got feedback={self.feedback!r}")
         if not self.critic_temperature > 0:

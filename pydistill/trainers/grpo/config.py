@@ -11,10 +11,28 @@ from ..fields import Literal, option
 from ..groups import check_reward_names
 
 
+def _trl_default(name: str, default, help: str):
+    """The shared field ``name`` with TRL's default (its help text and aliases kept)."""
+    base = TrainConfig.__dataclass_fields__[name]
+    return option(default, f"{help} (TRL's default)", **{k: v for k, v in base.metadata.items() if k != "help"})
+
+
 @dataclass
 class GRPOConfig(TrainConfig):
-    """TRL's names and defaults where TRL has them."""
+    """TRL's names and defaults (``trl.GRPOConfig`` of trl 1.16) where TRL has them: learning rate 1e-6, a
+    linear schedule, gradient clipping at 1.0, 512 new tokens, seed 42, no LoRA, 8 generations, temperature
+    1.0, the DAPO loss, beta 0. What differs, and why: ``batch_size`` counts prompts per optimizer step across
+    processes and accumulation (TRL counts completions per device); ``max_steps`` defaults to 100 (TRL's -1
+    means "epochs", and the built-in tasks are cycled pools); ``eval_problems`` 64 (TRL evaluates only with an
+    eval dataset). Feedback Distillation and ExGRPO extend this config and inherit these defaults."""
 
+    learning_rate: float = _trl_default("learning_rate", 1e-6, "AdamW learning rate")
+    lr_scheduler: str = _trl_default("lr_scheduler", "linear", "transformers scheduler name (constant_with_warmup, "
+                                     "linear, cosine, ...); TRL's name lr_scheduler_type is accepted too")
+    max_grad_norm: float = _trl_default("max_grad_norm", 1.0, "gradient clipping norm")
+    max_new_tokens: int = _trl_default("max_new_tokens", 512, "rollout length limit (TRL: max_completion_length)")
+    seed: int = _trl_default("seed", 42, "random seed")
+    lora_r: int = _trl_default("lora_r", 0, "LoRA rank (0: full fine-tune)")
     num_generations: int = 8
     temperature: float = 1.0
     max_completion_length: Optional[int] = option(None, "TRL's name for max_new_tokens; overrides it when set")
