@@ -1,4 +1,5 @@
-"""Command line: `pydistill train <method>`, `pydistill eval`, `pydistill demo`, `pydistill ei generate`."""
+"""Command line: `pydistill train <method>`, `pydistill eval`, `pydistill export`, `pydistill demo`,
+`pydistill ei generate`."""
 from __future__ import annotations
 
 import argparse
@@ -132,6 +133,20 @@ def cmd_eval(args, _):
     return 0
 
 
+def cmd_export(args, _):
+    """A run's latest checkpoint (or a checkpoint folder) as one from_pretrained folder, LoRA merged."""
+    from .export import export_merged
+    from .trainers.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(args.run, "run")
+    run = run_settings(path)
+    out = export_merged(path, args.output, model=args.model or run.get("model", "SmolLM2-135M-Instruct"),
+                        lora_r=run.get("lora_r", 0), lora_alpha=run.get("lora_alpha", 128), dtype=args.dtype,
+                        overwrite=args.overwrite)
+    print(f"pydistill: wrote {out} (from {path}); load it with AutoModelForCausalLM.from_pretrained({out!r})")
+    return 0
+
+
 def demo_config(output_dir: str, minutes: float):
     from .trainers import OPSDConfig
 
@@ -213,6 +228,13 @@ def build_parser():
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--samples", type=int, default=1, help="samples per problem (> 1: sampled, with pass@k)")
     ev.add_argument("--temperature", type=float, default=1.0)
+    ex = sub.add_parser("export", help="a run's checkpoint as one from_pretrained model folder (LoRA merged)")
+    ex.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ex.add_argument("--output", required=True, help="the folder to write (config, weights, tokenizer)")
+    ex.add_argument("--model", help="the base model (default: the run's)")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the written weights")
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     demo = sub.add_parser("demo", help="evaluate, train with OPSD, evaluate again, on the embedded default")
     demo.add_argument("--minutes", type=float, default=9.0, help="training time budget")
     demo.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: time budget only)")
@@ -256,7 +278,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument, already reported in one line (2)
         return exc.code if isinstance(exc.code, int) else 2
-    handler = dict(train=cmd_train, eval=cmd_eval, demo=cmd_demo, ei=cmd_ei)[args.command]
+    handler = dict(train=cmd_train, eval=cmd_eval, export=cmd_export, demo=cmd_demo, ei=cmd_ei)[args.command]
     overrides = {}
     if args.command == "train":
         config_cls = TRAINERS[args.method][0]

@@ -116,7 +116,7 @@ def exgrpo_config(tmp_path, **overrides):
                   max_new_tokens=6, eval_problems=0, output_dir=str(tmp_path / "run"), learning_rate=1e-3,
                   progress=False, train_problems=6, num_generations=2, num_probes=2, partial_probes=1,
                   ei_teacher="procedural", min_solved_fraction=0.2, sft_steps=1, sft_batch_size=2,
-                  sft_learning_rate=1e-3, ei_cache=str(tmp_path / "ei.jsonl"), max_grad_norm=1.0)
+                  sft_learning_rate=1e-3, ei_cache=str(tmp_path / "ei.jsonl"), max_grad_norm=1.0, seed=0)
     values.update(overrides)
     return ExGRPOConfig(**values)
 

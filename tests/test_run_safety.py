@@ -298,3 +298,62 @@ def test_a_crash_in_exgrpo_sft_saves_the_sft_stage(tmp_path):
     state = json.load(open(os.path.join(path, "trainer_state.json")))
     assert state["step"] == 1 and state["sft_position"] == trainer.config.sft_batch_size
     assert latest_checkpoint(trainer.config.output_dir) is None  # no stage-2 checkpoint claimed
+
+
+def test_export_merges_the_runs_lora_into_one_loadable_model(tmp_path, monkeypatch, capsys):
+    """`pydistill export RUN --output DIR`: the run's model and LoRA settings from its checkpoint, the adapter
+    merged, a folder that plain transformers loads and that computes what the trained PEFT model computes."""
+    import pydistill.models as models
+    from transformers import AutoModelForCausalLM
+
+    from pydistill.cli import main
+
+    lora = opsd(tmp_path, max_steps=1, lora_r=4, lora_alpha=8)
+    lora.train()
+    seen = {}
+
+    def base_with(name, lora=None, **kwargs):
+        seen.update(name=name, lora=lora)
+        model, tok = tiny_model()  # the run's base weights (seed 0)
+        return models.apply_lora(model, lora), tok
+
+    monkeypatch.setattr(models, "load_model", base_with)
+    out = tmp_path / "merged"
+    assert main(["export", lora.config.output_dir, "--output", str(out)]) == 0
+    assert seen["name"] == "tiny" and (seen["lora"].r, seen["lora"].alpha) == (4, 8)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, lora.model(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(merged(ids).logits, tiny_model()[0](ids).logits)  # the adapter did train
+    assert main(["export", lora.config.output_dir, "--output", str(out)]) == 2  # never over a model folder
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_save_total_limit_keeps_the_newest_and_deletes_only_after_a_complete_save(tmp_path, monkeypatch):
+    import pydistill.trainers.checkpoint as checkpoint
+
+    trainer = opsd(tmp_path, max_steps=3, save_every=1, save_total_limit=2, save_pretrained=False)
+    trainer.train()
+    run = trainer.config.output_dir
+    assert sorted(e for e in os.listdir(run) if e.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
+    assert latest_checkpoint(run) == os.path.join(run, "checkpoint-3")
+
+    # A save that dies while writing step 3 deletes nothing: the two complete checkpoints before it stay.
+    crashing = opsd(tmp_path / "crash", max_steps=3, save_every=1, save_total_limit=2, save_pretrained=False)
+    real = checkpoint.save_file
+
+    def die_at_step_3(state, path, *args, **kwargs):
+        if crashing.step == 3:
+            raise OSError("disk full")
+        return real(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", die_at_step_3)
+    with pytest.raises(OSError, match="disk full"):
+        crashing.train()
+    run = crashing.config.output_dir
+    assert sorted(e for e in os.listdir(run) if e.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
+    assert latest_checkpoint(run) == os.path.join(run, "checkpoint-2")
+    with pytest.raises(ValueError, match="save_total_limit must be >= 1 or null"):
+        tiny_config(tmp_path, save_total_limit=0).validate()

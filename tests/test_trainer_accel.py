@@ -106,3 +106,27 @@ def test_gradient_checkpointing_under_lora(tmp_path):
     _, grads = step_gradients(trainer)
     lora = [g for name, g in grads.items() if "lora_B" in name]
     assert lora and all(torch.isfinite(g).all() for g in lora) and any(g.abs().sum() > 0 for g in lora)
+
+
+def test_sharding_kinds_are_classified_or_refused_with_a_message():
+    """ZeRO-1/2 keep whole parameters on every process (the DDP path); ZeRO-3 and FSDP1 are refused at start-up
+    with one line naming the setting to change; FSDP2 is the sharded path."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    from pydistill.trainers.accel import uses_sharded_parameters
+
+    def accelerator(kind, zero_stage=None, fsdp2=True):
+        state = types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=zero_stage),
+                                      fsdp_plugin=types.SimpleNamespace(fsdp_version=2 if fsdp2 else 1))
+        return types.SimpleNamespace(distributed_type=kind, state=state, is_fsdp2=fsdp2)
+
+    assert uses_sharded_parameters(accelerator(DistributedType.DEEPSPEED, zero_stage=1)) is False
+    assert uses_sharded_parameters(accelerator(DistributedType.DEEPSPEED, zero_stage=2)) is False
+    assert uses_sharded_parameters(accelerator(DistributedType.MULTI_CPU)) is False
+    assert uses_sharded_parameters(accelerator(DistributedType.FSDP)) is True
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported.*use zero_stage 1 or 2"):
+        uses_sharded_parameters(accelerator(DistributedType.DEEPSPEED, zero_stage=3))
+    with pytest.raises(ValueError, match="FSDP version 1 is not supported.*fsdp_version: 2"):
+        uses_sharded_parameters(accelerator(DistributedType.FSDP, fsdp2=False))

@@ -88,16 +88,18 @@ def decoded_rows(trainer, batch):
 def test_verifier_feedback_builds_the_teacher_context(tmp_path):
     trainer = make_trainer(tmp_path, include_sibling=True)
     prepared = trainer.prepare(trainer.train_pool[:1])
-    assert prepared["feedback"] == ["The final answer is correct.",
-                                    'The step "5 * 2 = 11" is wrong: 5 * 2 = 10, not 11. '
-                                    "The final answer 11 is not correct."]
+    answer = trainer.train_pool[0].answer
+    assert prepared["feedback"] == ["The final answer is correct.",  # the default: right values only
+                                    'One step is wrong: it should read "5 * 2 = 10". The final answer is not '
+                                    f"correct. The final answer should be {answer}."]
     student, teacher = prepared["groups"].student, prepared["teacher"]
     # the teacher scores the very same rollout tokens
     assert torch.equal(student.targets, teacher.targets)
     assert torch.equal(student.completion_mask, teacher.completion_mask)
     right, wrong = decoded_rows(trainer, teacher)
     assert "received this feedback:\nThe final answer is correct." in right
-    assert "5 * 2 = 10, not 11" in wrong
+    context = wrong.split("<|im_start|>assistant")[0]  # what the teacher reads before the rollout
+    assert '"5 * 2 = 10"' in context and "11" not in context
     assert f"correct attempt by another student:\n{RIGHT}" in wrong  # the sibling of the wrong attempt
     assert "another student" not in right  # the correct attempt has no other correct sibling
     assert right.endswith(RIGHT + "<|im_end|>") and wrong.endswith(WRONG + "<|im_end|>")

@@ -145,12 +145,15 @@ def export_pretrained(folder: str, model, tokenizer=None, weights: Optional[dict
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    teacher_state=None, rng: Optional[dict] = None, export=None, gathered=None) -> str:
+                    teacher_state=None, rng: Optional[dict] = None, export=None, gathered=None,
+                    keep: Optional[int] = None) -> str:
     """Write ``output_dir/checkpoint-<step>`` and point ``output_dir/latest`` at it (see the module docstring).
 
     ``rng``: the RNG states to record (default: the current ones). ``export(folder)``: writes more files into
     the checkpoint before it is renamed into place (e.g. :func:`export_pretrained`). ``gathered``: the
-    (weights, optimizer state) of :func:`gather_training_state` when already gathered (sharded runs)."""
+    (weights, optimizer state) of :func:`gather_training_state` when already gathered (sharded runs).
+    ``keep``: after ``latest`` names the new checkpoint, delete all but the newest ``keep`` checkpoints.
+    (accelerate's ``total_limit`` deletes before it writes, which a kill mid-save would turn into no checkpoint.)"""
     os.makedirs(output_dir, exist_ok=True)
     weights, optimizer_state = gathered if gathered is not None else gather_training_state(model, optimizer)
     _check_finite(weights, "weights")
@@ -180,6 +183,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, tra
             os.replace(tmp, final + _NEXT)
             _atomic_write_text(os.path.join(output_dir, LATEST), name + _NEXT)
             _finish_resave(output_dir, name)
+            prune_checkpoints(output_dir, keep)
             return final
         _remove_folder(final)  # an older copy no pointer names (left by a run killed before `latest` moved)
         os.replace(tmp, final)
@@ -187,7 +191,21 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, tra
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _atomic_write_text(os.path.join(output_dir, LATEST), name)
+    prune_checkpoints(output_dir, keep)
     return final
+
+
+def prune_checkpoints(output_dir: str, keep: Optional[int]):
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders (None: keep all); never the one
+    ``latest`` names."""
+    if keep is None:
+        return
+    latest = _pointer(output_dir)
+    steps = sorted((int(m.group(1)), entry) for entry in os.listdir(output_dir)
+                   for m in [_NAME.match(entry)] if m and not m.group(2))
+    for _, entry in steps[:max(0, len(steps) - keep)]:
+        if entry != latest:
+            _remove_folder(os.path.join(output_dir, entry))
 
 
 def _finish_resave(output_dir: str, name: str):

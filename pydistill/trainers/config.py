@@ -62,6 +62,8 @@ class TrainConfig:
     eval_temperature: float = option(1.0, "temperature of the sampled evaluation")
     save_every: int = option(0, "checkpoint every this many steps (0: only at the end); TRL's name save_steps is "
                              "accepted too", aliases=["--save_steps", "--save-steps"])
+    save_total_limit: Optional[int] = option(None, "keep only the newest this many checkpoints (TRL's name); older "
+                                             "ones are deleted after a newer one is complete; None keeps all")
     time_budget_s: float = option(0.0, "stop after this many seconds of training (0: no limit)")
     generated_token_budget: int = option(0, "stop once this many rollout tokens were generated (0: no limit)")
     save_pretrained: bool = option(True, "each checkpoint also holds a from_pretrained folder: model/ (full "
@@ -103,6 +105,8 @@ class TrainConfig:
                      "generated_token_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or null (keep every checkpoint), got {self.save_total_limit}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.eval_samples == 1:

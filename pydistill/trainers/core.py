@@ -330,7 +330,8 @@ class Trainer(HeldOutEvaluation, abc.ABC):
         export = ((lambda folder: export_pretrained(folder, self.model, self.tokenizer, weights=gathered[0]))
                   if self.config.save_pretrained else None)
         path = save_checkpoint(self.config.output_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.trainer_state(), teacher_state, rng=rng, export=export, gathered=gathered)
+                               self.trainer_state(), teacher_state, rng=rng, export=export, gathered=gathered,
+                               keep=self.config.save_total_limit)
         self._saved_step = self.step
         return path
 

@@ -191,7 +191,7 @@ class ExGRPOTrainer(Trainer):
         if self.is_main:
             save_checkpoint(self.sft_dir, self.sft_step, self.model, self.sft_optimizer, self.sft_scheduler,
                             dict(sft_position=self.sft_position, method=self.method, stage="sft",
-                                 config=dataclasses.asdict(self.config)), rng=rng)
+                                 config=dataclasses.asdict(self.config)), rng=rng, keep=self.config.save_total_limit)
 
     # ----- resume ---------------------------------------------------------------------------------------
     def _resume(self):
