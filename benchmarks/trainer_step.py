@@ -34,7 +34,7 @@ from pydistill.losses.reductions import reduce_tokens
 from pydistill.token_stats.reference import reference_token_stats
 from pydistill.token_stats.config import StatsConfig
 from pydistill.trainers import OPSDConfig, OPSDTrainer
-from pydistill.trainers.contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from pydistill.trainers.contexts import build_context_batch
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)
@@ -105,11 +105,7 @@ class EagerLossOPSD(FixedRolloutOPSD):
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
-        student, teacher = prepared["student"], prepared["teacher"]
-        hidden = response_hidden_states(self.policy, student)
-        teacher_hidden = self.teacher.hidden_states(teacher)
-        weight, bias = lm_head_weight(self.model), lm_head_bias(self.model)
-        teacher_weight = self.teacher.lm_head_weight()
+        student, _, hidden, teacher_hidden, weight, bias, teacher_weight = self.scored_contexts(prepared)
         divergence = cfg.divergence
         if divergence == "jsd" and cfg.beta in (0.0, 1.0):  # the JSD endpoints are the two KLs
             divergence = "forward_kl" if cfg.beta == 0.0 else "reverse_kl"

@@ -1,6 +1,8 @@
 """The OPSD trainer: the student's rollout scored by the same model reading the reference solution."""
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 from ...losses import distillation_loss, sampled_token_distillation_loss
@@ -8,6 +10,18 @@ from ...prompts import opsd_teacher_messages, render, student_messages
 from ...token_stats import token_stats
 from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from ..core import Trainer
+
+
+class ScoredContexts(NamedTuple):
+    """What every spelling of the OPSD loss reads: both context batches, their last hidden states and the
+    heads (``teacher_weight`` None: the teacher shares the student's head)."""
+    student: object
+    teacher: object
+    hidden: torch.Tensor
+    teacher_hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    teacher_weight: Optional[torch.Tensor]
 
 
 class OPSDTrainer(Trainer):
@@ -29,13 +43,15 @@ class OPSDTrainer(Trainer):
                     metrics=dict(reward=sum(rewards) / len(rewards),
                                  completion_tokens=tokens / len(rollouts.completion_ids)))
 
+    def scored_contexts(self, prepared: dict) -> ScoredContexts:
+        student, teacher = prepared["student"], prepared["teacher"]
+        return ScoredContexts(student, teacher, response_hidden_states(self.policy, student),
+                              self.teacher.hidden_states(teacher), lm_head_weight(self.model),
+                              lm_head_bias(self.model), self.teacher.lm_head_weight())
+
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
-        student, teacher = prepared["student"], prepared["teacher"]
-        hidden = response_hidden_states(self.policy, student)
-        teacher_hidden = self.teacher.hidden_states(teacher)
-        weight, bias = lm_head_weight(self.model), lm_head_bias(self.model)
-        teacher_weight = self.teacher.lm_head_weight()
+        student, teacher, hidden, teacher_hidden, weight, bias, teacher_weight = self.scored_contexts(prepared)
         if cfg.sampled_token:
             with torch.no_grad():
                 b, t, _ = teacher_hidden.shape
