@@ -16,7 +16,10 @@ keeps), so every context is scored on the same tokens. Per context:
   (discrimination > 0); at 0 or below, distilling toward it cannot favour right answers;
 - ``answer_lift``: on incorrect rollouts that write "The answer is N", the change in probability of the correct
   answer's first token at N's position, teacher minus student (> 0: the teacher knows the answer there);
-- ``wrong_answer_lift``: the same for the rollout's own wrong first token (< 0: the teacher moves away from it).
+- ``wrong_answer_lift``: the same for the rollout's own wrong first token (< 0: the teacher moves away from it);
+- ``answer_first`` (teacher) vs ``student_answer_first``: mean probability that the completion opens with "The
+  answer is", i.e. states an answer before any calculation. A teacher that knows the answer can afford that
+  opening; a student distilled toward it learns to guess (what the collapsed ROSD and FD runs do).
 
 Forward passes only (no training); writes JSON with ``--out``.
 """
@@ -28,6 +31,7 @@ import re
 import sys
 import time
 
+ANSWER_FIRST = "The answer is"
 CONTEXTS = ("opsd_reference", "rosd_sibling_explanation", "rosd_sibling_only", "rosd_reference_explanation",
             "fd_verifier_full", "fd_verifier_no_attempt_numbers", "fd_verifier_corrections", "fd_reference_solution")
 
@@ -149,6 +153,18 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
     def mean(values):
         return sum(values) / len(values) if values else None
 
+    opening = tokenizer(ANSWER_FIRST, add_special_tokens=False)["input_ids"]
+
+    def answer_first(prompt_ids):
+        """Probability, per prompt, that the completion opens with ANSWER_FIRST."""
+        hidden = hidden_rows(model, tokenizer, prompt_ids, [opening] * len(prompt_ids))
+        with torch.no_grad():
+            return [float(torch.log_softmax(h @ weight.t(), -1)[torch.arange(len(opening)),
+                                                                 torch.tensor(opening)].sum().exp())
+                    for h in hidden]
+
+    student_first = mean(answer_first([tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
+                                       for i, _, _ in rows]))
     correct_rows = torch.tensor([bool(correct[i]) for i, _, _ in rows for _ in range(len(ids[i]))])
     for context in contexts:
         messages = [teacher_prompt(context, repeated[i], texts[i], texts[s], e) for i, s, e in rows]
@@ -172,6 +188,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
             forward_kl=float(kl.divergence.mean()), jsd=float(jsd.divergence.mean()), lift_correct=lift_c,
             lift_incorrect=lift_i, discrimination=None if lift_c is None or lift_i is None else lift_c - lift_i,
             answer_lift=mean(answer), wrong_answer_lift=mean(wrong), answer_slots=len(answer),
+            answer_first=mean(answer_first(teacher_ids)), student_answer_first=student_first,
             teacher_prompt_tokens=sum(map(len, teacher_ids)) / len(teacher_ids))
     return summary
 

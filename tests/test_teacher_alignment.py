@@ -10,6 +10,7 @@ import torch
 from pydistill.trainers.fd.feedback import VerifierFeedback, without_attempt_numbers
 from pydistill.models import tiny_model
 from pydistill.prompts import feedback_teacher_messages, render, rosd_teacher_messages
+from pydistill.tasks import derives_answer
 from pydistill.trainers.rosd.reflection import StepCheckReflector
 from pydistill.trainers import FDTrainer, ROSDTrainer
 from pydistill.trainers.contexts import lm_head_weight
@@ -54,6 +55,7 @@ def rosd_trainer(tmp_path, reply=None, **overrides):
 ROSD_VARIANTS = [
     dict(),  # the paper's setting: sibling, explanation, suffix
     dict(privileged="reference"),
+    dict(privileged="derived_sibling"),
     dict(explanation=False),
     dict(loss_span="whole"),
     dict(privileged="reference", explanation=False, loss_span="whole"),
@@ -79,9 +81,15 @@ def test_rosd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path,
         # the privileged text: a verified-correct rollout of the same group, or the task's reference solution
         assert i // cfg.num_generations == s // cfg.num_generations and TASK.is_correct(group[s], rollouts.texts[s])
         shown = problem.solution if cfg.privileged == "reference" else rollouts.texts[s]
+        if cfg.privileged == "derived_sibling":  # a success of the group other than i that shows its arithmetic
+            start = i - i % cfg.num_generations
+            cyclic = [start + (s - start + k) % cfg.num_generations for k in range(cfg.num_generations)]
+            derived = [rollouts.texts[j] for j in cyclic if j != i and TASK.is_correct(problem, rollouts.texts[j])
+                       and derives_answer(rollouts.texts[j], problem.answer)]
+            shown = derived[0] if derived else problem.solution
         explanation = reflection.explanation if cfg.explanation else None
         prompt = render(tok, rosd_teacher_messages(problem.question, shown, explanation,
-                                                   reference=cfg.privileged == "reference"))
+                                                   reference=shown is problem.solution))
         teacher_prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
         completions.append(ids)
         shows_review = bool(cfg.explanation and reflection.explanation)

@@ -395,3 +395,50 @@ def test_a_step_without_any_distilled_token_leaves_the_weights_alone(tmp_path):
     assert metrics["trained_tokens"] == 0 and metrics["groups_dropped"] == 4
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+# ----- what the teacher is shown ----------------------------------------------------------------------------
+def test_derives_answer_needs_checked_arithmetic_that_computes_the_answer():
+    from pydistill.tasks import derives_answer
+
+    assert derives_answer("3 * 4 = 12\nThe answer is 12.", "12")
+    assert derives_answer("5 + 2 = 7, then 7 * 2 = 14. The answer is 14.", "14")
+    assert not derives_answer("Max has 12 books.\nThe answer is 12.", "12")  # right by its last number only
+    assert not derives_answer("3 * 4 = 13, 13 - 1 = 12. The answer is 12.", "12")  # a wrong step
+    assert not derives_answer("3 * 4 = 12. The answer is 12.", "13")
+    assert not derives_answer(None, "12")
+
+
+def test_derived_sibling_is_a_checked_derivation_else_the_reference():
+    import types
+
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(privileged="derived_sibling", num_generations=4))
+    problem = types.SimpleNamespace(answer="12", solution="REFERENCE")
+    texts = ["The answer is 12.", "3 * 4 = 12. The answer is 12.", "3 * 4 = 13", "2 * 6 = 12",  # group 0
+             "The answer is 12.", "12", "1 + 1 = 3", "The answer is 12!"]  # group 1: lucky guesses only
+    correct = torch.tensor([True, True, False, True, True, True, False, True])
+
+    def shown(i, s):
+        return ROSDTrainer.privileged_text(fake, problem, i, s, texts, correct)
+
+    assert shown(2, 0) == texts[1]  # the assigned sibling guesses: the next success that derives the answer
+    assert shown(2, 3) == texts[3]  # an assigned sibling that derives is kept
+    assert shown(1, 1) == texts[3]  # never the rollout itself
+    assert shown(3, 1) == texts[1]
+    assert shown(6, 4) == "REFERENCE"  # no success of the group derives the answer
+    fake.config.privileged = "sibling"
+    assert shown(2, 0) == texts[0]
+    fake.config.privileged = "reference"
+    assert shown(2, 3) == "REFERENCE"
+    problem.solution = None  # a task without reference solutions keeps the paper's sibling
+    fake.config.privileged = "derived_sibling"
+    assert shown(6, 4) == texts[4]
+
+
+def test_step_check_explanations_never_state_the_final_answer():
+    problem = TASK.problems("train", n=1, seed=0)[0]
+    items = [dict(problem=problem, attempt=f"The answer is {problem.answer}.", answer=problem.answer,
+                  attempt_is_correct=True),
+             dict(problem=problem, attempt="The answer is 100003.", answer=problem.answer, attempt_is_correct=False)]
+    for reflection in StepCheckReflector(TASK).reflect_batch(items):
+        assert problem.answer not in reflection.explanation and reflection.explanation

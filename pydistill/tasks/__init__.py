@@ -1,5 +1,5 @@
 """Reasoning tasks: problems with privileged worked solutions, a verifier and a step checker."""
-from .answers import StepError, extract_answer, find_first_wrong_step, normalize_number, reference_answer, same_answer
+from .answers import StepError, derives_answer, extract_answer, find_first_wrong_step, normalize_number, reference_answer, same_answer
 from .arithmetic import ArithmeticTask, Difficulty
 from .base import Problem, Task
 from .dataset import DatasetTask
@@ -25,5 +25,5 @@ def task_from_config(config) -> Task:
     return get_task(config.task, **({"path": config.data_path} if config.task == "gsm8k" else {}))
 
 
-__all__ = ["ArithmeticTask", "DatasetTask", "task_from_config", "Difficulty", "GSM8KTask", "Problem", "StepError", "TASKS", "Task", "extract_answer",
+__all__ = ["ArithmeticTask", "DatasetTask", "task_from_config", "Difficulty", "GSM8KTask", "Problem", "StepError", "TASKS", "Task", "derives_answer", "extract_answer",
            "find_first_wrong_step", "get_task", "normalize_number", "reference_answer", "same_answer"]

@@ -135,3 +135,17 @@ def find_first_wrong_step(text: str) -> Optional[StepError]:
             return StepError(match.start(), match.end(), quote, expected,
                              f"{match.group(1).strip()} = {expected}, not {normalize_number(match.group(2))}.")
     return None
+
+
+def derives_answer(text: str, answer: str) -> bool:
+    """Whether ``text`` shows its work: an arithmetic step "a op b = c" computes ``answer`` and no step is wrong.
+
+    A text whose last number merely equals the answer ("The answer is 12.") is correct for the verifier but
+    derives nothing; ROSD shows only derivations to its teacher (see ``pydistill.trainers.rosd``)."""
+    if not isinstance(text, str) or find_first_wrong_step(text) is not None:
+        return False
+    for match in _STEP.finditer(text):
+        value = _evaluate(match.group(1))
+        if value is not None and same_answer(_format(value), answer):
+            return True
+    return False

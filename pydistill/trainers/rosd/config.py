@@ -8,7 +8,7 @@ from ..config import TrainConfig, check_divergence
 from ..fields import Literal, option
 
 REFLECTORS = ("step_check", "model")
-PRIVILEGED = ("sibling", "reference")
+PRIVILEGED = ("sibling", "derived_sibling", "reference")
 LOSS_SPANS = ("suffix", "whole")
 
 
@@ -31,11 +31,13 @@ class ROSDConfig(TrainConfig):
         "step_check", "first-error locator: the task step checker or the model")
     reflection_temperature: float = option(0.6, "sampling temperature of the model reflector")
     reflection_max_new_tokens: int = 256
-    # Diagnosis switches (the paper's setting is the default of each). ``privileged``: what the teacher (and a
-    # model reflector) is shown as the correct solution: a correct sibling rollout, or the task's reference
-    # solution (OPSD's privileged text; the group selection is unchanged, so only the teacher's text differs).
-    privileged: Literal["sibling", "reference"] = option(
-        "sibling", "the correct solution the teacher is shown: a correct sibling rollout or the reference solution")
+    # ``privileged``: what the teacher (and a model reflector) is shown as the correct solution: the paper's
+    # correct sibling rollout ("sibling"), a correct sibling that derives the answer in checked arithmetic, else
+    # the reference solution ("derived_sibling"), or the task's reference solution ("reference", OPSD's
+    # privileged text). The group selection is the same for all three: only the teacher's text differs.
+    privileged: Literal["sibling", "derived_sibling", "reference"] = option(
+        "sibling", "the correct solution the teacher is shown: sibling | derived_sibling (a sibling that shows "
+                   "its arithmetic, else the reference) | reference")
     explanation: bool = option(True, "put the reflection's explanation in the teacher context")
     loss_span: Literal["suffix", "whole"] = option(
         "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")

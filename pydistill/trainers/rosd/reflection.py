@@ -154,7 +154,11 @@ class ModelReflector:
 
 
 class StepCheckReflector:
-    """Programmatic reflector: the task's step checker marks the first wrong "a op b = c"."""
+    """Programmatic reflector: the task's step checker marks the first wrong "a op b = c".
+
+    Its explanations never state the final answer: a teacher told the answer outright rates an answer written
+    before any calculation as likely, and a student distilled toward it learns to guess (RESULTS.md, "ROSD/FD
+    collapse: diagnosis")."""
 
     def __init__(self, task):
         self.task = task
@@ -163,13 +167,12 @@ class StepCheckReflector:
         out = []
         for item in items:
             if item["attempt_is_correct"]:
-                out.append(Reflection(None, "Every step is arithmetically right and the final answer "
-                                            f"{item['answer']} matches."))
+                out.append(Reflection(None, "Every step is arithmetically right and the final answer matches."))
                 continue
             error = self.task.first_error(item["problem"], item["attempt"])
             if error is None:
-                out.append(Reflection(None, f"The arithmetic steps check out, but the final answer should be "
-                                            f"{item['answer']}: the plan of the solution is wrong.", parsed=False))
+                out.append(Reflection(None, "The arithmetic steps check out, but the final answer is wrong: the "
+                                            "plan of the solution is wrong.", parsed=False))
             else:
                 out.append(Reflection(error.quote, error.explanation))
         return out

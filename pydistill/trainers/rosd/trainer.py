@@ -7,6 +7,7 @@ import torch
 
 from ...losses import distillation_loss, first_error_mask
 from ...prompts import render, rosd_teacher_messages
+from ...tasks import derives_answer
 from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups
@@ -88,7 +89,7 @@ class ROSDTrainer(Trainer):
         batch = sample_groups(self, problems, self.reward)
         rollouts, correct = batch.rollouts, batch.correct
         selection = select_siblings(correct.reshape(-1, cfg.num_generations), cfg.drop_zero_spread)
-        shown = [self.privileged_text(batch.problems[i], rollouts.texts[s]) for i, s in selection.pairs]
+        shown = [self.privileged_text(batch.problems[i], i, s, rollouts.texts, correct) for i, s in selection.pairs]
         items = [dict(problem=batch.problems[i], question=batch.problems[i].question,
                       correct_solution=text, attempt=rollouts.texts[i],
                       answer=batch.problems[i].answer, attempt_is_correct=bool(correct[i]))
@@ -116,7 +117,7 @@ class ROSDTrainer(Trainer):
             question = batch.problems[i].question
             explanation = reflection.explanation if cfg.explanation else None
             prompt = render(tok, rosd_teacher_messages(question, solution, explanation,
-                                                       reference=cfg.privileged == "reference"))
+                                                       reference=solution is batch.problems[i].solution))
             teacher_ids.append(tok(prompt, add_special_tokens=False)["input_ids"])
 
         device = self.accelerator.device
@@ -143,9 +144,22 @@ class ROSDTrainer(Trainer):
                     reflections=reflections, counts=counts, tokens=int(mask.sum()), generated_tokens=generated,
                     metrics=metrics)
 
-    def privileged_text(self, problem, sibling_text: str) -> str:
-        """The correct solution the teacher context shows (``privileged``): the sibling rollout or the reference."""
-        return problem.solution if self.config.privileged == "reference" else sibling_text
+    def privileged_text(self, problem, index: int, sibling: int, texts: list, correct: torch.Tensor) -> str:
+        """The correct solution the teacher context of rollout ``index`` shows (``privileged``): its sibling, the
+        reference, or (``derived_sibling``) the first success of its group, from the sibling on and never the
+        rollout itself, that derives the answer in checked arithmetic, else the reference when the task has one."""
+        mode = self.config.privileged
+        if mode == "reference":
+            return problem.solution
+        if mode == "sibling":
+            return texts[sibling]
+        g = self.config.num_generations
+        start = index - index % g
+        order = [j for j in range(sibling, start + g)] + [j for j in range(start, sibling)]
+        for j in order:
+            if j != index and bool(correct[j]) and derives_answer(texts[j], problem.answer):
+                return texts[j]
+        return problem.solution or texts[sibling]
 
     def finalize_batch(self, prepared: list) -> None:
         """Counts over the optimizer step's micro-batches, written into each one's metrics (the core averages
