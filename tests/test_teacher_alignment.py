@@ -267,3 +267,4 @@ def test_teacher_signal_diagnostic_runs_on_scripted_rollouts(monkeypatch):
     for c in result["contexts"].values():
         assert c["forward_kl"] >= 0 and c["jsd"] >= 0 and c["teacher_entropy"] > 0
         assert c["answer_slots"] == 3 and c["discrimination"] is not None
+        assert 0 < c["answer_first"] < 1 and 0 < c["student_answer_first"] < 1

@@ -27,9 +27,16 @@ sibling (the teacher then sees this very solution, which distills it toward a co
 
 Paper defaults: G = 8, JSD beta 0.5, importance clip 2, fixed teacher, lr 1e-5 with 10 warm-up steps, batch 32.
 
-Diagnosis switches, each defaulting to the paper's setting: ``privileged="reference"`` shows the task's reference
-solution where the sibling would be (to the teacher and to a model reflector; which rollouts are kept does not
-change), ``explanation=False`` leaves the reflection's explanation out of the teacher context, and
+What the teacher is shown as the correct solution (``privileged``): the paper's sibling; ``"derived_sibling"``,
+a correct sibling that derives the answer in checked arithmetic (never the rollout itself), else the task's
+reference solution; or ``"reference"``, always the reference solution. Which rollouts are kept does not change.
+(A verifier that reads the last number accepts bare guesses as correct: ``derived_sibling`` never shows one.)
+The step-check reflector's explanations, like the model reflector's instruction, do not state the final answer.
+Measured on SmolLM2-135M (benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis"): at the paper's setting, with
+either privileged text, the student collapses to answering first and guessing; without the explanation and with
+the reference solution it improves.
+
+Diagnosis switches: ``privileged`` above, ``explanation=False`` leaves the reflection's explanation out of the teacher context, and
 ``loss_span="whole"`` distills every token of every kept rollout (t* = 0; the reflector still runs and its hit
 counts are still logged).
 """
