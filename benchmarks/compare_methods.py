@@ -271,6 +271,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["grpo", "opsd", "rosd"],
                    help="runs: [LABEL=]METHOD[>METHOD...][:FIELD=VALUE,...]")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per run: --seed, --seed + 1, ...")
+    p.add_argument("--only-seeds", type=int, nargs="+", default=None, metavar="K",
+                   help="train only seeds --seed + K of those (the held-out problems stay those of --seed), to "
+                        "complete an earlier invocation's seeds")
     p.add_argument("--generated-token-budget", type=int, default=20000)
     p.add_argument("--minutes", type=float, default=10.0, help="training time cap per run (shared by a chain)")
     p.add_argument("--eval-problems", type=int, default=64)
@@ -285,6 +288,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.only_seeds is not None and not all(0 <= k < args.seeds for k in args.only_seeds):
+        raise SystemExit(f"--only-seeds must be in 0..{args.seeds - 1} (--seeds {args.seeds}), got {args.only_seeds}")
 
     import torch
 
@@ -323,7 +328,8 @@ def main(argv=None) -> int:
         if args.entropy_problems else []
 
     result = dict(date=time.strftime("%Y-%m-%d"), device=device_name("cuda" if torch.cuda.is_available() else "cpu"),
-                  torch=torch.__version__, seeds=[args.seed + k for k in range(args.seeds)],
+                  torch=torch.__version__, seeds=[args.seed + k for k in range(args.seeds)
+                                                    if args.only_seeds is None or k in args.only_seeds],
                   command="python -m benchmarks.compare_methods " + " ".join(
                       argv if argv is not None else sys.argv[1:]), runs={})
     model, tokenizer = load_model(model_name)

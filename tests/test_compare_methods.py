@@ -73,6 +73,8 @@ def test_bad_runs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
         compare_methods.main(["--methods", "grpo:privileged=reference", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="privileged must be one of"):
         compare_methods.main(["--methods", "rosd:privileged=gold", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--only-seeds must be in 0..2"):
+        compare_methods.main(["--methods", "grpo", "--seeds", "3", "--only-seeds", "3", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="labels must be distinct"):
         compare_methods.main(["--methods", "grpo", "grpo", "--out", str(tmp_path)])
 
