@@ -20,17 +20,29 @@ def opsd_teacher_messages(question: str, solution: str) -> list:
         f"and reach the same final answer.\n{STUDENT_INSTRUCTION}")}]
 
 
-def feedback_teacher_messages(question: str, feedback: str | None, sibling: str | None = None) -> list:
-    """Feedback Distillation teacher context: the problem, the feedback a previous attempt received, and
-    optionally a successful attempt by a sibling rollout. With neither, it is the student context itself."""
+FEEDBACK_FRAMES = ("previous_attempt", "notes")
+
+
+def feedback_teacher_messages(question: str, feedback: str | None, sibling: str | None = None,
+                              frame: str = "previous_attempt") -> list:
+    """Feedback Distillation teacher context: the problem, the feedback, and optionally a successful attempt by
+    a sibling rollout. With neither, it is the student context itself. ``frame``: "previous_attempt" presents
+    the feedback as what an earlier attempt received and asks for a new solution; "notes" presents it as notes
+    on the problem and asks for a solution in the solver's own words (OPSD's wording), with no earlier attempt."""
+    if frame not in FEEDBACK_FRAMES:
+        raise ValueError(f"frame must be one of {FEEDBACK_FRAMES}, got {frame!r}")
     parts = [question]
     if feedback:
-        parts.append(f"A previous attempt at this problem received this feedback:\n{feedback}")
+        parts.append(f"A previous attempt at this problem received this feedback:\n{feedback}"
+                     if frame == "previous_attempt" else f"Notes on this problem:\n{feedback}")
     if sibling:
-        parts.append(f"Here is a correct attempt by another student:\n{sibling}")
+        parts.append(f"Here is a correct attempt by another student:\n{sibling}" if frame == "previous_attempt"
+                     else f"Here is a correct solution:\n{sibling}")
     if len(parts) == 1:
         return student_messages(question)
-    parts.append(f"Take this into account and solve the problem yourself.\n{STUDENT_INSTRUCTION}")
+    parts.append(f"Take this into account and solve the problem yourself.\n{STUDENT_INSTRUCTION}"
+                 if frame == "previous_attempt" else
+                 f"Use these notes, then solve the problem yourself in your own words.\n{STUDENT_INSTRUCTION}")
     return [{"role": "user", "content": "\n\n".join(parts)}]
 
 

@@ -151,6 +151,7 @@ FD_VARIANTS = [
     dict(feedback="critic", feedback_content="no_attempt_numbers"),
     dict(teacher="fixed"),
     dict(teacher="live"),
+    dict(teacher_frame="notes", include_sibling=True),
 ]
 
 
@@ -179,7 +180,7 @@ def test_fd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path, o
         feedback = expected_feedback(cfg, problem, text)
         assert prepared["feedback"][i] == feedback
         sibling = RIGHT if cfg.include_sibling and text == WRONG else None  # the RIGHT attempt has no other one
-        prompt = render(tok, feedback_teacher_messages(problem.question, feedback, sibling))
+        prompt = render(tok, feedback_teacher_messages(problem.question, feedback, sibling, cfg.teacher_frame))
         prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
         if cfg.feedback_content != "full" and text == WRONG:
             assert "11" not in prompt  # the wrong result never reaches the teacher

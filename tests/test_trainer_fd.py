@@ -195,6 +195,11 @@ def test_feedback_failures_and_timeouts_are_counted_not_raised(tmp_path):
     assert prepared["feedback"] == [None, None]
     assert torch.equal(prepared["teacher"].input_ids, prepared["groups"].student.input_ids)
     assert feedback_teacher_messages("Q", None) == student_messages("Q")
+    assert feedback_teacher_messages("Q", None, frame="notes") == student_messages("Q")
+    notes = feedback_teacher_messages("Q", "FB", "SIB", frame="notes")[0]["content"]
+    assert "FB" in notes and "SIB" in notes and "attempt" not in notes and "previous" not in notes
+    with pytest.raises(ValueError, match="frame must be one of"):
+        feedback_teacher_messages("Q", "FB", frame="hint")
 
 
 # ----- the EMA teacher, the loss, the blend ------------------------------------------------------------

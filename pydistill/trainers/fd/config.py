@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ...prompts import FEEDBACK_FRAMES
 from ..config import check_divergence
 from ..fields import Literal, option
 from ..grpo.config import GRPOConfig
@@ -53,6 +54,9 @@ class FDConfig(GRPOConfig):
     teacher: Literal["ema", "fixed", "live"] = option("ema", "ema | fixed (initial weights) | live (the current "
                                                              "student)")
     ema_rate: float = 0.01
+    teacher_frame: Literal["previous_attempt", "notes"] = option(
+        "previous_attempt", "how the teacher reads the feedback: as what a previous attempt received, or as notes "
+                            "on the problem (no earlier attempt mentioned)")
     include_sibling: bool = option(False, "add a correct attempt from the same group to the teacher context")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("forward_kl", "the divergence distilled")
     jsd_beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
@@ -68,6 +72,8 @@ class FDConfig(GRPOConfig):
         super().validate()
         if self.feedback not in FEEDBACK_SOURCES:
             raise ValueError(f"feedback must be one of {FEEDBACK_SOURCES}, got {self.feedback!r}")
+        if self.teacher_frame not in FEEDBACK_FRAMES:
+            raise ValueError(f"teacher_frame must be one of {FEEDBACK_FRAMES}, got {self.teacher_frame!r}")
         if self.feedback_content not in FEEDBACK_CONTENTS:
             raise ValueError(f"feedback_content must be one of {FEEDBACK_CONTENTS}, got {self.feedback_content!r}")
         if self.critic_model is not None and self.feedback != "critic":
