@@ -32,6 +32,8 @@ import sys
 import time
 
 ANSWER_FIRST = "The answer is"
+# the FD frame the recorded measurements used (FD's default is now "notes"; see RESULTS.md)
+FRAME = "previous_attempt"
 CONTEXTS = ("opsd_reference", "rosd_sibling_explanation", "rosd_sibling_only", "rosd_reference_explanation",
             "fd_verifier_full", "fd_verifier_no_attempt_numbers", "fd_verifier_corrections", "fd_reference_solution")
 
@@ -51,14 +53,14 @@ def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanatio
     if context == "rosd_reference_explanation":
         return rosd_teacher_messages(q, problem.solution, explanation, reference=True)
     if context == "fd_verifier_full":
-        return feedback_teacher_messages(q, VerifierFeedback()(q, attempt, problem.answer))
+        return feedback_teacher_messages(q, VerifierFeedback()(q, attempt, problem.answer), frame=FRAME)
     if context == "fd_verifier_no_attempt_numbers":
-        return feedback_teacher_messages(q, VerifierFeedback(quote_attempt=False)(q, attempt, problem.answer))
+        return feedback_teacher_messages(q, VerifierFeedback(quote_attempt=False)(q, attempt, problem.answer), frame=FRAME)
     if context == "fd_verifier_corrections":
         feedback = VerifierFeedback(quote_attempt=False, state_answer=True)(q, attempt, problem.answer)
-        return feedback_teacher_messages(q, feedback)
+        return feedback_teacher_messages(q, feedback, frame=FRAME)
     if context == "fd_reference_solution":
-        return feedback_teacher_messages(q, ReferenceSolutionFeedback({q: problem.solution})(q, attempt, None))
+        return feedback_teacher_messages(q, ReferenceSolutionFeedback({q: problem.solution})(q, attempt, None), frame=FRAME)
     raise ValueError(f"unknown context {context!r}; expected one of {CONTEXTS}")
 
 

@@ -20,11 +20,11 @@ def opsd_teacher_messages(question: str, solution: str) -> list:
         f"and reach the same final answer.\n{STUDENT_INSTRUCTION}")}]
 
 
-FEEDBACK_FRAMES = ("previous_attempt", "notes")
+FEEDBACK_FRAMES = ("notes", "previous_attempt")
 
 
 def feedback_teacher_messages(question: str, feedback: str | None, sibling: str | None = None,
-                              frame: str = "previous_attempt") -> list:
+                              frame: str = "notes") -> list:
     """Feedback Distillation teacher context: the problem, the feedback, and optionally a successful attempt by
     a sibling rollout. With neither, it is the student context itself. ``frame``: "previous_attempt" presents
     the feedback as what an earlier attempt received and asks for a new solution; "notes" presents it as notes

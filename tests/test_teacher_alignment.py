@@ -151,7 +151,7 @@ FD_VARIANTS = [
     dict(feedback="critic", feedback_content="no_attempt_numbers"),
     dict(teacher="fixed"),
     dict(teacher="live"),
-    dict(teacher_frame="notes", include_sibling=True),
+    dict(teacher_frame="previous_attempt", include_sibling=True),
 ]
 
 

@@ -97,10 +97,10 @@ def test_verifier_feedback_builds_the_teacher_context(tmp_path):
     assert torch.equal(student.targets, teacher.targets)
     assert torch.equal(student.completion_mask, teacher.completion_mask)
     right, wrong = decoded_rows(trainer, teacher)
-    assert "received this feedback:\nThe final answer is correct." in right
+    assert "Notes on this problem:\nThe final answer is correct." in right and "previous attempt" not in right
     context = wrong.split("<|im_start|>assistant")[0]  # what the teacher reads before the rollout
     assert '"5 * 2 = 10"' in context and "11" not in context
-    assert f"correct attempt by another student:\n{RIGHT}" in wrong  # the sibling of the wrong attempt
+    assert f"Here is a correct solution:\n{RIGHT}" in wrong  # the sibling of the wrong attempt
     assert "another student" not in right  # the correct attempt has no other correct sibling
     assert right.endswith(RIGHT + "<|im_end|>") and wrong.endswith(WRONG + "<|im_end|>")
     assert prepared["sibling_share"] == 0.5

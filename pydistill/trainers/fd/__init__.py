@@ -5,7 +5,9 @@ attempt — the step verifier (which step is wrong, what its value should be, wh
 right), a critic model (the student itself through the rollout engine at a low temperature, or a second HF
 model, told not to give the answer away), or the Lean 4 compiler's errors. The teacher, an EMA copy of the
 student by default, reads the prompt plus that feedback (plus, with ``include_sibling``, a correct attempt
-from the same group) and scores the same trajectory tokens; the loss is the full-vocabulary per-token
+from the same group) — as notes on the problem by default (``teacher_frame="notes"``; "previous_attempt"
+presents it as what an earlier attempt received, which on SmolLM2-135M taught the student that frame's language)
+— and scores the same trajectory tokens; the loss is the full-vocabulary per-token
 divergence teacher vs student through the fused op (forward KL by default, as in the paper's public config).
 
 With ``distillation_weight`` w < 1 the loss is ``w * FD + (1 - w) * GRPO`` from one pass of the op

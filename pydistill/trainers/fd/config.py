@@ -54,9 +54,11 @@ class FDConfig(GRPOConfig):
     teacher: Literal["ema", "fixed", "live"] = option("ema", "ema | fixed (initial weights) | live (the current "
                                                              "student)")
     ema_rate: float = 0.01
-    teacher_frame: Literal["previous_attempt", "notes"] = option(
-        "previous_attempt", "how the teacher reads the feedback: as what a previous attempt received, or as notes "
-                            "on the problem (no earlier attempt mentioned)")
+    # "notes" (the default): measured on SmolLM2-135M, a teacher told about "a previous attempt" teaches the
+    # student that frame's language and to state an answer first (RESULTS.md, "ROSD/FD collapse: diagnosis").
+    teacher_frame: Literal["notes", "previous_attempt"] = option(
+        "notes", "how the teacher reads the feedback: as notes on the problem (no earlier attempt mentioned), or "
+                 "as what a previous attempt received")
     include_sibling: bool = option(False, "add a correct attempt from the same group to the teacher context")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("forward_kl", "the divergence distilled")
     jsd_beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
