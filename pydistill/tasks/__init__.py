@@ -1,5 +1,6 @@
 """Reasoning tasks: problems with privileged worked solutions, a verifier and a step checker."""
-from .answers import StepError, derives_answer, extract_answer, find_first_wrong_step, normalize_number, reference_answer, same_answer
+from .answers import (StepError, derives_answer, extract_answer, find_first_wrong_step, normalize_number,
+                      reference_answer, same_answer)
 from .arithmetic import ArithmeticTask, Difficulty
 from .base import Problem, Task
 from .dataset import DatasetTask

@@ -82,7 +82,8 @@ class FDTrainer(GRPOTrainer):
                            "feedback); first errors: %s", type(self.feedback_source).__name__, stats.failures,
                            stats.timeouts, len(texts), "; ".join(stats.errors) or "-")
         siblings = self.siblings(batch) if self.config.include_sibling else [None] * len(texts)
-        teacher_ids = [tok(render(tok, feedback_teacher_messages(p.question, f, s, self.config.teacher_frame)), add_special_tokens=False)
+        frame = self.config.teacher_frame
+        teacher_ids = [tok(render(tok, feedback_teacher_messages(p.question, f, s, frame)), add_special_tokens=False)
                        ["input_ids"] for p, f, s in zip(batch.problems, feedback, siblings)]
         teacher = build_context_batch(teacher_ids, batch.rollouts.completion_ids, tok.pad_token_id,
                                       self.accelerator.device)

@@ -36,9 +36,9 @@ Measured on SmolLM2-135M (benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis"):
 either privileged text, the student collapses to answering first and guessing; without the explanation, with
 the reference solution and OPSD's truncated sampling it gained on one seed of three (32.8, 25.0, 9.4% from 23.4%).
 
-Diagnosis switches: ``privileged`` above, ``explanation=False`` leaves the reflection's explanation out of the teacher context, and
-``loss_span="whole"`` distills every token of every kept rollout (t* = 0; the reflector still runs and its hit
-counts are still logged).
+Diagnosis switches: ``privileged`` above, ``explanation=False`` leaves the reflection's explanation out of the
+teacher context, and ``loss_span="whole"`` distills every token of every kept rollout (t* = 0; the reflector
+still runs and its hit counts are still logged).
 """
 from .config import ROSDConfig
 from .trainer import GroupSelection, ROSDTrainer, select_siblings

@@ -156,9 +156,9 @@ class ModelReflector:
 class StepCheckReflector:
     """Programmatic reflector: the task's step checker marks the first wrong "a op b = c".
 
-    Its explanations never state the final answer: a teacher told the answer outright rates an answer written
-    before any calculation as likely, and a student distilled toward it learns to guess (RESULTS.md, "ROSD/FD
-    collapse: diagnosis")."""
+    Its explanations explain the mistake without stating the final answer, as the model reflector is told to.
+    (Stating it was tested as a cause of ROSD's collapse on SmolLM2-135M and refuted: RESULTS.md, "ROSD/FD
+    collapse: diagnosis".)"""
 
     def __init__(self, task):
         self.task = task
