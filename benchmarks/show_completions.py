@@ -4,10 +4,13 @@
 
 What a collapsed run writes says more than its accuracy (RESULTS.md, "ROSD/FD collapse: diagnosis"). Each
 argument is ``base`` or a run folder / checkpoint (LoRA settings from the command line, as compare_methods uses).
+The model is loaded once: each checkpoint's weights replace the previous ones, and ``base`` is the same model
+with the adapter disabled.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -31,17 +34,17 @@ def main(argv=None) -> int:
 
     task = get_task("arithmetic")
     problems = task.problems(args.split, n=args.problems, seed=args.seed)
-    prompts = None
+    model, tokenizer = load_model(args.model, lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha))
+    prompts = [render(tokenizer, student_messages(q.question)) for q in problems]
     for name in args.checkpoints:
-        lora = None if name == "base" else LoraSettings(r=args.lora_r, alpha=args.lora_alpha)
-        model, tokenizer = load_model(args.model, lora=lora)
         if name != "base":
             load_weights(model, resolve_checkpoint(name, "checkpoint"))
-        prompts = prompts or [render(tokenizer, student_messages(q.question)) for q in problems]
-        texts, _ = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
-        print(f"===== {name}: {sum(task.is_correct(q, t) for q, t in zip(problems, texts))}/{len(problems)} correct")
-        for problem, text in zip(problems, texts):
-            print(f"--- answer {problem.answer}, {'right' if task.is_correct(problem, text) else 'wrong'}: {text!r}")
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            texts, _ = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+        right = [task.is_correct(q, t) for q, t in zip(problems, texts)]
+        print(f"===== {name}: {sum(right)}/{len(problems)} correct")
+        for problem, text, ok in zip(problems, texts, right):
+            print(f"--- answer {problem.answer}, {'right' if ok else 'wrong'}: {text!r}")
     return 0
 
 

@@ -18,8 +18,8 @@ keeps), so every context is scored on the same tokens. Per context:
   answer's first token at N's position, teacher minus student (> 0: the teacher knows the answer there);
 - ``wrong_answer_lift``: the same for the rollout's own wrong first token (< 0: the teacher moves away from it);
 - ``answer_first`` (teacher) vs ``student_answer_first``: mean probability that the completion opens with "The
-  answer is", i.e. states an answer before any calculation. A teacher that knows the answer can afford that
-  opening; a student distilled toward it learns to guess (what the collapsed ROSD and FD runs do).
+  answer is", i.e. states an answer before any calculation (what the collapsed ROSD and FD students learned to
+  do): whether the initial teacher already prefers that opening.
 
 Forward passes only (no training); writes JSON with ``--out``.
 """
@@ -55,12 +55,14 @@ def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanatio
     if context == "fd_verifier_full":
         return feedback_teacher_messages(q, VerifierFeedback()(q, attempt, problem.answer), frame=FRAME)
     if context == "fd_verifier_no_attempt_numbers":
-        return feedback_teacher_messages(q, VerifierFeedback(quote_attempt=False)(q, attempt, problem.answer), frame=FRAME)
+        feedback = VerifierFeedback(quote_attempt=False)(q, attempt, problem.answer)
+        return feedback_teacher_messages(q, feedback, frame=FRAME)
     if context == "fd_verifier_corrections":
         feedback = VerifierFeedback(quote_attempt=False, state_answer=True)(q, attempt, problem.answer)
         return feedback_teacher_messages(q, feedback, frame=FRAME)
     if context == "fd_reference_solution":
-        return feedback_teacher_messages(q, ReferenceSolutionFeedback({q: problem.solution})(q, attempt, None), frame=FRAME)
+        feedback = ReferenceSolutionFeedback({q: problem.solution})(q, attempt, None)
+        return feedback_teacher_messages(q, feedback, frame=FRAME)
     raise ValueError(f"unknown context {context!r}; expected one of {CONTEXTS}")
 
 

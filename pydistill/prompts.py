@@ -20,7 +20,15 @@ def opsd_teacher_messages(question: str, solution: str) -> list:
         f"and reach the same final answer.\n{STUDENT_INSTRUCTION}")}]
 
 
-FEEDBACK_FRAMES = ("notes", "previous_attempt")
+# Per frame of the FD teacher context: the feedback's heading, the sibling's heading and the closing request.
+_FEEDBACK_FRAME_TEXT = {
+    "notes": ("Notes on this problem:", "Here is a correct solution:",
+              "Use these notes, then solve the problem yourself in your own words."),
+    "previous_attempt": ("A previous attempt at this problem received this feedback:",
+                         "Here is a correct attempt by another student:",
+                         "Take this into account and solve the problem yourself."),
+}
+FEEDBACK_FRAMES = tuple(_FEEDBACK_FRAME_TEXT)
 
 
 def feedback_teacher_messages(question: str, feedback: str | None, sibling: str | None = None,
@@ -29,20 +37,17 @@ def feedback_teacher_messages(question: str, feedback: str | None, sibling: str 
     a sibling rollout. With neither, it is the student context itself. ``frame``: "previous_attempt" presents
     the feedback as what an earlier attempt received and asks for a new solution; "notes" presents it as notes
     on the problem and asks for a solution in the solver's own words (OPSD's wording), with no earlier attempt."""
-    if frame not in FEEDBACK_FRAMES:
+    if frame not in _FEEDBACK_FRAME_TEXT:
         raise ValueError(f"frame must be one of {FEEDBACK_FRAMES}, got {frame!r}")
+    feedback_heading, sibling_heading, request = _FEEDBACK_FRAME_TEXT[frame]
     parts = [question]
     if feedback:
-        parts.append(f"A previous attempt at this problem received this feedback:\n{feedback}"
-                     if frame == "previous_attempt" else f"Notes on this problem:\n{feedback}")
+        parts.append(f"{feedback_heading}\n{feedback}")
     if sibling:
-        parts.append(f"Here is a correct attempt by another student:\n{sibling}" if frame == "previous_attempt"
-                     else f"Here is a correct solution:\n{sibling}")
+        parts.append(f"{sibling_heading}\n{sibling}")
     if len(parts) == 1:
         return student_messages(question)
-    parts.append(f"Take this into account and solve the problem yourself.\n{STUDENT_INSTRUCTION}"
-                 if frame == "previous_attempt" else
-                 f"Use these notes, then solve the problem yourself in your own words.\n{STUDENT_INSTRUCTION}")
+    parts.append(f"{request}\n{STUDENT_INSTRUCTION}")
     return [{"role": "user", "content": "\n\n".join(parts)}]
 
 

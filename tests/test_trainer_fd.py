@@ -437,6 +437,7 @@ def test_plot_comparison(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("feedback", "oracle", "feedback must be one of"),
+    ("teacher_frame", "hint", "teacher_frame must be one of"),
     ("distillation_weight", 1.5, "distillation_weight must be in"),
     ("distillation_weight", -0.1, "distillation_weight must be in"),
     ("divergence", "tv", "divergence must be one of"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ...prompts import FEEDBACK_FRAMES
 from ..config import check_divergence
 from ..fields import Literal, option
 from ..grpo.config import GRPOConfig
@@ -74,8 +73,6 @@ class FDConfig(GRPOConfig):
         super().validate()
         if self.feedback not in FEEDBACK_SOURCES:
             raise ValueError(f"feedback must be one of {FEEDBACK_SOURCES}, got {self.feedback!r}")
-        if self.teacher_frame not in FEEDBACK_FRAMES:
-            raise ValueError(f"teacher_frame must be one of {FEEDBACK_FRAMES}, got {self.teacher_frame!r}")
         if self.feedback_content not in FEEDBACK_CONTENTS:
             raise ValueError(f"feedback_content must be one of {FEEDBACK_CONTENTS}, got {self.feedback_content!r}")
         if self.critic_model is not None and self.feedback != "critic":
