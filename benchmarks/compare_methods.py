@@ -21,6 +21,10 @@ A run is written ``[LABEL=]SPEC[:FIELD=VALUE,...]``:
   ``rosd-reference=rosd:privileged=reference`` or ``sft-25pct=sft:train_problems=64``;
 - ``--set METHOD.FIELD=VALUE`` sets a field for every run (and chain stage) of that method.
 
+``--only-seeds`` and ``--base-from`` let a comparison be completed over several invocations: the held-out problems
+depend only on ``--seed``, and the base model's figures are taken from an earlier ``comparison.json`` of the same
+evaluation settings instead of being measured again.
+
 Writes ``<out>/comparison.json`` (every run of every seed, and the summary), ``<out>/comparison.md``,
 ``<out>/comparison.png`` (:func:`pydistill.plotting.plot_comparison`, first seed of each run) and the run folders
 ``<out>/<label>/seed<k>[/<stage>]``.
@@ -265,6 +269,26 @@ def train_run(spec: RunSpec, seed: int, args, overrides: dict) -> tuple:
     return trainer, record
 
 
+def evaluation_settings(args, model_name: str) -> dict:
+    """Everything the base model's figures depend on (the held-out problems are drawn with ``--seed``)."""
+    return dict(model=model_name, splits=list(args.splits), eval_problems=args.eval_problems, seed=args.seed,
+                eval_max_new_tokens=args.eval_max_new_tokens, eval_samples=args.eval_samples,
+                entropy_problems=args.entropy_problems)
+
+
+def base_from(path: str, settings: dict) -> dict:
+    """The base model's figures of an earlier comparison.json, checked to come from the same ``settings``."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--base-from {path}: cannot read a comparison.json ({err})") from None
+    if earlier.get("evaluation") != settings or "base" not in earlier:
+        raise SystemExit(f"--base-from {path}: expected a comparison.json with the base figures for the evaluation "
+                         f"settings {settings}, got settings {earlier.get('evaluation')}")
+    return earlier["base"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare_methods", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,6 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="base model for every run (default: COMMON's)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--base-from", default=None, metavar="COMPARISON_JSON",
+                   help="take the base model's figures from an earlier comparison.json made with the same model and "
+                        "evaluation settings instead of evaluating the base again (greedy: the same figures)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
@@ -332,12 +359,16 @@ def main(argv=None) -> int:
                                                     if args.only_seeds is None or k in args.only_seeds],
                   command="python -m benchmarks.compare_methods " + " ".join(
                       argv if argv is not None else sys.argv[1:]), runs={})
-    model, tokenizer = load_model(model_name)
-    print(f"[compare] evaluating the base model on {args.splits} ...", flush=True)
-    result["base"] = evaluate_model(model, tokenizer, task, splits, args.eval_max_new_tokens, args.eval_samples,
-                                    in_domain)
+    result["evaluation"] = evaluation_settings(args, model_name)
+    if args.base_from:
+        result["base"] = base_from(args.base_from, result["evaluation"])
+    else:
+        model, tokenizer = load_model(model_name)
+        print(f"[compare] evaluating the base model on {args.splits} ...", flush=True)
+        result["base"] = evaluate_model(model, tokenizer, task, splits, args.eval_max_new_tokens, args.eval_samples,
+                                        in_domain)
+        del model
     print(f"[compare] base: {result['base']}", flush=True)
-    del model
     first_dirs = {}
     for spec in specs:
         seed_runs = []

@@ -29,7 +29,7 @@ def test_run_grammar():
             parse_run(text)
 
 
-def test_seeded_comparison_smoke(tmp_path, one_thread):
+def test_seeded_comparison_smoke(tmp_path, one_thread, monkeypatch):
     model, tok = tiny_model()
     folder = tmp_path / "tiny"
     model.save_pretrained(folder)
@@ -65,6 +65,31 @@ def test_seeded_comparison_smoke(tmp_path, one_thread):
     table = (out / "comparison.md").read_text()
     assert "| fd>grpo | 2 |" in table and "±" in table and "seeds [0, 1]" in table
     assert (out / "comparison.png").exists()
+
+    # a later invocation with the same evaluation settings takes the base figures instead of evaluating again
+    evaluated = []
+    real_evaluate = compare_methods.evaluate_model
+    monkeypatch.setattr(compare_methods, "evaluate_model", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
+    same_evaluation = argv[argv.index("--seeds"):argv.index("--out")]
+    later = same_evaluation + ["--methods", "grpo", "--only-seeds", "1", "--out", str(tmp_path / "later"),
+                               "--base-from", str(out / "comparison.json"), *small[:6]]
+    assert compare_methods.main(later) == 0
+    assert json.loads((tmp_path / "later" / "comparison.json").read_text())["base"] == base
+    assert len(evaluated) == 1  # the trained run only
+
+
+def test_base_from_other_evaluation_settings_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr("pydistill.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    earlier = tmp_path / "comparison.json"
+    earlier.write_text(json.dumps(dict(base={"test/accuracy": 0.5}, evaluation=dict(
+        model="SmolLM2-135M-Instruct", splits=["test", "ood"], eval_problems=32, seed=0, eval_max_new_tokens=64,
+        eval_samples=1, entropy_problems=16))))
+    with pytest.raises(SystemExit, match="--base-from .*eval_problems.: 64"):
+        compare_methods.main(["--methods", "grpo", "--eval-problems", "64", "--out", str(tmp_path / "out"),
+                              "--base-from", str(earlier)])
+    with pytest.raises(SystemExit, match="--base-from .*cannot read"):
+        compare_methods.main(["--methods", "grpo", "--out", str(tmp_path / "out"), "--base-from",
+                              str(tmp_path / "missing.json")])
 
 
 def test_bad_runs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
