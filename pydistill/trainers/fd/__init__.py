@@ -8,7 +8,10 @@ student by default, reads the prompt plus that feedback (plus, with ``include_si
 from the same group) — as notes on the problem by default (``teacher_frame="notes"``; "previous_attempt"
 presents it as what an earlier attempt received, which on SmolLM2-135M taught the student that frame's language)
 — and scores the same trajectory tokens; the loss is the full-vocabulary per-token
-divergence teacher vs student through the fused op (forward KL by default, as in the paper's public config).
+divergence teacher vs student through the fused op: reverse KL by default (the paper's public config uses forward
+KL, ``divergence="forward_kl"``; on SmolLM2-135M, whose feedback-conditioned teacher is flatter than the student,
+forward KL raised the policy's entropy and cost accuracy: 18.2% vs reverse KL's 25.0% over 3 seeds, base 23.4%;
+benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis").
 
 With ``distillation_weight`` w < 1 the loss is ``w * FD + (1 - w) * GRPO`` from one pass of the op
 (:func:`pydistill.losses.blended_loss`), the GRPO term using this config's GRPO options and group advantages.
