@@ -101,7 +101,7 @@ def test_verifier_feedback_builds_the_teacher_context(tmp_path):
     context = wrong.split("<|im_start|>assistant")[0]  # what the teacher reads before the rollout
     assert '"5 * 2 = 10"' in context and "11" not in context
     assert f"Here is a correct solution:\n{RIGHT}" in wrong  # the sibling of the wrong attempt
-    assert "another student" not in right  # the correct attempt has no other correct sibling
+    assert "Here is a correct solution:" not in right  # the correct attempt has no other correct sibling
     assert right.endswith(RIGHT + "<|im_end|>") and wrong.endswith(WRONG + "<|im_end|>")
     assert prepared["sibling_share"] == 0.5
 
