@@ -23,7 +23,10 @@ A run is written ``[LABEL=]SPEC[:FIELD=VALUE,...]``:
 
 ``--only-seeds`` and ``--base-from`` let a comparison be completed over several invocations: the held-out problems
 depend only on ``--seed``, and the base model's figures are taken from an earlier ``comparison.json`` of the same
-evaluation settings instead of being measured again.
+evaluation settings instead of being measured again. ``--trained-from`` evaluates the trained models of earlier
+invocations again instead of training them (e.g. with ``--eval-samples 8`` for pass@k): each run's label and seed
+is looked up in those ``comparison.json`` files (the last one listed that holds it), its configs must be the ones
+this invocation would train with (output folders aside), and its last checkpoint is loaded.
 
 Writes ``<out>/comparison.json`` (every run of every seed, and the summary), ``<out>/comparison.md``,
 ``<out>/comparison.png`` (:func:`pydistill.plotting.plot_comparison`, first seed of each run) and the run folders
@@ -269,6 +272,85 @@ def train_run(spec: RunSpec, seed: int, args, overrides: dict) -> tuple:
     return trainer, record
 
 
+def _training_settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("output_dir", "init_from")}
+
+
+def trained_from(paths: list, specs: list, seeds: list, args, overrides: dict) -> dict:
+    """(label, seed) -> the training record of that run in one of the earlier comparison.json ``paths``, checked
+    to have been trained with the configs this invocation would use (output folders aside)."""
+    earlier = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                earlier.append((path, json.load(f)))
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--trained-from {path}: cannot read a comparison.json ({err})") from None
+    found = {}
+    for spec in specs:
+        for seed in seeds:
+            records = [(path, r) for path, e in earlier for r in e.get("runs", {}).get(spec.label, {}).get("seeds", [])
+                       if r["seed"] == seed]
+            if not records:
+                raise SystemExit(f"--trained-from: no run {spec.label!r} with seed {seed} in {paths}")
+            path, record = records[-1]
+            budget, minutes = args.generated_token_budget // len(spec.stages), args.minutes / len(spec.stages)
+            for k, method in enumerate(spec.stages):
+                fields = dict(overrides.get(method, {}),
+                              **{f: v for f, v in spec.fields.items() if f in _field_names(method)})
+                if args.model:
+                    fields.setdefault("model", args.model)
+                config = method_config(method, "unused", budget, minutes, seed, fields)
+                now = _training_settings(json.loads(json.dumps(dataclasses.asdict(config))))  # as stored
+                then = _training_settings(record["configs"][k]) if k < len(record["configs"]) else {}
+                # a field added since that run, at its default, is accepted: the earlier code behaved so
+                then.update({f.name: now[f.name] for f in dataclasses.fields(config) if f.name in now and f.name not
+                             in then and then and f.default is not dataclasses.MISSING
+                             and json.loads(json.dumps(f.default)) == now[f.name]})
+                differ = sorted(key for key in now.keys() | then.keys() if now.get(key, "?") != then.get(key, "?"))
+                if differ:
+                    raise SystemExit(f"--trained-from {path}: run {spec.label!r} seed {seed} ({method}) was trained "
+                                     f"with other settings than this invocation's: "
+                                     + ", ".join(f"{key} {then.get(key, '(absent)')!r} vs {now.get(key, '(absent)')!r}"
+                                                 for key in differ[:6]))
+            found[spec.label, seed] = dict(record, trained_in=path)
+    return found
+
+
+class TrainedModels:
+    """The last checkpoint of an earlier run, loaded into one model per (model, LoRA settings): a checkpoint's
+    trainable weights replace the previous run's, which must cover every trainable parameter."""
+
+    def __init__(self):
+        self.loaded = {}
+
+    def load(self, record: dict):
+        from safetensors import safe_open
+
+        from pydistill.models import LoraSettings, load_model
+        from pydistill.trainers.checkpoint import load_weights, resolve_checkpoint
+
+        config = record["configs"][-1]
+        key = (config["model"], config["lora_r"], config["lora_alpha"])
+        if key not in self.loaded:
+            self.loaded.clear()
+            lora = LoraSettings(r=config["lora_r"], alpha=config["lora_alpha"]) if config["lora_r"] else None
+            self.loaded[key] = load_model(config["model"], lora=lora)
+        model, tokenizer = self.loaded[key]
+        try:
+            checkpoint = resolve_checkpoint(record["stages"][-1]["output_dir"], "--trained-from checkpoint")
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        with safe_open(os.path.join(checkpoint, "weights.safetensors"), "pt") as f:
+            stored = set(f.keys())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if stored != trainable:
+            raise SystemExit(f"--trained-from checkpoint {checkpoint} does not hold exactly the model's trainable "
+                             f"weights ({len(stored)} tensors vs {len(trainable)})")
+        load_weights(model, checkpoint)
+        return model, tokenizer
+
+
 def evaluation_settings(args, model_name: str) -> dict:
     """Everything the base model's figures depend on (the held-out problems are drawn with ``--seed``)."""
     return dict(model=model_name, splits=list(args.splits), eval_problems=args.eval_problems, seed=args.seed,
@@ -312,6 +394,9 @@ def main(argv=None) -> int:
     p.add_argument("--base-from", default=None, metavar="COMPARISON_JSON",
                    help="take the base model's figures from an earlier comparison.json made with the same model and "
                         "evaluation settings instead of evaluating the base again (greedy: the same figures)")
+    p.add_argument("--trained-from", nargs="+", default=None, metavar="COMPARISON_JSON",
+                   help="evaluate the trained models of earlier comparison.json files (same labels, seeds and "
+                        "training settings) instead of training them")
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
@@ -347,6 +432,8 @@ def main(argv=None) -> int:
                               dict(fields, **({"model": args.model} if args.model else {})))
             except ValueError as err:
                 raise SystemExit(f"run {spec.label!r}, {method}: {err}") from None
+    seeds = [args.seed + k for k in range(args.seeds) if args.only_seeds is None or k in args.only_seeds]
+    trained = trained_from(args.trained_from, specs, seeds, args, overrides) if args.trained_from else None
     os.makedirs(args.out, exist_ok=True)
     model_name = args.model or COMMON["model"]
     task = get_task(COMMON["task"])
@@ -355,8 +442,7 @@ def main(argv=None) -> int:
         if args.entropy_problems else []
 
     result = dict(date=time.strftime("%Y-%m-%d"), device=device_name("cuda" if torch.cuda.is_available() else "cpu"),
-                  torch=torch.__version__, seeds=[args.seed + k for k in range(args.seeds)
-                                                    if args.only_seeds is None or k in args.only_seeds],
+                  torch=torch.__version__, seeds=seeds,
                   command="python -m benchmarks.compare_methods " + " ".join(
                       argv if argv is not None else sys.argv[1:]), runs={})
     result["evaluation"] = evaluation_settings(args, model_name)
@@ -370,17 +456,26 @@ def main(argv=None) -> int:
         del model
     print(f"[compare] base: {result['base']}", flush=True)
     first_dirs = {}
+    models = TrainedModels()
     for spec in specs:
         seed_runs = []
         for seed in result["seeds"]:
-            print(f"[compare] training {spec.label} (seed {seed}) ...", flush=True)
-            trainer, record = train_run(spec, seed, args, overrides)
-            record["after"] = evaluate_model(trainer.model, trainer.tokenizer, task, splits, args.eval_max_new_tokens,
+            if trained is not None:
+                print(f"[compare] loading {spec.label} (seed {seed}) ...", flush=True)
+                record = dict(trained[spec.label, seed])
+                model, tokenizer = models.load(record)
+            else:
+                print(f"[compare] training {spec.label} (seed {seed}) ...", flush=True)
+                trainer, record = train_run(spec, seed, args, overrides)
+                model, tokenizer = trainer.model, trainer.tokenizer
+            record["after"] = evaluate_model(model, tokenizer, task, splits, args.eval_max_new_tokens,
                                              args.eval_samples, in_domain)
             print(f"[compare] {spec.label} seed {seed}: {record['after']} after {record['steps']} steps", flush=True)
             seed_runs.append(record)
             first_dirs.setdefault(spec.label, record["stages"][-1]["output_dir"])
-            del trainer
+            del model
+            if trained is None:
+                del trainer
             result["runs"][spec.label] = dict(stages=spec.stages, fields=spec.fields, seeds=seed_runs,
                                               summary=summarize(seed_runs))
             with open(os.path.join(args.out, "comparison.json"), "w") as f:  # after each run: partial results

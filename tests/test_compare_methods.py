@@ -37,7 +37,7 @@ def test_seeded_comparison_smoke(tmp_path, one_thread, monkeypatch):
     out = tmp_path / "compare"
     small = [f"--set={m}.{field}" for m in ("grpo", "fd", "rosd") for field in
              ("lora_r=4", "lora_alpha=8", "max_new_tokens=6", "batch_size=2", "micro_batch_size=2",
-              "num_generations=2")]
+              "num_generations=2", "learning_rate=0.01")]  # a step large enough to move the entropy
     argv = ["--methods", "grpo", "fd>grpo", "ref=rosd:privileged=reference", "--seeds", "2",
             "--generated-token-budget", "24", "--minutes", "2", "--eval-problems", "3", "--eval-max-new-tokens", "6",
             "--eval-samples", "2", "--entropy-problems", "2", "--model", str(folder), "--out", str(out),
@@ -72,10 +72,45 @@ def test_seeded_comparison_smoke(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(compare_methods, "evaluate_model", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
     same_evaluation = argv[argv.index("--seeds"):argv.index("--out")]
     later = same_evaluation + ["--methods", "grpo", "--only-seeds", "1", "--out", str(tmp_path / "later"),
-                               "--base-from", str(out / "comparison.json"), *small[:6]]
+                               "--base-from", str(out / "comparison.json"), *small[:7]]
     assert compare_methods.main(later) == 0
     assert json.loads((tmp_path / "later" / "comparison.json").read_text())["base"] == base
     assert len(evaluated) == 1  # the trained run only
+
+    # the trained models evaluated again (here: more samples) without training, found in the earlier files
+    monkeypatch.setattr(compare_methods, "train_run", lambda *a, **k: pytest.fail("a run was trained"))
+    again = argv[argv.index("--seeds"):argv.index("--out")]
+    again[again.index("--eval-samples") + 1] = "4"
+    again += ["--methods", "grpo", "fd>grpo", "--out", str(tmp_path / "again"), *small[:14], "--set",
+              "fd.eval_problems=0", "--trained-from", str(out / "comparison.json"),
+              str(tmp_path / "later" / "comparison.json")]  # seed 1 of grpo is in both: the last file listed wins
+    assert compare_methods.main(again) == 0
+    redone = json.loads((tmp_path / "again" / "comparison.json").read_text())
+    later_result = json.loads((tmp_path / "later" / "comparison.json").read_text())
+    for label in ("grpo", "fd>grpo"):
+        for seed in (0, 1):
+            source = tmp_path / "later" if (label, seed) == ("grpo", 1) else out
+            first = (later_result if source != out else result)["runs"][label]["seeds"][-1 if source != out else seed]
+            record = redone["runs"][label]["seeds"][seed]
+            assert record["trained_in"] == str(source / "comparison.json")
+            assert (record["steps"], record["generated_tokens"], record["stages"]) == (
+                first["steps"], first["generated_tokens"], first["stages"])
+            assert "test/pass@4" in record["after"]
+            for key in ("test/accuracy", "ood/accuracy"):  # greedy: the same weights give the same answers
+                assert record["after"][key] == first["after"][key]
+            # the entropy of the same seeded samples: the trained weights were loaded (FD moved them; GRPO's
+            # tiny rollouts earn no reward, hence no gradient)
+            assert record["after"]["entropy"] == pytest.approx(first["after"]["entropy"], rel=1e-7)
+            if label == "fd>grpo":  # one tiny FD step moved it by ~3e-5, far above float32 rounding
+                assert abs(record["after"]["entropy"] - base["entropy"]) > 1e-6
+
+    # other training settings than the earlier run's are refused, before any model is loaded
+    monkeypatch.setattr("pydistill.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="other settings .*learning_rate 0.01 vs 0.001"):
+        compare_methods.main(again[:-2] + [str(out / "comparison.json"), "--set", "grpo.learning_rate=1e-3"])
+    with pytest.raises(SystemExit, match="no run 'rosd' with seed 0"):
+        compare_methods.main(again[:again.index("--methods")] + ["--methods", "rosd", "--out", str(tmp_path / "x"),
+                                                                  "--trained-from", str(out / "comparison.json")])
 
 
 def test_base_from_other_evaluation_settings_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
