@@ -10,8 +10,6 @@ from ..fields import Literal, option
 from ..grpo.config import GRPOConfig
 from .explanatory_inversion import EI_RULES, RULES_BY_NAME
 
-STAGES = ("both", "sft", "rl")
-
 
 @dataclass
 class ExGRPOConfig(GRPOConfig):
@@ -60,8 +58,6 @@ class ExGRPOConfig(GRPOConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if not isinstance(self.sft_steps, int) or self.sft_steps < 0:
             raise ValueError(f"sft_steps must be an integer >= 0, got {self.sft_steps!r}")
         if self.stage == "sft" and self.sft_steps == 0:

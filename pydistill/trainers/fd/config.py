@@ -9,9 +9,6 @@ from ..config import check_divergence
 from ..fields import Literal, option
 from ..grpo.config import GRPOConfig
 
-FEEDBACK_SOURCES = ("verifier", "critic", "lean")
-FEEDBACK_CONTENTS = ("full", "corrections", "no_attempt_numbers", "reference_solution")
-
 
 @dataclass
 class FDConfig(GRPOConfig):
@@ -74,10 +71,6 @@ class FDConfig(GRPOConfig):
 
     def validate(self):
         super().validate()
-        if self.feedback not in FEEDBACK_SOURCES:
-            raise ValueError(f"feedback must be one of {FEEDBACK_SOURCES}, got {self.feedback!r}")
-        if self.feedback_content not in FEEDBACK_CONTENTS:
-            raise ValueError(f"feedback_content must be one of {FEEDBACK_CONTENTS}, got {self.feedback_content!r}")
         if self.critic_model is not None and self.feedback != "critic":
             raise ValueError(f"critic_model is only used with feedback='critic', got feedback={self.feedback!r}")
         if not self.critic_temperature > 0:

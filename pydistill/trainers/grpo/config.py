@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ...losses import LOSS_TYPES
-from ...losses.advantages import SCALINGS
 from ..config import TrainConfig
 from ..fields import Literal, option
 from ..groups import check_reward_names
@@ -56,10 +54,6 @@ class GRPOConfig(TrainConfig):
         if self.max_completion_length is not None:
             self.max_new_tokens = self.max_completion_length
         super().validate()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in SCALINGS:
-            raise ValueError(f"scale_rewards must be one of {SCALINGS}, got {self.scale_rewards!r}")
         if not 0 <= self.epsilon < 1:
             raise ValueError(f"epsilon must be in [0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high < 0:

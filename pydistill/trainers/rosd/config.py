@@ -7,10 +7,6 @@ from typing import Optional
 from ..config import TrainConfig, check_divergence
 from ..fields import Literal, option
 
-REFLECTORS = ("step_check", "model")
-PRIVILEGED = ("sibling", "derived_sibling", "reference")
-LOSS_SPANS = ("suffix", "whole")
-
 
 @dataclass
 class ROSDConfig(TrainConfig):
@@ -48,16 +44,8 @@ class ROSDConfig(TrainConfig):
         check_divergence(self.divergence, self.beta, self.clip)
         if self.importance_clip is not None and not self.importance_clip > 0:
             raise ValueError(f"importance_clip must be > 0 or None, got {self.importance_clip}")
-        if self.reflector not in REFLECTORS:
-            raise ValueError(f"reflector must be one of {REFLECTORS}, got {self.reflector!r}")
         if not self.reflection_temperature > 0:
             raise ValueError(f"reflection_temperature must be > 0, got {self.reflection_temperature}")
-        if self.privileged not in PRIVILEGED:
-            raise ValueError(f"privileged must be one of {PRIVILEGED}, got {self.privileged!r}")
-        if self.loss_span not in LOSS_SPANS:
-            raise ValueError(f"loss_span must be one of {LOSS_SPANS}, got {self.loss_span!r}")
-        if not isinstance(self.explanation, bool):
-            raise ValueError(f"explanation must be true or false, got {self.explanation!r}")
         if not isinstance(self.reflection_max_new_tokens, int) or self.reflection_max_new_tokens < 1:
             raise ValueError(f"reflection_max_new_tokens must be a positive integer, "
                              f"got {self.reflection_max_new_tokens!r}")
