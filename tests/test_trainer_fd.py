@@ -265,22 +265,25 @@ def test_blend_gradient_is_the_weighted_sum_of_fd_and_grpo(tmp_path):
         torch.testing.assert_close(g_blend[name], w * g_fd[name] + (1 - w) * g_grpo[name], rtol=1e-4, atol=1e-7)
 
 
-def _eager_rows(model, batch):
-    """Float64 log-softmax at each completion position, row by row on the unpadded sequence."""
+def _eager_rows(model, batch, temperature=1.0):
+    """Float64 log-softmax of logits / temperature at each completion position, row by row on the unpadded
+    sequence."""
     rows = []
     for ids, attn, positions, mask in zip(batch.input_ids, batch.attention_mask, batch.positions,
                                           batch.completion_mask):
         seq = ids[attn.bool()].unsqueeze(0)
-        logits = model(seq).logits[0].double()
+        logits = model(seq).logits[0].double() / temperature
         rows.append(torch.log_softmax(logits[positions[mask]], -1))
     return rows
 
 
-@pytest.mark.parametrize("divergence,importance_clip", [("forward_kl", None), ("reverse_kl", None),
-                                                        ("jsd", None), ("forward_kl", 1.05)])
-def test_fd_step_matches_an_eager_computation(tmp_path, divergence, importance_clip):
+@pytest.mark.parametrize("divergence,importance_clip,teacher_temperature", [
+    ("forward_kl", None, 1.0), ("reverse_kl", None, 1.0), ("jsd", None, 1.0), ("forward_kl", 1.05, 1.0),
+    ("reverse_kl", None, 0.6), ("jsd", None, 1.3)])
+def test_fd_step_matches_an_eager_computation(tmp_path, divergence, importance_clip, teacher_temperature):
     extra = dict(temperature=0.7) if importance_clip else {}
-    trainer = make_trainer(tmp_path, divergence=divergence, jsd_beta=0.3, importance_clip=importance_clip, **extra)
+    trainer = make_trainer(tmp_path, divergence=divergence, jsd_beta=0.3, importance_clip=importance_clip,
+                           teacher_temperature=teacher_temperature, **extra)
     with torch.no_grad():  # let the EMA teacher differ from the student too
         torch.manual_seed(1)
         for p in trainer.teacher.copy.parameters():
@@ -301,7 +304,7 @@ def test_fd_step_matches_an_eager_computation(tmp_path, divergence, importance_c
     for batch in prepared:
         student_rows = _eager_rows(trainer.model, batch["groups"].student)
         with torch.no_grad():
-            teacher_rows = _eager_rows(trainer.teacher.copy, batch["teacher"])
+            teacher_rows = _eager_rows(trainer.teacher.copy, batch["teacher"], teacher_temperature)
         targets = batch["groups"].student.targets
         for row, (log_q, log_p) in enumerate(zip(student_rows, teacher_rows)):
             p, q = log_p.exp(), log_q.exp()
@@ -324,6 +327,31 @@ def test_fd_step_matches_an_eager_computation(tmp_path, divergence, importance_c
     assert total == pytest.approx(float(eager.detach()), rel=1e-4, abs=1e-7)
     for name, grad in _grads(trainer.model).items():
         torch.testing.assert_close(got[name], grad.float(), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher,lora_r", [("fixed", 4), ("ema", 0)])
+def test_teacher_temperature_divides_the_teacher_logits_bias_included(tmp_path, teacher, lora_r):
+    """A head with a bias, shared with the student (fixed teacher = the adapter disabled) or the EMA copy's."""
+    model, tok = tiny_model(seed=0)
+    head = model.get_output_embeddings()
+    torch.manual_seed(2)
+    head.bias = torch.nn.Parameter(torch.randn(head.out_features))
+    trainer = FDTrainer(fd_config(tmp_path, teacher=teacher, lora_r=lora_r, lora_alpha=8, divergence="reverse_kl",
+                                  teacher_temperature=0.5), model=model, tokenizer=tok, task=SevensTask(),
+                        rollout_engine=GroupEngine(tok))
+    assert (trainer.teacher.copy is None) == (teacher == "fixed")
+    batch = trainer.prepare(trainer.train_pool[:1])
+    trainer.finalize_batch([batch])
+    got = float(trainer.loss(batch, float(batch["tokens"])).loss)
+    with torch.no_grad():
+        student_rows = _eager_rows(trainer.model, batch["groups"].student)
+        if teacher == "fixed":
+            with trainer.model.disable_adapter():
+                teacher_rows = _eager_rows(trainer.model, batch["teacher"], 0.5)
+        else:
+            teacher_rows = _eager_rows(trainer.teacher.copy, batch["teacher"], 0.5)
+    eager = sum(float((q.exp() * (q - p)).sum()) for q, p in zip(student_rows, teacher_rows)) / batch["tokens"]
+    assert got == pytest.approx(eager, rel=1e-4)
 
 
 def test_training_step_metrics(tmp_path):
@@ -442,6 +470,7 @@ def test_plot_comparison(tmp_path):
     ("distillation_weight", -0.1, "distillation_weight must be in"),
     ("divergence", "tv", "divergence must be one of"),
     ("jsd_beta", 2.0, "beta must be in"),
+    ("teacher_temperature", 0.0, "teacher_temperature must be > 0"),
     ("clip", 0.0, "clip"),
     ("importance_clip", 0.0, "importance_clip must be > 0"),
     ("ema_rate", 0.0, "ema_rate must be in"),

@@ -11,7 +11,8 @@ presents it as what an earlier attempt received, which on SmolLM2-135M taught th
 divergence teacher vs student through the fused op: reverse KL by default (the paper's public config uses forward
 KL, ``divergence="forward_kl"``; on SmolLM2-135M, whose feedback-conditioned teacher is flatter than the student,
 forward KL raised the policy's entropy and cost accuracy: 18.2% vs reverse KL's 25.0% over 3 seeds, base 23.4%;
-benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis").
+benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis"). ``teacher_temperature`` < 1 divides the teacher's logits
+before the divergence, a sharper teacher (as DINO-style self-distillation does).
 
 With ``distillation_weight`` w < 1 the loss is ``w * FD + (1 - w) * GRPO`` from one pass of the op
 (:func:`pydistill.losses.blended_loss`), the GRPO term using this config's GRPO options and group advantages.

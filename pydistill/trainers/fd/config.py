@@ -61,6 +61,11 @@ class FDConfig(GRPOConfig):
     # 25.0%, base 23.4%; RESULTS.md, "ROSD/FD collapse: diagnosis").
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("reverse_kl", "the divergence distilled")
     jsd_beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
+    # < 1 sharpens the teacher, as self-distillation methods (DINO) do to keep a student from flattening toward
+    # a teacher that is less certain than itself; measured on SmolLM2-135M, FD's feedback-conditioned teacher is
+    # flatter than the student (RESULTS.md, "ROSD/FD collapse: diagnosis").
+    teacher_temperature: float = option(1.0, "the teacher's logits are divided by this before the divergence (< 1: "
+                                             "a sharper teacher)")
     clip: Optional[float] = option(None, "pointwise clip tau on each vocabulary entry's divergence term; None "
                                          "disables")
     importance_clip: Optional[float] = option(None, "weight tokens by min(pi(y) / q_T(y), c), q_T: the sampling "
@@ -80,6 +85,8 @@ class FDConfig(GRPOConfig):
         if not self.lean_timeout > 0:
             raise ValueError(f"lean_timeout must be > 0 seconds, got {self.lean_timeout}")
         check_divergence(self.divergence, self.jsd_beta, self.clip)
+        if not self.teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if not (isinstance(self.distillation_weight, (int, float)) and 0 <= self.distillation_weight <= 1):
             raise ValueError(f"distillation_weight must be in [0, 1], got {self.distillation_weight!r}")
         if self.beta != 0:

@@ -141,6 +141,13 @@ class FDTrainer(GRPOTrainer):
         teacher_hidden = self.teacher.hidden_states(teacher)
         teacher_weight = self.teacher.lm_head_weight()
         teacher_bias = lm_head_bias(self.teacher.copy) if teacher_weight is not None else None
+        if cfg.teacher_temperature != 1:
+            # logits / tau exactly: the teacher's side is a constant, so its hidden states (and bias) are scaled
+            teacher_hidden = teacher_hidden / cfg.teacher_temperature
+            if teacher_weight is None and lm_head_bias(self.model) is not None:  # a shared head with a bias
+                teacher_weight, teacher_bias = lm_head_weight(self.model).detach(), lm_head_bias(self.model).detach()
+            if teacher_bias is not None:
+                teacher_bias = teacher_bias / cfg.teacher_temperature
         distill = dict(teacher_weight=teacher_weight, teacher_bias=teacher_bias, divergence=cfg.divergence,
                        beta=cfg.jsd_beta, clip=cfg.clip)
         if cfg.distillation_weight == 1:
