@@ -242,22 +242,34 @@ def markdown(result: dict) -> str:
                                "parentheses.\n")
 
 
-def train_run(spec: RunSpec, seed: int, args, overrides: dict) -> tuple:
-    """Train every stage of ``spec`` with ``seed``; returns (the last trainer, its record)."""
-    from pydistill.trainers import TRAINERS
-
+def stage_configs(spec: RunSpec, seed: int, args, overrides: dict) -> list:
+    """[(method, stage folder, config)] of every stage of ``spec`` with ``seed``: each stage gets an equal share of
+    the token budget and of the minutes. A chain's later stages start from the previous stage's folder, which
+    :func:`train_run` sets once that stage has written it (``init_from`` must exist to validate)."""
     folder = os.path.join(args.out, spec.label, f"seed{seed}")
     budget, minutes = args.generated_token_budget // len(spec.stages), args.minutes / len(spec.stages)
-    record = dict(seed=seed, steps=0, generated_tokens=0, train_minutes=0.0, stages=[], configs=[])
-    trainer, previous = None, None
+    out = []
     for k, method in enumerate(spec.stages):
         fields = dict(overrides.get(method, {}), **{f: v for f, v in spec.fields.items() if f in _field_names(method)})
         if args.model:
             fields.setdefault("model", args.model)
-        if previous is not None:
-            fields["init_from"] = previous
         stage_dir = folder if len(spec.stages) == 1 else os.path.join(folder, f"{k}-{method}")
-        config = method_config(method, stage_dir, budget, minutes, seed, fields)
+        try:
+            out.append((method, stage_dir, method_config(method, stage_dir, budget, minutes, seed, fields)))
+        except ValueError as err:
+            raise SystemExit(f"run {spec.label!r}, {method}: {err}") from None
+    return out
+
+
+def train_run(spec: RunSpec, seed: int, args, overrides: dict) -> tuple:
+    """Train every stage of ``spec`` with ``seed``; returns (the last trainer, its record)."""
+    from pydistill.trainers import TRAINERS
+
+    record = dict(seed=seed, steps=0, generated_tokens=0, train_minutes=0.0, stages=[], configs=[])
+    trainer, previous = None, None
+    for method, stage_dir, config in stage_configs(spec, seed, args, overrides):
+        if previous is not None:
+            config = dataclasses.replace(config, init_from=previous).validate()
         del trainer
         trainer = TRAINERS[method][1](config)
         started = time.time()
@@ -294,13 +306,7 @@ def trained_from(paths: list, specs: list, seeds: list, args, overrides: dict) -
             if not records:
                 raise SystemExit(f"--trained-from: no run {spec.label!r} with seed {seed} in {paths}")
             path, record = records[-1]
-            budget, minutes = args.generated_token_budget // len(spec.stages), args.minutes / len(spec.stages)
-            for k, method in enumerate(spec.stages):
-                fields = dict(overrides.get(method, {}),
-                              **{f: v for f, v in spec.fields.items() if f in _field_names(method)})
-                if args.model:
-                    fields.setdefault("model", args.model)
-                config = method_config(method, "unused", budget, minutes, seed, fields)
+            for k, (method, _, config) in enumerate(stage_configs(spec, seed, args, overrides)):
                 now = _training_settings(json.loads(json.dumps(dataclasses.asdict(config))))  # as stored
                 then = _training_settings(record["configs"][k]) if k < len(record["configs"]) else {}
                 # a field added since that run, at its default, is accepted: the earlier code behaved so
@@ -425,13 +431,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--set {item!r}: expected METHOD.FIELD=VALUE with METHOD in {sorted(methods)}")
         overrides[method][field] = value
     for spec in specs:  # every config is checked before any model is loaded
-        for method in spec.stages:
-            fields = dict(overrides[method], **{f: v for f, v in spec.fields.items() if f in _field_names(method)})
-            try:
-                method_config(method, os.path.join(args.out, "check"), 1, 1.0, args.seed,
-                              dict(fields, **({"model": args.model} if args.model else {})))
-            except ValueError as err:
-                raise SystemExit(f"run {spec.label!r}, {method}: {err}") from None
+        stage_configs(spec, args.seed, args, overrides)
     seeds = [args.seed + k for k in range(args.seeds) if args.only_seeds is None or k in args.only_seeds]
     trained = trained_from(args.trained_from, specs, seeds, args, overrides) if args.trained_from else None
     os.makedirs(args.out, exist_ok=True)
