@@ -17,7 +17,7 @@ def _section_code(heading):
     return blocks
 
 
-@pytest.mark.parametrize("heading", ["## The core op", "## Use it from your own trainer"])
+@pytest.mark.parametrize("heading", ["## Ten lines", "## The core op", "## Use it from your own trainer"])
 def test_readme_examples_run(heading, capsys):
     for code in _section_code(heading):
         exec(compile(code, README, "exec"), {"__name__": "readme"})
