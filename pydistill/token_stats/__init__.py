@@ -143,6 +143,9 @@ def token_stats(
     ignore_index: int = -100,
     impl: str = "auto",
     memory_budget_mb: float = loop.DEFAULT_MEMORY_BUDGET_MB,
+    teacher_topk_ids: Optional[torch.Tensor] = None,
+    teacher_topk_logprobs: Optional[torch.Tensor] = None,
+    topk_tail: bool = True,
 ) -> TokenStats:
     """Per-token logp, entropy and teacher-student divergence, never materializing the [N, V] logits.
 
@@ -183,6 +186,15 @@ def token_stats(
         impl: how the per-chunk folds run, the chunk loop being the same: ``"auto"`` (Triton on CUDA, torch
             elsewhere), ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (``"chunked"``
             is its former name), or ``"reference"`` (eager float64, materializes [N, V]; for tests).
+        teacher_topk_ids, teacher_topk_logprobs: a teacher given as its top-k log-probs instead of
+            ``teacher_hidden`` (served by vLLM or cached): [N, k] token ids in [0, V) (distinct within a row, any
+            order; -1 pads a row with fewer than k) and their log-probs (<= 0; the row's mass at most 1 + 1e-3).
+            The divergence is then over k + 1 outcomes, the k tokens and a tail bucket holding the rest of the
+            vocabulary on each side (``topk_tail=True``; each tail's mass floored at ~1e-7), or over the k tokens
+            renormalized on both sides (``topk_tail=False``, TRL's ``loss_add_tail=False``); the clip applies per
+            outcome. ``temperature`` and ``softcap`` apply to the student only: the teacher's log-probs are used
+            as given, so ask the server for them at the temperature you distill at. The student's normalizer is
+            still over the full vocabulary (the chunk loop, one context); no [N, V] tensor exists.
         memory_budget_mb: extra memory the op may use beyond its inputs and returned gradients (logits and
             dlogits chunks, the float32 dH accumulator, fold temporaries); chunk sizes are the largest that fit.
             The default keeps a two-context bf16 call at N=8192, H=4096, V=151936 within 256 MB on CUDA.
@@ -219,8 +231,20 @@ def token_stats(
     if not (_number(beta) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     resolved = _resolve_divergence(divergence, beta)
+    topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if topk:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("give the teacher either as teacher_hidden (and teacher_weight) or as "
+                             "teacher_topk_ids with teacher_topk_logprobs, not both")
+        if teacher_topk_ids is None or teacher_topk_logprobs is None:
+            raise ValueError("teacher_topk_ids and teacher_topk_logprobs must be given together")
+        if resolved is None:
+            raise ValueError("divergence must be set ('forward_kl', 'reverse_kl' or 'jsd') when a top-k teacher "
+                             "is given")
+        if not isinstance(topk_tail, bool):
+            raise ValueError(f"topk_tail must be True or False, got {topk_tail!r}")
 
-    if resolved is not None:
+    if resolved is not None and not topk:
         if teacher_hidden is None:
             raise ValueError(f"teacher_hidden [N, H_t] is required when divergence={divergence!r}")
         _check_matrix("teacher_hidden", teacher_hidden, device)
@@ -285,6 +309,13 @@ def token_stats(
     if impl == "triton" and hidden.dtype == torch.float64:
         raise ValueError("impl='triton' takes float32, bfloat16 or float16 hidden states, got float64")
 
+    if topk:
+        from .topk import topk_token_stats
+
+        return TokenStats(*topk_token_stats(
+            hidden, weight, teacher_topk_ids, teacher_topk_logprobs, tail=topk_tail, targets=targets, bias=bias,
+            cfg=cfg, mask=mask, ignore_index=ignore_index, impl=impl, memory_budget_mb=memory_budget_mb,
+            lean_op=token_stats))
     if impl == "reference":
         from .reference import reference_token_stats
 

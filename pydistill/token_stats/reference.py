@@ -85,3 +85,43 @@ def reference_token_stats(
         keep = active.to(torch.bool)
         logp, entropy, divergence = (torch.where(keep, t, torch.zeros_like(t)) for t in (logp, entropy, divergence))
     return logp, entropy, divergence
+
+
+def reference_topk_divergence(hidden, weight, cfg: StatsConfig, ids, logprobs, *, tail: bool,
+                              bias: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None,
+                              dtype: torch.dtype = torch.float64):
+    """Divergence [N] against a top-k teacher over the materialized [N, V] student log-softmax, in probabilities.
+
+    Entries with id -1 are padding. With ``tail`` the outcomes are the given ids plus one bucket for the rest,
+    each tail's mass floored at ``1 - exp(-1e-7)``; without, both sides are renormalized over the given ids.
+    """
+    log_q = torch.log_softmax(_scaled_logits(hidden, weight, bias, cfg, dtype), dim=-1)
+    valid = ids >= 0
+    q = torch.where(valid, log_q.gather(1, ids.clamp_min(0)).exp(), torch.zeros((), dtype=dtype))
+    p = torch.where(valid, logprobs.to(dtype).exp(), torch.zeros((), dtype=dtype))
+    if tail:
+        floor = -torch.expm1(torch.tensor(-1e-7, dtype=dtype))
+        q = torch.cat([q, (1 - q.sum(1, keepdim=True)).clamp(min=floor)], dim=1)
+        p = torch.cat([p, (1 - p.sum(1, keepdim=True)).clamp(min=floor)], dim=1)
+    else:
+        q = q / q.sum(1, keepdim=True).clamp(min=torch.finfo(dtype).tiny)
+        p = p / p.sum(1, keepdim=True).clamp(min=torch.finfo(dtype).tiny)
+
+    def kl(a, b):  # entries a log(a / b) with 0 log 0 = 0 (and no nan in the gradient of the 0 branch)
+        some = a > 0
+        a_, b_ = torch.where(some, a, torch.ones_like(a)), torch.where(some, b, torch.ones_like(b))
+        return torch.where(some, a_ * (torch.log(a_) - torch.log(b_)), torch.zeros_like(a))
+
+    if cfg.divergence == "forward_kl":
+        terms = kl(p, q)
+    elif cfg.divergence == "reverse_kl":
+        terms = kl(q, p)
+    else:
+        m = cfg.beta * p + (1 - cfg.beta) * q
+        terms = cfg.beta * kl(p, m) + (1 - cfg.beta) * kl(q, m)
+    if cfg.clip is not None:
+        terms = terms.clamp(max=cfg.clip)
+    divergence = terms.sum(-1)
+    if active is not None:
+        divergence = torch.where(active.to(torch.bool), divergence, torch.zeros_like(divergence))
+    return divergence

@@ -1,0 +1,156 @@
+"""A teacher given as top-k log-probs: the fused op against the float64 eager top-k + tail reference, values and
+gradients, every divergence, with and without the tail, padding rows, odd shapes, dtypes and impls."""
+import math
+
+import pytest
+import torch
+
+from pydistill import token_stats
+from pydistill.token_stats.config import StatsConfig
+from pydistill.token_stats.reference import reference_topk_divergence
+
+N, H, V = 9, 13, 301
+
+
+def _teacher_topk(n, v, k, generator, *, pad_rows=(), pad_tail=()):
+    """Top-k ids (shuffled within each row) and log-probs of a random teacher; padded with -1 / -inf."""
+    logits = torch.randn(n, v, generator=generator, dtype=torch.float64) * 3
+    logprobs, ids = torch.log_softmax(logits, -1).topk(k, dim=-1)
+    order = torch.argsort(torch.rand(n, k, generator=generator), dim=1)
+    ids, logprobs = ids.gather(1, order), logprobs.gather(1, order).float()
+    for row in pad_rows:  # a row with no teacher entry at all
+        ids[row], logprobs[row] = -1, -math.inf
+    for row in pad_tail:  # a row with fewer than k entries
+        ids[row, k // 2:], logprobs[row, k // 2:] = -1, -math.inf
+    return ids, logprobs
+
+
+def _inputs(dtype, k, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(dtype) if bias else None
+    ids, logprobs = _teacher_topk(N, V, k, g, pad_rows=(2,), pad_tail=(5,) if k > 1 else ())
+    targets = torch.randint(0, V, (N,), generator=g)
+    return hidden, weight, b, ids, logprobs, targets
+
+
+CASES = [
+    dict(divergence="forward_kl"),
+    dict(divergence="reverse_kl"),
+    dict(divergence="jsd", beta=0.3),
+    dict(divergence="forward_kl", clip=0.02),
+    dict(divergence="reverse_kl", clip=0.02),
+    dict(divergence="jsd", beta=0.7, temperature=0.7, softcap=4.0),
+]
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_topk_matches_float64_reference(case, k, tail):
+    hidden, weight, bias, ids, logprobs, targets = _inputs(torch.float32, k, bias=True)
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[7] = False
+    stats = token_stats(hidden, weight, bias=bias, targets=targets, mask=mask, teacher_topk_ids=ids,
+                        teacher_topk_logprobs=logprobs, topk_tail=tail, impl="torch", **case)
+    coef = torch.linspace(0.5, 1.5, N)
+    grads = torch.autograd.grad((coef * stats.divergence).sum() + stats.logp.sum(), (hidden, weight))
+
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    cfg = StatsConfig(temperature=case.get("temperature", 1.0), softcap=case.get("softcap"),
+                      divergence=case["divergence"], beta=case.get("beta", 0.5), clip=case.get("clip"))
+    want = reference_topk_divergence(h64, w64, cfg, ids, logprobs, tail=tail, bias=bias.double(), active=mask)
+    log_q = torch.log_softmax(((h64 @ w64.t() + bias.double()) if not cfg.softcap else
+                               cfg.softcap * torch.tanh((h64 @ w64.t() + bias.double()) / cfg.softcap))
+                              / cfg.temperature, -1)
+    want_logp = torch.where(mask, log_q.gather(1, targets[:, None]).squeeze(1), torch.zeros((), dtype=torch.float64))
+    want_grads = torch.autograd.grad((coef.double() * want).sum() + want_logp.sum(), (h64, w64))
+
+    torch.testing.assert_close(stats.divergence.double(), want, rtol=2e-5, atol=2e-6)
+    assert stats.divergence[7] == 0 and abs(stats.divergence[2].item()) < 1e-6  # masked row; row without entries
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_16_bit_inputs_compute_in_float32(dtype):
+    hidden, weight, _, ids, logprobs, _ = _inputs(dtype, 5, seed=1)
+    stats = token_stats(hidden, weight, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
+                        divergence="reverse_kl", impl="torch")
+    assert stats.divergence.dtype == torch.float32 and not stats.logp.any()
+    grads = torch.autograd.grad(stats.divergence.sum(), (hidden, weight))
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = reference_topk_divergence(h64, w64, StatsConfig(divergence="reverse_kl"), ids, logprobs, tail=True)
+    want_grads = torch.autograd.grad(want.sum(), (h64, w64))
+    torch.testing.assert_close(stats.divergence.double(), want, rtol=1e-4, atol=1e-5)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.triton
+def test_topk_with_triton_folds_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    hidden, weight, _, ids, logprobs, targets = _inputs(torch.float32, 4, seed=2)
+    out = {}
+    for impl in ("torch", "triton"):
+        stats = token_stats(hidden, weight, targets=targets, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
+                            divergence="jsd", beta=0.4, impl=impl)
+        out[impl] = [*stats, *torch.autograd.grad((stats.divergence + stats.entropy).sum(), (hidden, weight))]
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_agrees_with_trl_server_distillation_formula():
+    """TRL 1.16's ServerDistillationTrainer builds the k + 1 outcomes from the full student log-softmax; same
+    numbers here, with and without the tail."""
+    server = pytest.importorskip("trl.experimental.server_distillation.server_distillation_trainer")
+    hidden, weight, _, ids, logprobs, _ = _inputs(torch.float32, 6, seed=3)
+    ids, logprobs = ids[[0, 1, 3, 4]], logprobs[[0, 1, 3, 4]]  # full rows: TRL's path has no padding
+    hidden = hidden[[0, 1, 3, 4]]
+    student = torch.log_softmax(hidden.detach() @ weight.detach().t(), -1).gather(1, ids)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    for tail in (True, False):
+        if tail:
+            s, support = server._add_tail_bucket(student, valid)
+            t, _ = server._add_tail_bucket(logprobs, valid)
+        else:
+            s, t, support = student - student.logsumexp(-1, True), logprobs - logprobs.logsumexp(-1, True), valid
+        for beta in (0.0, 0.5, 1.0):
+            want = server._jsd_divergence(s, t, beta, support)
+            want = want.sum(-1) if want.dim() == 2 else want
+            got = token_stats(hidden, weight, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
+                              divergence="jsd", beta=beta, topk_tail=tail, impl="torch").divergence
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ids, lp: (ids.masked_fill(ids == ids[0, 0], V), lp), "teacher_topk_ids must be in [0, V=301)"),
+    (lambda ids, lp: (torch.cat([ids[:, :1], ids[:, :1]], 1), lp[:, :2]), "repeated token id in row 0"),
+    (lambda ids, lp: (ids, lp.abs() + 0.5), "must be <= 0"),
+    (lambda ids, lp: (ids, torch.full_like(lp, math.log(0.6))), "sum to probability 1.8"),
+    (lambda ids, lp: (ids[:, :2], lp), "must have the shape of teacher_topk_ids"),
+    (lambda ids, lp: (ids[:4], lp[:4]), "teacher_topk_ids must have shape [N, k] with N=9"),
+    (lambda ids, lp: (ids.float(), lp), "int64 or int32"),
+    (lambda ids, lp: (ids, lp.masked_fill(ids == ids[0, 0], -math.inf)), "must be finite where"),
+])
+def test_topk_bad_input_one_clear_line(change, message):
+    hidden, weight, _, ids, logprobs, _ = _inputs(torch.float32, 3)
+    full = [0, 1, 3, 4, 6, 7, 8, 0, 1]  # rows without padding
+    ids, logprobs = ids[full], logprobs[full]
+    bad_ids, bad_lp = change(ids, logprobs)
+    with pytest.raises(ValueError, match=None) as err:
+        token_stats(hidden, weight, teacher_topk_ids=bad_ids, teacher_topk_logprobs=bad_lp, divergence="forward_kl")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_topk_refuses_two_teachers_and_a_missing_divergence():
+    hidden, weight, _, ids, logprobs, _ = _inputs(torch.float32, 3)
+    with pytest.raises(ValueError, match="not both"):
+        token_stats(hidden, weight, teacher_hidden=hidden.detach(), teacher_topk_ids=ids,
+                    teacher_topk_logprobs=logprobs, divergence="forward_kl")
+    with pytest.raises(ValueError, match="divergence must be set"):
+        token_stats(hidden, weight, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+    with pytest.raises(ValueError, match="given together"):
+        token_stats(hidden, weight, teacher_topk_ids=ids, divergence="forward_kl")
