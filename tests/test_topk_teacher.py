@@ -154,3 +154,34 @@ def test_topk_refuses_two_teachers_and_a_missing_divergence():
         token_stats(hidden, weight, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
     with pytest.raises(ValueError, match="given together"):
         token_stats(hidden, weight, teacher_topk_ids=ids, divergence="forward_kl")
+
+
+def test_losses_take_a_topk_teacher_per_position():
+    """distillation_loss and blended_loss with [B, T, k] teacher tensors: the per-token divergence equals the
+    reference's at each position in the mask; positions outside it may hold garbage ids."""
+    from pydistill.losses import blended_loss, distillation_loss
+
+    b, t, k = 2, 5, 4
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(b, t, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    ids, logprobs = _teacher_topk(b * t, V, k, g)
+    ids, logprobs = ids.view(b, t, k), logprobs.view(b, t, k)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 3:] = False
+    ids[1, 3:] = 7  # garbage (repeated ids) outside the mask
+    out = distillation_loss(hidden, weight, None, mask, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
+                            divergence="reverse_kl", topk_tail=False)
+    want = reference_topk_divergence(hidden.detach().double().view(-1, H), weight.detach().double(),
+                                     StatsConfig(divergence="reverse_kl"), ids.view(-1, k).masked_fill(
+                                         ~mask.view(-1, 1), -1), logprobs.view(-1, k), tail=False,
+                                     active=mask.view(-1))
+    torch.testing.assert_close(out.per_token["divergence"].double().view(-1), want, rtol=2e-5, atol=2e-6)
+    targets = torch.randint(0, V, (b, t), generator=g)
+    blend = blended_loss(hidden, weight, None, targets, torch.tensor([1.0, -1.0]), mask, teacher_topk_ids=ids,
+                         teacher_topk_logprobs=logprobs, divergence="reverse_kl", topk_tail=False,
+                         distillation_weight=1.0)
+    torch.testing.assert_close(blend.loss, out.loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must be \[B, T, k\]"):
+        distillation_loss(hidden, weight, None, mask, teacher_topk_ids=ids[0], teacher_topk_logprobs=logprobs,
+                          divergence="forward_kl")

@@ -17,7 +17,7 @@ from .validation import check_per_token, check_positive, check_sequence_layout
 def blended_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor],
     targets: torch.Tensor,
     advantages: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
@@ -41,6 +41,9 @@ def blended_loss(
     softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
+    teacher_topk_ids: Optional[torch.Tensor] = None,
+    teacher_topk_logprobs: Optional[torch.Tensor] = None,
+    topk_tail: bool = True,
     impl: str = "auto",
 ) -> LossOutput:
     """``w * distillation + (1 - w) * policy gradient`` from a single call of the core op.
@@ -50,6 +53,8 @@ def blended_loss(
     token-mean (divided by ``num_items_in_batch`` when given); the policy part is :func:`grpo_loss` with
     ``loss_type`` (its KL coefficient is ``kl_beta`` here, since ``beta`` is the JSD's). ``w`` =
     ``distillation_weight`` in [0, 1]; its gradient is exactly the weighted sum of the two losses' gradients.
+    The teacher is ``teacher_hidden`` or, with ``teacher_hidden=None``, ``teacher_topk_ids`` /
+    ``teacher_topk_logprobs`` [B, T, k] (see :func:`distillation_loss`).
     """
     b, t, mask = check_sequence_layout(hidden, mask)
     if not (isinstance(distillation_weight, (int, float)) and 0.0 <= distillation_weight <= 1.0):
@@ -64,8 +69,9 @@ def blended_loss(
     ref_logp = check_per_token("ref_logp", ref_logp, b, t)
     logp, entropy, div = sequence_token_stats(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip))
+                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail))
     distill_tokens, _ = distillation_per_token(div, logp)
     distill = reduce_tokens(distill_tokens, mask, "token_mean", num_items_in_batch)
     pg_tokens, stats = policy_gradient_per_token(

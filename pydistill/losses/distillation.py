@@ -32,7 +32,7 @@ def distillation_per_token(divergence: torch.Tensor, logp: Optional[torch.Tensor
 def distillation_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor],
     mask: Optional[torch.Tensor] = None,
     *,
     teacher_weight: Optional[torch.Tensor] = None,
@@ -43,6 +43,9 @@ def distillation_loss(
     softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
+    teacher_topk_ids: Optional[torch.Tensor] = None,
+    teacher_topk_logprobs: Optional[torch.Tensor] = None,
+    topk_tail: bool = True,
     token_weights: Optional[torch.Tensor] = None,
     targets: Optional[torch.Tensor] = None,
     old_logp: Optional[torch.Tensor] = None,
@@ -67,6 +70,10 @@ def distillation_loss(
         divergence: ``"forward_kl"`` KL(p_teacher || q_student), ``"reverse_kl"`` KL(q || p), or ``"jsd"``
             with ``beta``: beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q. ``beta=0`` is
             exactly forward KL and ``beta=1`` exactly reverse KL (TRL GKD / Liger convention).
+        teacher_topk_ids, teacher_topk_logprobs, topk_tail: a teacher given as its top-k log-probs ([B, T, k]
+            ids and log-probs, e.g. from a vLLM server or a cache) instead of ``teacher_hidden`` (pass None):
+            the divergence is over the k tokens plus a tail bucket, or over the k renormalized (``topk_tail=False``);
+            see :func:`pydistill.token_stats`. Positions outside ``mask`` may hold anything.
         clip: OPSD's pointwise clip tau > 0 on each vocabulary entry's term, before the sum.
         temperature, softcap, bias, teacher_bias: as in :func:`pydistill.token_stats`.
         token_weights: [B, T] (or [B]) multiplicative weights applied inside the mask: the loss of token t is
@@ -95,8 +102,9 @@ def distillation_loss(
     old_logp = check_per_token("old_logp", old_logp, b, t)
     logp, entropy, div = sequence_token_stats(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip))
+                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail))
     per_token, iw = distillation_per_token(div, logp if targets is not None else None, old_logp=old_logp,
                                            importance_clip=importance_clip, token_weights=token_weights)
     if entropy_coef:
