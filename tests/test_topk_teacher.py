@@ -185,3 +185,20 @@ def test_losses_take_a_topk_teacher_per_position():
     with pytest.raises(ValueError, match=r"teacher_topk_ids must be \[B, T, k\]"):
         distillation_loss(hidden, weight, None, mask, teacher_topk_ids=ids[0], teacher_topk_logprobs=logprobs,
                           divergence="forward_kl")
+
+
+def test_topk_support_and_logprobs_at_match_the_full_logits():
+    from pydistill.token_stats.topk import logprobs_at, topk_support
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    bias = torch.randn(V, generator=g)
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    for k in (1, 7):
+        ids = topk_support(hidden, weight, k, bias=bias, memory_budget_mb=0.01)  # many small chunks
+        assert torch.equal(ids, logits.topk(k, dim=1).indices)
+        got = logprobs_at(hidden, weight, ids, bias=bias, temperature=0.8, softcap=3.0, lean_op=token_stats)
+        want = torch.log_softmax(3.0 * torch.tanh(logits / 3.0) / 0.8, -1).gather(1, ids)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, V=301\]"):
+        topk_support(hidden, weight, 0)

@@ -177,7 +177,11 @@ def _self_distillation_pair(kind, tmp_path, **options):
     ("sdpo", dict()),  # reverse KL to an EMA copy, importance clip
     ("sdpo", dict(distillation_weight=0.5, teacher_model_kind="base", loss_type="grpo",
                   gradient_accumulation_steps=2, per_device_train_batch_size=2)),
-], ids=["sdft-full", "sdft-sampled-live", "sdpo-ema", "sdpo-blend-accumulation"])
+    ("sdft", dict(distillation_mode="topk_logits", distillation_topk=5, distillation_add_tail=True)),
+    ("sdpo", dict(distillation_mode="topk_logits", distillation_topk=3, distillation_add_tail=False,
+                  distillation_alpha=0.5, teacher_model_kind="live")),
+], ids=["sdft-full", "sdft-sampled-live", "sdpo-ema", "sdpo-blend-accumulation", "sdft-topk-tail",
+        "sdpo-topk-renormalized-live"])
 def test_self_distillation_trainers_match_trl(tmp_path, kind, options):
     _self_distillation_pair(kind, tmp_path, **options)
 
@@ -188,12 +192,6 @@ def test_self_distillation_peft_base_teacher_shares_the_head(tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = _self_distillation_pair("sdft", tmp_path, peft_config=lora, teacher_model_kind="base")
     assert trainer.teacher_model is trainer.model  # adapter disabled for the teacher: one model, one head
-
-
-def test_top_k_distillation_is_refused_at_construction(tmp_path):
-    with pytest.raises(ValueError, match="distillation_mode='topk_logits'"):
-        run_self_distillation("sdft", pydistill_trl.SDFTTrainer, tmp_path, distillation_mode="topk_logits",
-                              distillation_topk=5)
 
 
 def test_lm_head_adapters_are_refused(tmp_path):

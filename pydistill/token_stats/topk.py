@@ -200,3 +200,40 @@ def topk_token_stats(hidden, weight, ids, logprobs, *, tail: bool, targets, bias
     if targets is None:
         logp = torch.zeros_like(logp)
     return logp, entropy, divergence
+
+
+@torch.no_grad()
+def topk_support(hidden, weight, k: int, *, bias=None, memory_budget_mb: float = 256.0) -> torch.Tensor:
+    """The ids of the k largest logits ``h . W + b`` of each row, [N, k] int64, by a sweep over vocabulary chunks
+    that keeps a running top-k (no [N, V] tensor). Softcap and temperature are monotonic: they do not change it."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= vocab):
+        raise ValueError(f"k must be an int in [1, V={vocab}], got {k!r}")
+    cols = max(k, min(vocab, int(memory_budget_mb * 2 ** 20 // 3 // max(4 * n, 1))))
+    best = hidden.new_full((n, 0), float("-inf"), dtype=torch.float32)
+    best_ids = torch.empty(n, 0, dtype=torch.long, device=hidden.device)
+    h = hidden.float()
+    for start in range(0, vocab, cols):
+        z = h @ weight[start:start + cols].float().t()
+        if bias is not None:
+            z += bias[start:start + cols].float()
+        values, ids = z.topk(min(k, z.shape[1]), dim=1)
+        best, where = torch.cat([best, values], 1).topk(min(k, best.shape[1] + values.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, ids + start], 1).gather(1, where)
+    return best_ids
+
+
+@torch.no_grad()
+def logprobs_at(hidden, weight, ids, *, bias=None, temperature: float = 1.0, softcap=None, impl: str = "auto",
+                memory_budget_mb: float = 256.0, lean_op=None) -> torch.Tensor:
+    """log softmax(cap(h . W + b) / T) at ``ids`` [N, k], float32, from the chunk loop's normalizer and a gathered
+    product (no [N, V] tensor): a local teacher's log-probs on a support chosen elsewhere."""
+    from .loop import compute_dtype
+
+    cfg = StatsConfig(temperature=float(temperature), softcap=softcap)
+    anchor = ids[:, 0]
+    logp = lean_op(hidden, weight, targets=anchor, bias=bias, temperature=temperature, softcap=softcap, impl=impl,
+                   memory_budget_mb=memory_budget_mb).logp
+    z = gathered_logits(hidden, weight, bias, torch.cat([ids, anchor[:, None]], 1), cfg,
+                        compute_dtype(hidden.dtype), memory_budget_mb)
+    return z[:, :-1] - (z[:, -1] - logp).unsqueeze(1)

@@ -104,16 +104,20 @@ def _fused_forward(model, args, kwargs, request):
     return head_stats(model, hidden, request["labels"], temperature=float(request.get("temperature", 1.0)),
                       teacher_hidden=request.get("teacher_hidden"), teacher_weight=request.get("teacher_weight"),
                       teacher_bias=request.get("teacher_bias"), divergence=request.get("divergence"),
-                      beta=request.get("beta", 0.5), clip=request.get("clip"))
+                      beta=request.get("beta", 0.5), clip=request.get("clip"),
+                      support_topk=request.get("support_topk"), topk_tail=request.get("topk_tail", True))
 
 
 def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, teacher_weight=None,
-               teacher_bias=None, divergence=None, beta=0.5, clip=None) -> TokenStats:
+               teacher_bias=None, divergence=None, beta=0.5, clip=None, support_topk=None,
+               topk_tail=True) -> TokenStats:
     """:func:`pydistill.token_stats` of [B, K, H] hidden states through ``model``'s head (its logit scale and
     softcap applied), scoring ``labels`` [B, K] (``-100``: skipped row). Returns [B, K] fields.
 
     A teacher context (``teacher_hidden`` [B, K, H_t]) is read through the same logit scale and softcap: it is
-    the same model in another context, or a model of the same architecture (``teacher_weight``)."""
+    the same model in another context, or a model of the same architecture (``teacher_weight``). With
+    ``support_topk`` k the divergence is over the student's k most likely tokens (plus a tail bucket with
+    ``topk_tail``), the teacher's log-probs taken at those ids (TRL's ``distillation_mode="topk_logits"``)."""
     weight, bias = head_parameters(model)
     b, t, width = hidden.shape
     scale = logit_scale(model.config)
@@ -131,8 +135,31 @@ def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, t
             teacher_bias = None if teacher_bias is None else teacher_bias * scale
         options = dict(teacher_hidden=teacher_hidden.reshape(b * t, -1), teacher_weight=teacher_weight,
                        teacher_bias=teacher_bias, divergence=divergence, beta=beta, clip=clip)
+        if support_topk is not None:
+            with torch.autocast(weight.device.type, enabled=False):
+                options = _student_support(hidden.reshape(b * t, width), weight, bias, labels, options, support_topk,
+                                           topk_tail, temperature=float(temperature), cap=softcap(model.config))
     # The op computes in float32 itself; autocast must not re-cast its GEMMs.
     with torch.autocast(weight.device.type, enabled=False):
         stats = token_stats(hidden.reshape(b * t, width), weight, targets=labels, bias=bias,
                             temperature=float(temperature), softcap=softcap(model.config), **options)
     return TokenStats(*(s.reshape(b, t) for s in stats))
+
+
+def _student_support(hidden, weight, bias, labels, options, k, tail, *, temperature, cap):
+    """The op's top-k teacher arguments for the student's own top-k support: ids from the student's logits and
+    the teacher's log-probs there (both without gradient), on the scored rows only."""
+    from ...token_stats.topk import logprobs_at, topk_support
+
+    rows = (labels != -100).nonzero().squeeze(1)
+    teacher_hidden, teacher_weight = options.pop("teacher_hidden"), options.pop("teacher_weight")
+    teacher_bias = options.pop("teacher_bias")
+    if teacher_weight is None:  # the student's own head in the teacher context
+        teacher_weight, teacher_bias = weight.detach(), bias
+    ids = torch.full((hidden.shape[0], k), -1, dtype=torch.long, device=hidden.device)
+    logprobs = torch.full((hidden.shape[0], k), float("-inf"), device=hidden.device)
+    chosen = topk_support(hidden.index_select(0, rows).detach(), weight.detach(), k, bias=bias)
+    ids[rows] = chosen
+    logprobs[rows] = logprobs_at(teacher_hidden.index_select(0, rows), teacher_weight, chosen, bias=teacher_bias,
+                                 temperature=temperature, softcap=cap, lean_op=token_stats)
+    return dict(options, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, topk_tail=tail)

@@ -9,14 +9,15 @@ EMA copy), and the student's forward hands its hidden states, the teacher's and 
 both contexts. A separate EMA copy passes its own head.
 
 TRL's semantics are kept: logits divided by ``temperature``; ``distillation_mode="full_logits"`` is the
-generalized JSD with ``distillation_alpha`` (0 forward KL, 1 reverse KL); ``"sampled_token"`` (alpha 1) is
+generalized JSD with ``distillation_alpha`` (0 forward KL, 1 reverse KL); ``"topk_logits"`` the same divergence
+over the student's ``distillation_topk`` most likely tokens (plus a tail bucket with ``distillation_add_tail``),
+the teacher's log-probs taken there, without [B, K, V] logits; ``"sampled_token"`` (alpha 1) is
 ``stopgrad(logp_s - logp_t) * logp_s`` on the sampled tokens; ``distillation_is_clip`` multiplies by the detached
 ``min(exp(clamp(logp - old_logp, -20, 20)), clip)`` when old log-probs exist; the loss is the mean over sequences of
 each sequence's mean over its loss mask (SDPO: ``self_distillation_mask``; SDFT: the first
 ``num_loss_tokens_to_skip`` tokens left out); SDPO blends ``(1 - w) * policy + w * distillation`` with
 ``distillation_weight`` w and its grpo/bnpo/dr_grpo/dapo policy term; the total is divided by the accumulation
-steps. Refused at construction, with the field named: ``distillation_mode="topk_logits"`` (needs the student's
-top-k support, i.e. logits), ``use_teacher_server``.
+steps. Refused at construction, with the field named: ``use_teacher_server``.
 """
 from __future__ import annotations
 
@@ -33,10 +34,9 @@ def check_self_distillation(trainer) -> None:
     if getattr(args, "use_teacher_server", False):
         raise ValueError("use_teacher_server: teacher log-probs from a vLLM server are not computed by pydistill's "
                          "fused op; use a local teacher (use_teacher_server=False)")
-    if args.distillation_mode not in ("full_logits", "sampled_token"):
+    if args.distillation_mode not in ("full_logits", "sampled_token", "topk_logits"):
         raise ValueError(f"distillation_mode={args.distillation_mode!r}: pydistill's fused op computes "
-                         "'full_logits' (the full-vocabulary divergence) and 'sampled_token'; top-k distillation "
-                         "needs the student's logits")
+                         "'full_logits', 'topk_logits' and 'sampled_token'")
     if args.distillation_mode == "sampled_token" and args.distillation_alpha != 1.0:
         raise ValueError(f"distillation_alpha must be 1.0 (reverse KL) with distillation_mode='sampled_token', "
                          f"got {args.distillation_alpha}")
@@ -107,13 +107,15 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
                                                 attention_mask=inputs["teacher_attention_mask"],
                                                 pydistill=dict(keep=keep, hidden_only=True))
         student, teacher = _head.unwrap(model), _head.unwrap(self.teacher_model)
-        full = args.distillation_mode == "full_logits"
+        full = args.distillation_mode in ("full_logits", "topk_logits")
         if full:
             teacher_weight, teacher_bias = _head.head_parameters(teacher)
             shared = teacher_weight is _head.head_parameters(student)[0]  # one model: one GEMM for both contexts
             request.update(teacher_hidden=teacher_hidden, divergence="jsd", beta=float(args.distillation_alpha),
                            teacher_weight=None if shared else teacher_weight.detach(),
                            teacher_bias=None if shared else teacher_bias)
+            if args.distillation_mode == "topk_logits":
+                request.update(support_topk=int(args.distillation_topk), topk_tail=bool(args.distillation_add_tail))
         stats = model(input_ids=ids, attention_mask=attention, pydistill=request)
         if full:
             per_token = stats.divergence
