@@ -202,3 +202,27 @@ def test_topk_support_and_logprobs_at_match_the_full_logits():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"k must be an int in \[1, V=301\]"):
         topk_support(hidden, weight, 0)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_student_support_topk_matches_reference(tail):
+    """support_topk: the divergence over the student's own top-k ids, the teacher's log-probs taken there."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    teacher = torch.randn(N, H, generator=g)
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[3] = False
+    stats = token_stats(hidden, weight, teacher_hidden=teacher, divergence="jsd", beta=0.5, support_topk=4,
+                        topk_tail=tail, temperature=0.9, mask=mask, impl="torch")
+    grads = torch.autograd.grad(stats.divergence.sum(), (hidden, weight))
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ids = (h64 @ w64.t()).topk(4, dim=1).indices.masked_fill(~mask[:, None], -1)
+    teacher_lp = torch.log_softmax(teacher.double() @ w64.detach().t() / 0.9, -1).gather(1, ids.clamp_min(0))
+    want = reference_topk_divergence(h64, w64, StatsConfig(temperature=0.9, divergence="jsd", beta=0.5), ids,
+                                     teacher_lp.masked_fill(ids < 0, -math.inf), tail=tail, active=mask)
+    torch.testing.assert_close(stats.divergence.double(), want, rtol=2e-5, atol=2e-6)
+    for got, ref in zip(grads, torch.autograd.grad(want.sum(), (h64, w64))):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-6)
+    with pytest.raises(ValueError, match="support_topk needs a teacher"):
+        token_stats(hidden, weight, support_topk=4)

@@ -44,6 +44,7 @@ def blended_loss(
     teacher_topk_ids: Optional[torch.Tensor] = None,
     teacher_topk_logprobs: Optional[torch.Tensor] = None,
     topk_tail: bool = True,
+    support_topk: Optional[int] = None,
     impl: str = "auto",
 ) -> LossOutput:
     """``w * distillation + (1 - w) * policy gradient`` from a single call of the core op.
@@ -71,7 +72,8 @@ def blended_loss(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail))
+                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
+                     support_topk=support_topk))
     distill_tokens, _ = distillation_per_token(div, logp)
     distill = reduce_tokens(distill_tokens, mask, "token_mean", num_items_in_batch)
     pg_tokens, stats = policy_gradient_per_token(

@@ -46,6 +46,7 @@ def distillation_loss(
     teacher_topk_ids: Optional[torch.Tensor] = None,
     teacher_topk_logprobs: Optional[torch.Tensor] = None,
     topk_tail: bool = True,
+    support_topk: Optional[int] = None,
     token_weights: Optional[torch.Tensor] = None,
     targets: Optional[torch.Tensor] = None,
     old_logp: Optional[torch.Tensor] = None,
@@ -74,6 +75,8 @@ def distillation_loss(
             ids and log-probs, e.g. from a vLLM server or a cache) instead of ``teacher_hidden`` (pass None):
             the divergence is over the k tokens plus a tail bucket, or over the k renormalized (``topk_tail=False``);
             see :func:`pydistill.token_stats`. Positions outside ``mask`` may hold anything.
+        support_topk: k: with ``teacher_hidden``, the divergence over the student's own k most likely tokens (plus
+            a tail bucket with ``topk_tail``), the teacher's log-probs at those ids (ROSD's original top-100 + tail).
         clip: OPSD's pointwise clip tau > 0 on each vocabulary entry's term, before the sum.
         temperature, softcap, bias, teacher_bias: as in :func:`pydistill.token_stats`.
         token_weights: [B, T] (or [B]) multiplicative weights applied inside the mask: the loss of token t is
@@ -104,7 +107,8 @@ def distillation_loss(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail))
+                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
+                     support_topk=support_topk))
     per_token, iw = distillation_per_token(div, logp if targets is not None else None, old_logp=old_logp,
                                            importance_clip=importance_clip, token_weights=token_weights)
     if entropy_coef:

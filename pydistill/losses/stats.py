@@ -55,6 +55,7 @@ def _flat_topk(ids, logprobs, mask, b, t) -> dict:
 
 def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None, impl="auto",
                divergence: Optional[str] = None, beta: float = 0.5, clip: Optional[float] = None,
-               topk_tail: bool = True) -> dict:
+               topk_tail: bool = True, support_topk: Optional[int] = None) -> dict:
     return dict(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail)
+                softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
+                support_topk=support_topk)

@@ -146,6 +146,7 @@ def token_stats(
     teacher_topk_ids: Optional[torch.Tensor] = None,
     teacher_topk_logprobs: Optional[torch.Tensor] = None,
     topk_tail: bool = True,
+    support_topk: Optional[int] = None,
 ) -> TokenStats:
     """Per-token logp, entropy and teacher-student divergence, never materializing the [N, V] logits.
 
@@ -195,6 +196,9 @@ def token_stats(
             outcome. ``temperature`` and ``softcap`` apply to the student only: the teacher's log-probs are used
             as given, so ask the server for them at the temperature you distill at. The student's normalizer is
             still over the full vocabulary (the chunk loop, one context); no [N, V] tensor exists.
+        support_topk: k, with ``teacher_hidden``: the divergence over the student's own k most likely tokens
+            (plus a tail bucket with ``topk_tail``), the teacher's log-probs taken at those ids (SDPO/SDFT's
+            ``topk_logits``, ROSD's original top-100 + tail). The ids carry no gradient.
         memory_budget_mb: extra memory the op may use beyond its inputs and returned gradients (logits and
             dlogits chunks, the float32 dH accumulator, fold temporaries); chunk sizes are the largest that fit.
             The default keeps a two-context bf16 call at N=8192, H=4096, V=151936 within 256 MB on CUDA.
@@ -309,6 +313,15 @@ def token_stats(
     if impl == "triton" and hidden.dtype == torch.float64:
         raise ValueError("impl='triton' takes float32, bfloat16 or float16 hidden states, got float64")
 
+    if support_topk is not None:
+        if resolved is None or topk:
+            raise ValueError("support_topk needs a teacher given as teacher_hidden and a divergence")
+        from .topk import student_support
+
+        teacher_topk_ids, teacher_topk_logprobs = student_support(
+            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, support_topk, active, cfg, impl,
+            memory_budget_mb, lean_op=token_stats)
+        topk = True
     if topk:
         from .topk import topk_token_stats
 

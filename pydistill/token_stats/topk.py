@@ -237,3 +237,20 @@ def logprobs_at(hidden, weight, ids, *, bias=None, temperature: float = 1.0, sof
     z = gathered_logits(hidden, weight, bias, torch.cat([ids, anchor[:, None]], 1), cfg,
                         compute_dtype(hidden.dtype), memory_budget_mb)
     return z[:, :-1] - (z[:, -1] - logp).unsqueeze(1)
+
+
+def student_support(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, k, active, cfg: StatsConfig,
+                    impl: str, memory_budget_mb: float, lean_op):
+    """A top-k teacher on the student's own support: the student's k most likely ids per active row and the
+    teacher's log-probs there, [N, k] each (padding on inactive rows), neither carrying gradient."""
+    n = hidden.shape[0]
+    rows = torch.arange(n, device=hidden.device) if active is None else active.nonzero().squeeze(1)
+    ids = torch.full((n, k), PADDING_ID, dtype=torch.long, device=hidden.device)
+    logprobs = torch.full((n, k), -math.inf, dtype=torch.float32, device=hidden.device)
+    chosen = topk_support(hidden.index_select(0, rows).detach(), weight.detach(), k, bias=bias,
+                          memory_budget_mb=memory_budget_mb)
+    ids[rows] = chosen
+    logprobs[rows] = logprobs_at(teacher_hidden.index_select(0, rows), teacher_weight, chosen, bias=teacher_bias,
+                                 temperature=cfg.temperature, softcap=cfg.softcap, impl=impl,
+                                 memory_budget_mb=memory_budget_mb, lean_op=lean_op).float()
+    return ids, logprobs

@@ -136,30 +136,10 @@ def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, t
         options = dict(teacher_hidden=teacher_hidden.reshape(b * t, -1), teacher_weight=teacher_weight,
                        teacher_bias=teacher_bias, divergence=divergence, beta=beta, clip=clip)
         if support_topk is not None:
-            with torch.autocast(weight.device.type, enabled=False):
-                options = _student_support(hidden.reshape(b * t, width), weight, bias, labels, options, support_topk,
-                                           topk_tail, temperature=float(temperature), cap=softcap(model.config))
+            options.update(support_topk=support_topk, topk_tail=topk_tail)
     # The op computes in float32 itself; autocast must not re-cast its GEMMs.
     with torch.autocast(weight.device.type, enabled=False):
         stats = token_stats(hidden.reshape(b * t, width), weight, targets=labels, bias=bias,
                             temperature=float(temperature), softcap=softcap(model.config), **options)
     return TokenStats(*(s.reshape(b, t) for s in stats))
 
-
-def _student_support(hidden, weight, bias, labels, options, k, tail, *, temperature, cap):
-    """The op's top-k teacher arguments for the student's own top-k support: ids from the student's logits and
-    the teacher's log-probs there (both without gradient), on the scored rows only."""
-    from ...token_stats.topk import logprobs_at, topk_support
-
-    rows = (labels != -100).nonzero().squeeze(1)
-    teacher_hidden, teacher_weight = options.pop("teacher_hidden"), options.pop("teacher_weight")
-    teacher_bias = options.pop("teacher_bias")
-    if teacher_weight is None:  # the student's own head in the teacher context
-        teacher_weight, teacher_bias = weight.detach(), bias
-    ids = torch.full((hidden.shape[0], k), -1, dtype=torch.long, device=hidden.device)
-    logprobs = torch.full((hidden.shape[0], k), float("-inf"), device=hidden.device)
-    chosen = topk_support(hidden.index_select(0, rows).detach(), weight.detach(), k, bias=bias)
-    ids[rows] = chosen
-    logprobs[rows] = logprobs_at(teacher_hidden.index_select(0, rows), teacher_weight, chosen, bias=teacher_bias,
-                                 temperature=temperature, softcap=cap, lean_op=token_stats)
-    return dict(options, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, topk_tail=tail)
