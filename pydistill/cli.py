@@ -121,8 +121,11 @@ def cmd_eval(args, _):
     if path:
         load_weights(model, path)
     defaults = dict(task="arithmetic", data_path=None, dataset=None, dataset_config=None, prompt_column="prompt",
-                    solution_column="solution", answer_column="answer")
+                    solution_column=None, answer_column="answer")
     data = {k: getattr(args, k) if getattr(args, k) is not None else run.get(k, defaults[k]) for k in DATA_SETTINGS}
+    # Scoring reads the question and the answer only: a solution column is required only when the flag names it
+    # (not the run's, which another --dataset may lack).
+    data["solution_column"] = args.solution_column
     if args.task is not None and args.dataset is None:  # a task flag replaces the run's dataset
         data["dataset"] = None
     task = task_from_config(types.SimpleNamespace(**data))
@@ -220,7 +223,8 @@ def build_parser():
                     "dataset folder or a hub name (default: the checkpoint's run's)")
     ev.add_argument("--dataset-config", help="the hub dataset's configuration name")
     ev.add_argument("--prompt-column", help="the dataset's prompt column (default: the run's, else prompt)")
-    ev.add_argument("--solution-column", help="the dataset's solution column (default: the run's, else solution)")
+    ev.add_argument("--solution-column", help="the dataset's solution column (evaluation does not read it; when "
+                    "given it must exist; default: none)")
     ev.add_argument("--answer-column", help="the dataset's answer column (default: the run's, else answer)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--n", type=int, default=64)

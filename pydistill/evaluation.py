@@ -56,7 +56,10 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
     texts, ids = [], []
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+    # Counted in prompts, not batches, so the bar reads as the share of the work; gone once done (the result
+    # line follows it).
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False)
+    for start in range(0, len(prompts), batch_size):
         batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
@@ -73,6 +76,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, max_new_to
                 kept.pop()
             ids.append(kept)
             texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+        bar.update(len(out))
+    bar.close()
     model.train(was_training)
     return texts, ids
 

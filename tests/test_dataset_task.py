@@ -181,9 +181,33 @@ def test_eval_takes_the_runs_dataset_and_columns_or_flags(tmp_path, monkeypatch,
     assert set(seen[-1]) <= {p.question for p in SOURCE} and len(seen[-1]) == 3
     renamed = tmp_path / "renamed.jsonl"
     renamed.write_text("".join(json.dumps({"q": p.question, "a": f"#### {p.answer}"}) + "\n" for p in SOURCE[:2]))
-    assert main(args + ["--dataset", str(renamed), "--prompt-column", "q", "--answer-column", "a",
-                        "--solution-column", "a"]) == 0
+    # The run's solution column ("worked") is not required of another dataset: evaluation never reads it.
+    assert main(args + ["--dataset", str(renamed), "--prompt-column", "q", "--answer-column", "a"]) == 0
     assert sorted(seen[-1]) == sorted(p.question for p in SOURCE[:2])
     assert main(args[:-2] + ["--task", "arithmetic", "--split", "test"]) == 0
     assert not set(seen[-1]) & {p.question for p in SOURCE}
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_eval_on_a_question_and_answer_dataset(tmp_path, monkeypatch, capsys):
+    """`pydistill eval --dataset` needs a question and an answer column, no solution; a dataset without them
+    ends the command with one line naming the file, the columns expected and the columns there are."""
+    import pydistill.models as models
+    from pydistill.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda name, lora=None, **kw: tiny_model(seed=0))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": p.question, "answer": p.answer}) + "\n" for p in SOURCE[:3]))
+    common = ["eval", "--model", "tiny", "--split", "train", "--n", "3", "--max-new-tokens", "2"]
+    assert main(common + ["--dataset", str(plain)]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0
+    named = tmp_path / "named.jsonl"
+    named.write_text("".join(json.dumps({"question": p.question, "final": p.answer}) + "\n" for p in SOURCE[:3]))
+    assert main(common + ["--dataset", str(named), "--prompt-column", "question", "--answer-column", "final"]) == 0
+    capsys.readouterr()
+    assert main(common + ["--dataset", str(named)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(named) in err and "prompt_column 'prompt' and answer_column 'answer' are not columns" in err
+    assert "expected prompt_column 'prompt' (the question), answer_column 'answer' (the final answer)" in err
+    assert "its columns: question, final" in err and "solution" not in err.split("(name them")[0]

@@ -1,4 +1,5 @@
 """The README's code examples run as written."""
+import logging
 import os
 import re
 
@@ -22,3 +23,18 @@ def test_readme_examples_run(heading, capsys):
     for code in _section_code(heading):
         exec(compile(code, README, "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_readme_trl_example_runs(tmp_path, monkeypatch, caplog):
+    """The TRL section's example as written: GRPO on a tiny local model through pydistill's drop-in."""
+    pytest.importorskip("trl")
+    monkeypatch.chdir(tmp_path)  # the example writes runs/trl-grpo
+    namespace = {"__name__": "readme"}
+    with caplog.at_level(logging.INFO, logger="pydistill"):
+        for code in _section_code("## Use with TRL"):
+            exec(compile(code, README, "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert type(trainer).__module__ == "pydistill.integrations.trl.grpo"  # the drop-in, not TRL's class
+    assert trainer.state.global_step == trainer.args.max_steps == len(namespace["logged"])
+    assert any("GRPOTrainer runs the fused op" in r.getMessage() for r in caplog.records)

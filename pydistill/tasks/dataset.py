@@ -24,6 +24,9 @@ from typing import Optional
 from .answers import normalize_number, reference_answer
 from .base import Problem, Task
 
+# What each column is for, in the message that names a missing one.
+_ROLES = dict(prompt_column="the question", solution_column="a worked solution; None if the data has none",
+              answer_column="the final answer")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -97,10 +100,16 @@ class DatasetTask(Task):
         self.data = _load(source, config_name)
         self.splits = tuple(self.data)
         for split, table in self.data.items():
-            for field, column in self.columns.items():
-                if column is not None and column not in table.column_names:
-                    raise ValueError(f"{field} {column!r} is not a column of split {split!r} of dataset "
-                                     f"{_describe(source)} (columns: {', '.join(table.column_names)})")
+            missing = [f"{field} {column!r}" for field, column in self.columns.items()
+                       if column is not None and column not in table.column_names]
+            if missing:  # one line that names every missing column, what each is for and what there is
+                expected = ", ".join(f"{field} {column!r} ({_ROLES[field]})" for field, column in self.columns.items()
+                                     if column is not None)
+                verb = "is not a column" if len(missing) == 1 else "are not columns"
+                named = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+                raise ValueError(f"{named} {verb} of split {split!r} of dataset {_describe(source)}: "
+                                 f"expected {expected}; its columns: {', '.join(table.column_names)} (name them "
+                                 "with --prompt-column / --answer-column / --solution-column or the config fields)")
 
     def check_split(self, split: str):
         if split not in self.splits:

@@ -23,7 +23,6 @@ from typing import Optional
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from ..models import LoraSettings, load_model
 from ..tasks import task_from_config
@@ -34,6 +33,7 @@ from .checkpoint import (NonFiniteWeights, clean_stale, export_pretrained, gathe
                          load_checkpoint, load_weights, resolve_checkpoint, rng_state, save_checkpoint)
 from .config import TrainConfig
 from .metrics import MetricsLog
+from .progress import TrainProgress
 from .rollout import HFRolloutEngine, SamplingSettings
 from .contexts import ResponseHiddenStates
 from .held_out import HeldOutEvaluation
@@ -278,8 +278,8 @@ class Trainer(HeldOutEvaluation, abc.ABC):
     def _train(self) -> dict:
         cfg = self.config
         last = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.method}",
-                   disable=not (cfg.progress and self.is_main))
+        bar = TrainProgress(cfg, f"train {self.method}", step=self.step, train_seconds=self.train_seconds,
+                            generated_tokens=self.generated_tokens, disable=not (cfg.progress and self.is_main))
         while self.step < cfg.max_steps:
             if cfg.time_budget_s and self.train_seconds >= cfg.time_budget_s:
                 break
@@ -295,8 +295,8 @@ class Trainer(HeldOutEvaluation, abc.ABC):
             if self.is_main:
                 self.log.log(self.step, last)
                 log_to_trackers(self.accelerator, self.step, last)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                bar.update(step=self.step, train_seconds=self.train_seconds, generated_tokens=self.generated_tokens,
+                           loss=last["loss"])
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
         bar.close()

@@ -7,7 +7,8 @@ from ..evaluation import EvalResult, evaluate
 
 class HeldOutEvaluation:
     """The trainer's :meth:`evaluate`; uses the trainer's config, model, tokenizer, task, accelerator, eval set,
-    process count (``world``), ``sharded`` flag and ``root_view``."""
+    process count (``world``), ``is_main`` (the one process that draws progress bars), ``sharded`` flag and
+    ``root_view``."""
 
     def evaluate(self, problems=None) -> dict:
         """Greedy accuracy (eval/accuracy); with ``eval_samples`` > 1 also a sampled evaluation of that many
@@ -38,8 +39,8 @@ class HeldOutEvaluation:
             mine += [problems[-1]] * (longest - count)
         with self.accelerator.autocast(), self.root_view():
             local = evaluate(self.model, self.tokenizer, self.task, mine, batch_size=max(cfg.micro_batch_size, 8),
-                             max_new_tokens=cfg.eval_max_new_tokens, progress=False, synced_gpus=self.sharded,
-                             **options)
+                             max_new_tokens=cfg.eval_max_new_tokens, progress=cfg.progress and self.is_main,
+                             synced_gpus=self.sharded, **options)
         if self.world == 1:
             return local
         records = self.accelerator.gather_for_metrics(local.records[:count], use_gather_object=True)

@@ -6,14 +6,15 @@
 or, for a trainer already built, ``patch(trainer)``. Each subclass keeps TRL's constructor and config; what
 changes is where the per-token statistics come from (the decoder body's hidden states and the lm_head weight,
 through :func:`pydistill.token_stats`, never [B, T, V] logits). Tested with TRL >=1.16,<1.17 (``pip install
-pydistill[trl]``); another TRL version is refused at construction with its version named.
+'trl>=1.16,<1.17'``); another TRL version is refused at construction with its version named (set
+``PYDISTILL_ALLOW_UNTESTED_TRL=1`` or pass ``allow_untested_trl=True`` to try one anyway, warned once).
 """
 from __future__ import annotations
 
 try:
     import trl as _trl  # noqa: F401
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError("pydistill.integrations.trl needs TRL: pip install 'pydistill[trl]' (TRL >=1.16,<1.17)") \
+    raise ImportError("pydistill.integrations.trl needs TRL: pip install 'trl>=1.16,<1.17'") \
         from error
 
 from ._compat import TESTED_TRL, check_trl_version
@@ -36,17 +37,18 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def patch(trainer):
+def patch(trainer, allow_untested_trl=None):
     """Switch an already constructed TRL trainer to pydistill's fused op, in place; returns it.
 
     Accepts ``trl.GRPOTrainer``, ``trl.DistillationTrainer`` and ``trl.experimental``'s ``GKDTrainer``,
     ``SDPOTrainer`` and ``SDFTTrainer`` (and subclasses). Anything else raises a TypeError naming the type.
+    An untested TRL is refused unless ``allow_untested_trl=True`` (see :func:`check_trl_version`).
     """
-    check_trl_version()
+    check_trl_version(allow_untested_trl)
     import trl
 
     if isinstance(trainer, trl.GRPOTrainer):
-        return patch_grpo(trainer)
+        return patch_grpo(trainer, allow_untested_trl)
     if isinstance(trainer, trl.DistillationTrainer):
         return distillation.patch_distillation(trainer)
     names = {c.__name__ for c in type(trainer).__mro__}

@@ -25,7 +25,7 @@ import torch
 
 from ...token_stats import token_stats
 from . import _head
-from ._compat import check_hook, check_not_zero3, check_text_peft, check_trl_version
+from ._compat import announce, check_hook, check_not_zero3, check_text_peft, check_trl_version
 
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -41,6 +41,12 @@ def check_distillation(trainer, student, teacher) -> None:
     if s_cap != t_cap:
         raise ValueError(f"final_logit_softcapping: student {s_cap} and teacher {t_cap} differ; pydistill's op "
                          "applies one softcap to both contexts")
+
+
+def jsd_op(beta) -> str:
+    """What the log line calls TRL's generalized JSD at ``beta`` (its endpoints are the two KLs)."""
+    name = {0.0: "forward KL", 1.0: "reverse KL"}.get(float(beta), f"generalized JSD beta={beta:g}")
+    return f"{name} teacher-student divergence"
 
 
 def fused_divergence(student_hidden, student_model, teacher_hidden, teacher_model, mask, *, beta, temperature,
@@ -130,10 +136,11 @@ def make_distillation_trainer():
         """``trl.DistillationTrainer`` with the same constructor, whose divergence comes from pydistill's fused
         op (see :mod:`pydistill.integrations.trl.distillation`)."""
 
-        def __init__(self, *args, **kwargs):
-            check_trl_version()
+        def __init__(self, *args, allow_untested_trl=None, **kwargs):
+            check_trl_version(allow_untested_trl)
             super().__init__(*args, **kwargs)
             check_distillation(self, self.model, self.teacher_model)
+            announce(self, jsd_op(self.beta))
 
         _compute_loss = _distillation_compute_loss
 
@@ -150,11 +157,12 @@ def make_gkd_trainer():
         """``trl.experimental.gkd.GKDTrainer`` with the same constructor, whose generalized JSD comes from
         pydistill's fused op on the decoder bodies' hidden states (no [B, T, V] logits)."""
 
-        def __init__(self, *args, **kwargs):
-            check_trl_version()
+        def __init__(self, *args, allow_untested_trl=None, **kwargs):
+            check_trl_version(allow_untested_trl)
             super().__init__(*args, **kwargs)
             check_distillation(self, self.model, self.teacher_model)
             _install_models(self.model, self.teacher_model)
+            announce(self, jsd_op(self.beta))
 
         compute_loss = _gkd_compute_loss
 
@@ -172,4 +180,5 @@ def patch_distillation(trainer):
     else:
         _install_models(trainer.model, trainer.teacher_model)
         trainer.compute_loss = types.MethodType(_gkd_compute_loss, trainer)
+    announce(trainer, jsd_op(trainer.beta))
     return trainer

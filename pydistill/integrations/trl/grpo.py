@@ -22,9 +22,10 @@ import torch
 import trl
 
 from . import _head
-from ._compat import check_hook, check_not_zero3, check_text_peft, check_trl_version, trl_version
+from ._compat import announce, check_hook, check_not_zero3, check_text_peft, check_trl_version, trl_version
 
 HOOK = "_get_per_token_logps_and_entropies"
+GRPO_OP = "log-prob and entropy of the sampled tokens"
 HOOK_PARAMETERS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
                    "compute_aux_loss")
 
@@ -77,12 +78,14 @@ def fused_logps_and_entropies(trainer, model, input_ids, attention_mask, logits_
 class GRPOTrainer(trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with the same constructor, whose log-probabilities and entropies come from pydistill's
     fused op (see this module's docstring). Raises at construction when the installed TRL is outside the tested
-    range or a config field asks for something the fused hook cannot compute."""
+    range (unless ``allow_untested_trl=True``: see :func:`check_trl_version`) or a config field asks for something
+    the fused hook cannot compute."""
 
-    def __init__(self, *args, **kwargs):
-        check_trl_version()
+    def __init__(self, *args, allow_untested_trl=None, **kwargs):
+        check_trl_version(allow_untested_trl)
         super().__init__(*args, **kwargs)
         check_grpo(self)
+        announce(self, GRPO_OP)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size=None, compute_entropy=False, compute_aux_loss=False,
@@ -91,9 +94,10 @@ class GRPOTrainer(trl.GRPOTrainer):
                                          compute_entropy, compute_aux_loss, **multimodal)
 
 
-def patch_grpo(trainer):
+def patch_grpo(trainer, allow_untested_trl=None):
     """Switch an existing ``trl.GRPOTrainer`` instance to the fused hook (before ``train()``)."""
-    check_trl_version()
+    check_trl_version(allow_untested_trl)
     check_grpo(trainer)
     setattr(trainer, HOOK, types.MethodType(fused_logps_and_entropies, trainer))
+    announce(trainer, GRPO_OP)
     return trainer

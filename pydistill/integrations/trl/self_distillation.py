@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _head
-from ._compat import check_hook, check_not_zero3, check_text_peft, check_trl_version
+from ._compat import announce, check_hook, check_not_zero3, check_text_peft, check_trl_version
 
 HOOKS = ("_get_teacher_context_for_self_distillation", "_log_self_distillation_metric")
 
@@ -44,6 +44,14 @@ def check_self_distillation(trainer) -> None:
     check_text_peft(trainer.model)
     for model in (trainer.model, trainer.teacher_model):
         _head.install(_head.unwrap(model))
+
+
+def self_distillation_op(args) -> str:
+    if args.distillation_mode == "sampled_token":
+        return "sampled-token log-probs of both contexts"
+    from .distillation import jsd_op
+
+    return jsd_op(args.distillation_alpha)
 
 
 def _loss_mask(trainer, inputs):
@@ -151,10 +159,11 @@ def _make(base):
         __doc__ = (f"``trl.experimental.{base.__name__}`` with the same constructor, whose self-distillation loss "
                    "comes from pydistill's fused op (see :mod:`pydistill.integrations.trl.self_distillation`).")
 
-        def __init__(self, *args, **kwargs):
-            check_trl_version()
+        def __init__(self, *args, allow_untested_trl=None, **kwargs):
+            check_trl_version(allow_untested_trl)
             super().__init__(*args, **kwargs)
             check_self_distillation(self)
+            announce(self, self_distillation_op(self.args))
 
         compute_loss = _compute_loss
 
@@ -180,4 +189,5 @@ def patch_self_distillation(trainer):
 
     check_self_distillation(trainer)
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
+    announce(trainer, self_distillation_op(trainer.args))
     return trainer
