@@ -172,6 +172,13 @@ def topk_token_stats(hidden, weight, ids, logprobs, *, tail: bool, targets, bias
     from .loop import compute_dtype
 
     n, vocab = hidden.shape[0], weight.shape[0]
+    active = torch.ones(n, dtype=torch.bool, device=hidden.device)
+    if targets is not None:
+        active &= targets != ignore_index
+    if mask is not None:
+        active &= mask != 0
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == n:
+        ids = ids.masked_fill(~active.unsqueeze(1), PADDING_ID)  # inactive rows may hold anything, as in targets
     valid = check_topk_teacher(ids, logprobs, n, vocab, hidden.device)
     ids = torch.where(valid, ids.long(), torch.zeros_like(ids, dtype=torch.long))
     if targets is not None:
@@ -182,11 +189,6 @@ def topk_token_stats(hidden, weight, ids, logprobs, *, tail: bool, targets, bias
     logp, entropy, _ = lean_op(hidden, weight, targets=anchor_targets, bias=bias, temperature=cfg.temperature,
                                softcap=cfg.softcap, mask=mask, ignore_index=ignore_index, impl=impl,
                                memory_budget_mb=memory_budget_mb)
-    active = torch.ones(n, dtype=torch.bool, device=hidden.device)
-    if targets is not None:
-        active &= targets != ignore_index
-    if mask is not None:
-        active &= mask != 0
     rows = active.nonzero().squeeze(1)
     dtype = compute_dtype(hidden.dtype)
     z = gathered_logits(hidden.index_select(0, rows), weight, bias,

@@ -18,13 +18,15 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         from error
 
 from ._compat import TESTED_TRL, check_trl_version
-from . import distillation, self_distillation
+from . import distillation, self_distillation, server_distillation
 from .grpo import GRPOTrainer, patch_grpo
 
-__all__ = ["DistillationTrainer", "GKDTrainer", "GRPOTrainer", "SDFTTrainer", "SDPOTrainer", "TESTED_TRL", "patch"]
+__all__ = ["DistillationTrainer", "GKDTrainer", "GRPOTrainer", "SDFTTrainer", "SDPOTrainer",
+           "ServerDistillationTrainer", "TESTED_TRL", "patch"]
 
 _LAZY = {"DistillationTrainer": distillation.make_distillation_trainer, "GKDTrainer": distillation.make_gkd_trainer,
-         "SDPOTrainer": self_distillation.make_sdpo_trainer, "SDFTTrainer": self_distillation.make_sdft_trainer}
+         "SDPOTrainer": self_distillation.make_sdpo_trainer, "SDFTTrainer": self_distillation.make_sdft_trainer,
+         "ServerDistillationTrainer": server_distillation.make_server_distillation_trainer}
 _MADE = {}
 
 
@@ -41,7 +43,7 @@ def patch(trainer, allow_untested_trl=None):
     """Switch an already constructed TRL trainer to pydistill's fused op, in place; returns it.
 
     Accepts ``trl.GRPOTrainer``, ``trl.DistillationTrainer`` and ``trl.experimental``'s ``GKDTrainer``,
-    ``SDPOTrainer`` and ``SDFTTrainer`` (and subclasses). Anything else raises a TypeError naming the type.
+    ``SDPOTrainer``, ``SDFTTrainer`` and ``ServerDistillationTrainer`` (and subclasses). Anything else raises a TypeError naming the type.
     An untested TRL is refused unless ``allow_untested_trl=True`` (see :func:`check_trl_version`).
     """
     check_trl_version(allow_untested_trl)
@@ -49,13 +51,14 @@ def patch(trainer, allow_untested_trl=None):
 
     if isinstance(trainer, trl.GRPOTrainer):
         return patch_grpo(trainer, allow_untested_trl)
+    names = {c.__name__ for c in type(trainer).__mro__}
+    if "ServerDistillationTrainer" in names:  # before its base, DistillationTrainer
+        return server_distillation.patch_server_distillation(trainer)
     if isinstance(trainer, trl.DistillationTrainer):
         return distillation.patch_distillation(trainer)
-    names = {c.__name__ for c in type(trainer).__mro__}
     if "GKDTrainer" in names:
         return distillation.patch_distillation(trainer)
     if names & {"SDPOTrainer", "SDFTTrainer"}:
         return self_distillation.patch_self_distillation(trainer)
-    raise TypeError(f"patch() takes a trl.GRPOTrainer, trl.DistillationTrainer, GKDTrainer, SDPOTrainer or "
-                    f"SDFTTrainer; "
-                    f"got {type(trainer).__name__}")
+    raise TypeError(f"patch() takes a trl.GRPOTrainer, trl.DistillationTrainer, GKDTrainer, SDPOTrainer, "
+                    f"SDFTTrainer or ServerDistillationTrainer; got {type(trainer).__name__}")

@@ -105,19 +105,23 @@ def _fused_forward(model, args, kwargs, request):
                       teacher_hidden=request.get("teacher_hidden"), teacher_weight=request.get("teacher_weight"),
                       teacher_bias=request.get("teacher_bias"), divergence=request.get("divergence"),
                       beta=request.get("beta", 0.5), clip=request.get("clip"),
-                      support_topk=request.get("support_topk"), topk_tail=request.get("topk_tail", True))
+                      support_topk=request.get("support_topk"), topk_tail=request.get("topk_tail", True),
+                      teacher_topk_ids=request.get("teacher_topk_ids"),
+                      teacher_topk_logprobs=request.get("teacher_topk_logprobs"))
 
 
 def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, teacher_weight=None,
                teacher_bias=None, divergence=None, beta=0.5, clip=None, support_topk=None,
-               topk_tail=True) -> TokenStats:
+               topk_tail=True, teacher_topk_ids=None, teacher_topk_logprobs=None) -> TokenStats:
     """:func:`pydistill.token_stats` of [B, K, H] hidden states through ``model``'s head (its logit scale and
     softcap applied), scoring ``labels`` [B, K] (``-100``: skipped row). Returns [B, K] fields.
 
     A teacher context (``teacher_hidden`` [B, K, H_t]) is read through the same logit scale and softcap: it is
     the same model in another context, or a model of the same architecture (``teacher_weight``). With
     ``support_topk`` k the divergence is over the student's k most likely tokens (plus a tail bucket with
-    ``topk_tail``), the teacher's log-probs taken at those ids (TRL's ``distillation_mode="topk_logits"``)."""
+    ``topk_tail``), the teacher's log-probs taken at those ids (TRL's ``distillation_mode="topk_logits"``).
+    A teacher given as top-k log-probs (``teacher_topk_ids`` / ``teacher_topk_logprobs`` [B, K, k], from a
+    server) is used as given: no logit scale or temperature applies to it."""
     weight, bias = head_parameters(model)
     b, t, width = hidden.shape
     scale = logit_scale(model.config)
@@ -137,6 +141,10 @@ def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, t
                        teacher_bias=teacher_bias, divergence=divergence, beta=beta, clip=clip)
         if support_topk is not None:
             options.update(support_topk=support_topk, topk_tail=topk_tail)
+    if teacher_topk_ids is not None:
+        options = dict(teacher_topk_ids=teacher_topk_ids.to(weight.device).reshape(b * t, -1),
+                       teacher_topk_logprobs=teacher_topk_logprobs.to(weight.device).reshape(b * t, -1),
+                       topk_tail=topk_tail, divergence=divergence, beta=beta, clip=clip)
     # The op computes in float32 itself; autocast must not re-cast its GEMMs.
     with torch.autocast(weight.device.type, enabled=False):
         stats = token_stats(hidden.reshape(b * t, width), weight, targets=labels, bias=bias,
