@@ -311,6 +311,7 @@ def test_paper_defaults_and_registration():
     (dict(reflection_temperature=0.0), "reflection_temperature must be > 0"),
     (dict(reflection_max_new_tokens=0), "reflection_max_new_tokens must be a positive integer"),
     (dict(num_generations=0), r"group size \(num_generations\)"),
+    (dict(support_topk=0), "support_topk must be a positive integer or None"),
 ])
 def test_bad_config_fails_fast(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -442,3 +443,19 @@ def test_step_check_explanations_never_state_the_final_answer():
              dict(problem=problem, attempt="The answer is 100003.", answer=problem.answer, attempt_is_correct=False)]
     for reflection in StepCheckReflector(TASK).reflect_batch(items):
         assert problem.answer not in reflection.explanation and reflection.explanation
+
+
+def test_support_topk_reaches_the_loss(tmp_path, monkeypatch):
+    """support_topk (the original code's student top-k + tail) reaches the op and changes the objective."""
+    import pydistill.trainers.rosd.trainer as rosd_trainer
+
+    trainer = make_trainer(tmp_path, micro_batch_size=4)
+    prepared = trainer.prepare(trainer.train_pool[:4])
+    full = float(trainer.loss(prepared, float(prepared["tokens"])).loss)
+    seen = []
+    real = rosd_trainer.distillation_loss
+    monkeypatch.setattr(rosd_trainer, "distillation_loss", lambda *a, **k: seen.append(k) or real(*a, **k))
+    trainer.config.support_topk = 3
+    topk = float(trainer.loss(prepared, float(prepared["tokens"])).loss)
+    assert seen[-1]["support_topk"] == 3 and seen[-1].get("topk_tail", True) is True
+    assert topk != pytest.approx(full, rel=1e-3)

@@ -37,11 +37,16 @@ class ROSDConfig(TrainConfig):
     explanation: bool = option(True, "put the reflection's explanation in the teacher context")
     loss_span: Literal["suffix", "whole"] = option(
         "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")
+    support_topk: Optional[int] = option(
+        None, "distil over the student's k most likely tokens plus a tail bucket (the original code: 100); "
+              "None: the full vocabulary")
     output_dir: str = "runs/rosd"
 
     def validate(self):
         super().validate()
         check_divergence(self.divergence, self.beta, self.clip)
+        if self.support_topk is not None and (isinstance(self.support_topk, bool) or self.support_topk < 1):
+            raise ValueError(f"support_topk must be a positive integer or None, got {self.support_topk!r}")
         if self.importance_clip is not None and not self.importance_clip > 0:
             raise ValueError(f"importance_clip must be > 0 or None, got {self.importance_clip}")
         if not self.reflection_temperature > 0:
