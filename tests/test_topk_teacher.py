@@ -226,3 +226,14 @@ def test_student_support_topk_matches_reference(tail):
         torch.testing.assert_close(got.double(), ref, rtol=2e-4, atol=2e-6)
     with pytest.raises(ValueError, match="support_topk needs a teacher"):
         token_stats(hidden, weight, support_topk=4)
+
+
+def test_topk_teacher_benchmark_smoke(tmp_path):
+    from benchmarks.topk_teacher import main
+
+    out = tmp_path / "cost.json"
+    assert main(["cost", "--n", "16", "--h", "8", "--v", "100", "--ks", "3", "--out", str(out)]) == 0
+    import json
+    records = json.loads(out.read_text())["records"]
+    assert [r["variant"] for r in records] == ["full", "topk3", "topk3-renorm"]
+    assert all(r["seconds"] > 0 for r in records)
