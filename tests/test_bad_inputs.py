@@ -47,6 +47,35 @@ def tiny_loader(monkeypatch):
     return sizes
 
 
+# ----- run folders: overwrite deletes only what a pydistill run wrote ---------------------------------------
+def test_a_folder_of_the_users_own_files_is_refused_and_never_deleted(tmp_path):
+    out = tmp_path / "run"
+    for name in ("sft", "tensorboard"):
+        os.makedirs(out / name)
+        (out / name / "mine.txt").write_text("the user's own work")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError) as error:
+            opsd(tmp_path, overwrite=overwrite)
+        message = str(error.value)
+        assert "holds sft, tensorboard" in message and "no pydistill run" in message, message
+        assert "checkpoints" not in message
+    assert (out / "sft" / "mine.txt").exists() and (out / "tensorboard" / "mine.txt").exists()
+
+
+def test_overwrite_of_a_run_keeps_other_files_and_never_follows_a_link(tmp_path):
+    other = opsd(tmp_path / "other", max_steps=1)
+    other.train()
+    other_checkpoint = latest_checkpoint(other.config.output_dir)
+    opsd(tmp_path, max_steps=1).train()
+    out = tmp_path / "run"
+    (out / "notes.txt").write_text("kept")
+    os.symlink(other_checkpoint, out / "checkpoint-7")  # a link to another run's checkpoint
+    fresh = opsd(tmp_path, max_steps=1, overwrite=True)
+    assert sorted(e for e in os.listdir(out) if not e.startswith(".")) == ["notes.txt"]
+    assert os.path.isfile(os.path.join(other_checkpoint, "weights.safetensors"))  # the link, not its target
+    fresh.close()
+
+
 # ----- export and checkpoints ------------------------------------------------------------------------------
 def test_latest_moves_only_after_the_checkpoint_is_complete(tmp_path, monkeypatch):
     """A save killed at any file operation leaves ``latest`` on a complete checkpoint: the previous one until
