@@ -28,6 +28,7 @@ def opsd(tmp_path, task=TASK, hidden_size=32, **overrides):
 
 
 def one_line_error(capsys, argv):
+    capsys.readouterr()  # what came before (e.g. a training run's progress bars)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -74,6 +75,14 @@ def test_overwrite_of_a_run_keeps_other_files_and_never_follows_a_link(tmp_path)
     assert sorted(e for e in os.listdir(out) if not e.startswith(".")) == ["notes.txt"]
     assert os.path.isfile(os.path.join(other_checkpoint, "weights.safetensors"))  # the link, not its target
     fresh.close()
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("x")
+    err = one_line_error(capsys, ["train", "opsd", "--output-dir", str(a_file)])
+    assert "output_dir" in err and "is a file, not a folder" in err
+    assert a_file.read_text() == "x"
 
 
 # ----- export and checkpoints ------------------------------------------------------------------------------
