@@ -83,13 +83,11 @@ def cmd_train(args, overrides):
 
 def run_settings(checkpoint: str) -> dict:
     """The model, LoRA and data settings a checkpoint was trained with (from its trainer_state.json), or {}."""
-    import json as _json
+    from .trainers.checkpoint import read_trainer_state
 
-    path = os.path.join(checkpoint, "trainer_state.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         return {}
-    with open(path, encoding="utf-8") as f:
-        config = _json.load(f).get("config", {})
+    config = read_trainer_state(checkpoint).get("config", {})
     return {k: config[k] for k in ("model", "lora_r", "lora_alpha") + DATA_SETTINGS if k in config}
 
 

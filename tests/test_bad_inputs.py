@@ -86,6 +86,53 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 
 # ----- export and checkpoints ------------------------------------------------------------------------------
+def test_export_to_a_file_or_with_a_model_of_another_size_is_one_line(tmp_path, capsys, tiny_loader):
+    run = opsd(tmp_path, max_steps=1)
+    run.train()
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("x")
+    err = one_line_error(capsys, ["export", run.config.output_dir, "--output", str(a_file)])
+    assert f"output {str(a_file)!r} is a file, not a folder" in err
+    tiny_loader["hidden"] = 64
+    err = one_line_error(capsys, ["export", run.config.output_dir, "--output", str(tmp_path / "merged")])
+    assert "weights.safetensors" in err and "shape" in err and "--model" in err
+    assert not os.path.exists(tmp_path / "merged")
+
+
+def test_a_truncated_or_broken_checkpoint_file_is_named_on_resume(tmp_path, capsys, tiny_loader):
+    opsd(tmp_path, max_steps=1).train()
+    checkpoint = latest_checkpoint(str(tmp_path / "run"))
+    state_file = os.path.join(checkpoint, "trainer_state.json")
+    good_state = open(state_file).read()
+    with open(state_file, "w") as f:
+        f.write(good_state[:20])
+    with pytest.raises(CheckpointError, match="trainer_state.json is not valid JSON"):
+        opsd(tmp_path, max_steps=2, resume=True)
+    err = one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--n", "1"])
+    assert "trainer_state.json is not valid JSON" in err
+    with open(state_file, "w") as f:
+        f.write(good_state)
+    weights = os.path.join(checkpoint, "weights.safetensors")
+    data = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read .*weights.safetensors"):
+        opsd(tmp_path, max_steps=2, resume=True)
+
+
+def test_a_checkpoint_linked_in_from_another_run_is_not_followed(tmp_path):
+    other = opsd(tmp_path / "other", max_steps=1)
+    other.train()
+    opsd(tmp_path, max_steps=1).train()
+    own = tmp_path / "run" / "checkpoint-1"
+    os.rename(own, tmp_path / "moved")
+    os.symlink(latest_checkpoint(other.config.output_dir), own)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        latest_checkpoint(str(tmp_path / "run"))
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        opsd(tmp_path, max_steps=2, resume=True)
+
+
 def test_latest_moves_only_after_the_checkpoint_is_complete(tmp_path, monkeypatch):
     """A save killed at any file operation leaves ``latest`` on a complete checkpoint: the previous one until
     the new folder is in place with every file, then the new one. (The SIGKILL test rarely hits the short
