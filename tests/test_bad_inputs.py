@@ -85,6 +85,38 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
+# ----- empty and malformed data -----------------------------------------------------------------------------
+def _gsm8k_without_test_problems(tmp_path):
+    folder = tmp_path / "gsm8k"
+    os.makedirs(folder)
+    (folder / "train.jsonl").write_text('{"question": "1 + 2?", "answer": "1 + 2 = 3\\n#### 3"}\n')
+    (folder / "test.jsonl").write_text("")
+    return str(folder)
+
+
+def test_an_empty_eval_split_is_an_error_not_accuracy_zero(tmp_path, capsys, tiny_loader):
+    data = _gsm8k_without_test_problems(tmp_path)
+    with pytest.raises(ValueError, match="eval_problems 2 .*'test' split .* has no problems"):
+        opsd(tmp_path, task=GSM8KTask(data), eval_problems=2, train_problems=1, batch_size=2)
+    err = one_line_error(capsys, ["eval", "--model", "tiny", "--task", "gsm8k", "--data-path", data, "--n", "2"])
+    assert "'test' split" in err and "has no problems" in err
+
+
+def test_empty_and_malformed_dataset_files_are_one_line(tmp_path, capsys, tiny_loader):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text('prompt,answer\n"1 + 1",2\n"2 + 2",4,surplus\n')
+    os.makedirs(tmp_path / "no_files")
+    for source, expected in ((empty, "holds no rows"), (ragged, "cannot be read as csv"),
+                             (tmp_path / "no_files", "holds no data files")):
+        with pytest.raises(ValueError) as error:
+            DatasetTask(str(source))
+        assert str(source) in str(error.value) and expected in str(error.value), str(error.value)
+    err = one_line_error(capsys, ["eval", "--model", "tiny", "--dataset", str(empty)])
+    assert str(empty) in err and "holds no rows" in err
+
+
 # ----- export and checkpoints ------------------------------------------------------------------------------
 def test_export_to_a_file_or_with_a_model_of_another_size_is_one_line(tmp_path, capsys, tiny_loader):
     run = opsd(tmp_path, max_steps=1)
