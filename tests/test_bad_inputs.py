@@ -200,3 +200,29 @@ def test_latest_moves_only_after_the_checkpoint_is_complete(tmp_path, monkeypatc
         ckpt.clean_stale(out)
 
 
+# ----- losses and reward functions --------------------------------------------------------------------------
+def test_loss_inputs_of_the_wrong_kind_are_one_line():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, H\] with V >= 1.*got \(0, 8\)"):
+        distillation_loss(hidden, torch.randn(0, 8), hidden.detach())
+    with pytest.raises(ValueError, match="group_size must be a positive int, got True"):
+        group_advantages(torch.tensor([1.0, 0.0]), True)
+    targets, adv = torch.zeros(2, 3, dtype=torch.long), torch.tensor([1.0, -1.0])
+    with pytest.raises(ValueError, match="epsilon_low must be a finite number >= 0, got None"):
+        grpo_loss(hidden, torch.randn(11, 8), targets, adv, epsilon_low=None)
+    with pytest.raises(ValueError, match="epsilon_low must be a finite number >= 0, got None"):
+        GRPOLoss(epsilon_low=None)
+    for name in ("beta", "entropy_coef"):  # None meant 0 silently
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got None"):
+            grpo_loss(hidden, torch.randn(11, 8), targets, adv, **{name: None})
+    with pytest.raises(ValueError, match="num_items_in_batch must be a number > 0 .*got True"):
+        grpo_loss(hidden, torch.randn(11, 8), targets, adv, num_items_in_batch=True)
+    with pytest.raises(ValueError, match="num_items_in_batch must be a number > 0 .*got 'x'"):
+        grpo_loss(hidden, torch.randn(11, 8), targets, adv, num_items_in_batch="x")
+    with pytest.raises(ValueError, match="max_completion_length must be a positive int, got True"):
+        grpo_loss(hidden, torch.randn(11, 8), targets, adv, loss_type="dr_grpo", max_completion_length=True)
+    loss = grpo_loss(hidden, torch.randn(11, 8), targets, adv, num_items_in_batch=torch.tensor(6))
+    assert torch.isfinite(loss.loss)  # a one-element tensor, as transformers passes it, still counts
+
+

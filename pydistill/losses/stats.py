@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..token_stats import token_stats
-from .validation import check_per_token
+from .validation import check_per_token, check_vocab_weight
 
 
 def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=None, **op_options):
@@ -16,6 +16,7 @@ def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=N
     tokens outside the mask cost no FLOPs in forward or backward.
     """
     b, t, width = hidden.shape
+    check_vocab_weight(weight)
     flat_targets = None
     if targets is not None:
         targets = check_per_token("targets", targets, b, t)
