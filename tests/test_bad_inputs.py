@@ -226,3 +226,11 @@ def test_loss_inputs_of_the_wrong_kind_are_one_line():
     assert torch.isfinite(loss.loss)  # a one-element tensor, as transformers passes it, still counts
 
 
+def test_a_reward_function_returning_text_is_a_failure(capsys):
+    health = RewardHealth(max_failures=5)
+    scores = health.run("texty", lambda: ["1.0", "0"], ["a", "b"])
+    assert all(s != s for s in scores)  # nan: unscorable
+    assert health.failures == 1
+    assert "reward function 'texty' failed" in capsys.readouterr().err
+    assert health.run("numbers", lambda: [1, 0.5], ["a", "b"]) == [1.0, 0.5]
+
