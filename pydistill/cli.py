@@ -83,13 +83,11 @@ def cmd_train(args, overrides):
 
 def run_settings(checkpoint: str) -> dict:
     """The model, LoRA and data settings a checkpoint was trained with (from its trainer_state.json), or {}."""
-    import json as _json
+    from .trainers.checkpoint import read_trainer_state
 
-    path = os.path.join(checkpoint, "trainer_state.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         return {}
-    with open(path, encoding="utf-8") as f:
-        config = _json.load(f).get("config", {})
+    config = read_trainer_state(checkpoint).get("config", {})
     return {k: config[k] for k in ("model", "lora_r", "lora_alpha") + DATA_SETTINGS if k in config}
 
 
@@ -108,6 +106,8 @@ def cmd_eval(args, _):
     from .tasks import task_from_config
     from .trainers.checkpoint import load_weights, resolve_checkpoint
 
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1 (problems to evaluate), got {args.n}")
     path = resolve_checkpoint(args.checkpoint, "--checkpoint") if args.checkpoint else None
     run = run_settings(path) if path else {}
     model_name = args.model or run.get("model", "SmolLM2-135M-Instruct")
@@ -130,6 +130,9 @@ def cmd_eval(args, _):
         data["dataset"] = None
     task = task_from_config(types.SimpleNamespace(**data))
     problems = task.problems(args.split, n=args.n, seed=args.seed)
+    if not problems:  # else accuracy 0.0 over no problems, printed as a result
+        raise ValueError(f"the {args.split!r} split of task {task.name!r} has no problems (--split, --dataset, "
+                         "--data-path)")
     result = evaluate(model, tokenizer, task, problems, max_new_tokens=args.max_new_tokens,
                       greedy=args.samples == 1, n_samples=args.samples, temperature=args.temperature)
     print(json.dumps(result.as_metrics(prefix=""), indent=2))

@@ -19,6 +19,8 @@ def export_merged(checkpoint: str, output_dir: str, *, model: str, lora_r: int =
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # before minutes of loading, not after
+        raise ValueError(f"output {output_dir!r} is a file, not a folder (expected a folder to write the model to)")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ValueError(f"output {output_dir!r} is not empty (choose another folder or pass --overwrite)")
     lora = LoraSettings(r=lora_r, alpha=lora_alpha) if lora_r else None

@@ -27,7 +27,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scaling: str = "
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor [B*G], got "
                          f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
-    if not isinstance(group_size, int) or group_size < 1:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:  # True is an int
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if rewards.shape[0] % group_size:
         raise ValueError(f"group_size {group_size} must divide the number of rewards {rewards.shape[0]}")

@@ -97,7 +97,7 @@ def distillation_loss(
     check_positive("clip (tau)", clip)
     check_positive("importance_clip", importance_clip)
     check_unit("beta", beta)
-    check_nonnegative("entropy_coef", entropy_coef)
+    check_nonnegative("entropy_coef", entropy_coef, optional=False)
     check_num_items(num_items_in_batch)
     if importance_clip is not None and targets is None:
         raise ValueError("targets [B, T] (the sampled token ids) are required with importance_clip")

@@ -90,16 +90,17 @@ def check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsi
     if importance_sampling_level not in IMPORTANCE_LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, "
                          f"got {importance_sampling_level!r}")
-    check_nonnegative("epsilon_low", epsilon_low)
-    check_nonnegative("epsilon_high", epsilon_high)
-    check_nonnegative("beta", beta)
-    if epsilon_low is not None and epsilon_low >= 1:
+    check_nonnegative("epsilon_low", epsilon_low, optional=False)
+    check_nonnegative("epsilon_high", epsilon_high)  # None: epsilon_low's value
+    check_nonnegative("beta", beta, optional=False)
+    if epsilon_low >= 1:
         raise ValueError(f"epsilon_low must be < 1 (the ratio's lower clip is 1 - epsilon_low), got {epsilon_low}")
     if delta is not None:
         check_positive("delta", delta)
         if delta <= 1.0:
             raise ValueError(f"delta must be > 1 (it caps the ratio from above), got {delta}")
-    if max_completion_length is not None and (not isinstance(max_completion_length, int) or max_completion_length < 1):
+    if max_completion_length is not None and (not isinstance(max_completion_length, int)
+                                              or isinstance(max_completion_length, bool) or max_completion_length < 1):
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
     check_num_items(num_items_in_batch)
 
@@ -159,7 +160,7 @@ def grpo_loss(
     b, t, mask = check_sequence_layout(hidden, mask)
     check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                          max_completion_length, num_items_in_batch)
-    check_nonnegative("entropy_coef", entropy_coef)
+    check_nonnegative("entropy_coef", entropy_coef, optional=False)
     advantages = check_per_token("advantages", advantages, b, t, allow_sequence=True)
     old_logp = check_per_token("old_logp", old_logp, b, t)
     if beta and ref_logp is None:

@@ -34,7 +34,12 @@ def reduce_tokens(per_token: torch.Tensor, mask: torch.Tensor, reduction: str,
 
 
 def check_num_items(num_items_in_batch):
+    """A number or a one-element tensor (transformers passes one), > 0; not a bool or text."""
     if num_items_in_batch is not None:
-        value = float(num_items_in_batch)
+        try:
+            value = float("nan") if isinstance(num_items_in_batch, (bool, str)) else float(num_items_in_batch)
+        except (TypeError, ValueError, RuntimeError):
+            value = float("nan")
         if not value > 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
+            raise ValueError(f"num_items_in_batch must be a number > 0 (the global batch's token count), got "
+                             f"{num_items_in_batch!r}")

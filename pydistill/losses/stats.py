@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..token_stats import token_stats
-from .validation import check_per_token
+from .validation import check_per_token, check_vocab_weight
 
 
 def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=None, teacher_topk_ids=None,
@@ -18,6 +18,7 @@ def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=N
     log-probs; positions outside the mask may hold anything (they become padding entries).
     """
     b, t, width = hidden.shape
+    check_vocab_weight(weight)
     flat_targets = None
     if targets is not None:
         targets = check_per_token("targets", targets, b, t)

@@ -56,14 +56,21 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_nonnegative(name: str, value: Optional[float]):
-    if value is not None and not (_number(value) and value >= 0):
+def check_nonnegative(name: str, value: Optional[float], *, optional: bool = True):
+    """``optional=False``: None is refused too (e.g. epsilon_low=None failed later as a TypeError)."""
+    if (value is not None or not optional) and not (_number(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_positive(name: str, value: Optional[float]):
     if value is not None and not (_number(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_vocab_weight(weight, name: str = "weight"):
+    """V >= 1 rows: the core op checks the rest of [V, H] but divides by V when planning its chunks."""
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [V, H] with V >= 1 (the vocabulary), got {tuple(weight.shape)}")
 
 
 def check_unit(name: str, value: float):

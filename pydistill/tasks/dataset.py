@@ -46,16 +46,45 @@ def _load(source, config_name: Optional[str]):
         builder = _FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
         if builder is None:
             raise ValueError(f"dataset file {path!r} must end in one of {sorted(_FILE_BUILDERS)}")
-        return datasets.load_dataset(builder, data_files={"train": path})
+        _check_has_rows(path)
+        return _load_local(path, f"dataset file {path!r} cannot be read as {builder}",
+                           lambda: datasets.load_dataset(builder, data_files={"train": path}))
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
             loaded = datasets.load_from_disk(path)  # written by save_to_disk
             return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-        return datasets.load_dataset(path, config_name)
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path))
+                 if os.path.splitext(f)[1].lower() in _FILE_BUILDERS]
+        if not files:
+            raise ValueError(f"dataset folder {path!r} holds no data files (expected files named by split, e.g. "
+                             f"train.jsonl and test.jsonl, of types {sorted(_FILE_BUILDERS)}, or a save_to_disk folder)")
+        for file in files:
+            _check_has_rows(file)
+        return _load_local(path, f"dataset folder {path!r} cannot be read",
+                           lambda: datasets.load_dataset(path, config_name))
     if not looks_like_hub_name(path):
         raise ValueError(f"dataset {path!r} does not exist (expected a data file, a dataset folder, or a "
                          "datasets hub name such as 'openai/gsm8k')")
     return datasets.load_dataset(path, config_name)
+
+
+def _check_has_rows(file: str):
+    """An empty data file makes `datasets` raise a bare StopIteration (json) or a parser error (csv)."""
+    with open(file, "rb") as f:
+        empty = not f.read(4096).strip()
+    if empty:
+        raise ValueError(f"dataset file {file!r} holds no rows (expected a header or records with the prompt and "
+                         "answer columns)")
+
+
+def _load_local(path: str, what: str, load):
+    """``load()``, its errors (DatasetGenerationError, ArrowInvalid, ...: none names the file) as one line."""
+    try:
+        return load()
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        detail = " ".join(str(cause).split()) or type(cause).__name__
+        raise ValueError(f"{what}: {detail:.200}") from None
 
 
 def looks_like_hub_name(path: str) -> bool:

@@ -246,6 +246,9 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
         path = path[:-len(_NEXT)]
     if not os.path.isdir(path):
         raise CheckpointError(f"{os.path.join(output_dir, LATEST)} names {name!r}, which does not exist")
+    if os.path.islink(path):  # e.g. linked in from another run: resuming would train on its state unnoticed
+        raise CheckpointError(f"{path} is a symbolic link to {os.readlink(path)!r}, not a checkpoint folder of this "
+                              "run (refusing to follow it)")
     return path
 
 
@@ -268,14 +271,45 @@ def resolve_checkpoint(path: str, field: str = "init_from") -> str:
     return path
 
 
+def _read_tensors(path: str) -> dict:
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors' error names neither the file nor the likely cause
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}): the file is "
+                              "truncated or not a safetensors file") from None
+
+
+def read_trainer_state(checkpoint: str) -> dict:
+    """A checkpoint's ``trainer_state.json`` (step, data position, the run's config); one line naming it if broken."""
+    path = os.path.join(checkpoint, "trainer_state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): the checkpoint is damaged") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(state).__name__}")
+    return state
+
+
 def load_weights(model, checkpoint: str):
     """Load a checkpoint's trainable weights into ``model`` (same architecture and LoRA settings)."""
-    state = load_file(os.path.join(checkpoint, "weights.safetensors"))
+    path = os.path.join(checkpoint, "weights.safetensors")
+    state = _read_tensors(path)
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
         raise ValueError(f"checkpoint {checkpoint} holds weights the model lacks (different LoRA settings or "
                          f"architecture?): {missing[:3]}")
+    # a DTensor's shape is the whole tensor's; copy_ would raise a bare size mismatch
+    wrong = [(n, tuple(v.shape), tuple(params[n].shape)) for n, v in state.items() if v.shape != params[n].shape]
+    if wrong:
+        name, saved, wanted = wrong[0]
+        raise ValueError(f"{path} holds {name} of shape {saved}, the model's is {wanted} ({len(wrong)} such "
+                         "tensor(s)): it was trained from another model or size (pass the run's model with "
+                         "--model / model)")
     with torch.no_grad():
         for name, value in state.items():
             param = params[name]
@@ -302,6 +336,7 @@ def load_checkpoint(checkpoint: str, model, optimizer, scheduler, policy=None, s
     """Restore weights, optimizer, scheduler and RNG states; returns (trainer_state, teacher_state or None).
     ``sharded``: FSDP2 (every process reads the files and keeps its shards; ``policy`` as for
     :func:`gather_training_state`)."""
+    trainer_state = read_trainer_state(checkpoint)  # before any state changes: a broken file changes nothing
     if sharded:
         policy.reshard()  # write into the shards, not into a whole root view that the next reshard drops
     load_weights(model, checkpoint)
@@ -309,7 +344,8 @@ def load_checkpoint(checkpoint: str, model, optimizer, scheduler, policy=None, s
         state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)
     except Exception as exc:  # an old pickle-based file, or a planted one: never unpickle code
         raise CheckpointError(f"cannot read {checkpoint}/training_state.pt as plain tensors and values "
-                              f"({type(exc).__name__}); it was not written by this version of pydistill") from None
+                              f"({type(exc).__name__}); it is truncated or was not written by this version of "
+                              "pydistill") from None
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -320,6 +356,5 @@ def load_checkpoint(checkpoint: str, model, optimizer, scheduler, policy=None, s
     _follow_schedule(optimizer, scheduler)
     set_rng_state(state["rng"])
     teacher_file = os.path.join(checkpoint, "teacher.safetensors")
-    teacher = load_file(teacher_file) if os.path.exists(teacher_file) else None
-    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-        return json.load(f), teacher
+    teacher = _read_tensors(teacher_file) if os.path.exists(teacher_file) else None
+    return trainer_state, teacher

@@ -105,6 +105,9 @@ class Trainer(HeldOutEvaluation, abc.ABC):
         # No held-out evaluation (eval_problems 0) needs no eval split: a one-file dataset has only "train".
         self.eval_set = (self.task.problems(config.eval_split, n=config.eval_problems, seed=config.seed + 1)
                          if config.eval_problems else [])
+        if config.eval_problems and not self.eval_set:  # else accuracy 0.0 over no problems, logged as a result
+            raise ValueError(f"eval_problems {config.eval_problems} asks for held-out problems, but the "
+                             f"{config.eval_split!r} split of task {self.task.name!r} has no problems")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,

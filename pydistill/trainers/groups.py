@@ -49,13 +49,17 @@ class RewardHealth:
         return {"rewards/failures_total": self.failures, "rewards/nonfinite_total": self.nonfinite}
 
     def run(self, name: str, call, completions) -> list:
-        """``call()``'s values for ``completions``, made total: a failure gives nan for the whole call (reported
-        with the function's name and a sample, counted, and after ``max_failures`` a
-        :class:`RewardFunctionError`); a value that is not a finite number gives nan and is counted."""
+        """``call()``'s values for ``completions``, made total: a failure (an exception, a wrong count, text
+        instead of numbers) gives nan for the whole call (reported with the function's name and a sample,
+        counted, and after ``max_failures`` a :class:`RewardFunctionError`); a value that is not a finite
+        number gives nan and is counted."""
         try:
             values = list(call())
             if len(values) != len(completions):
                 raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+            text = next((v for v in values if isinstance(v, (str, bytes))), None)
+            if text is not None:  # float("1.0") would pass text off as a score: a bug in the function
+                raise TypeError(f"returned text {text!r:.40} where a number (or None: unscorable) is expected")
         except Exception as exc:  # a reward function is user code: report, count, keep training
             self.failures += 1
             sample = completions[0][:200] if completions else ""

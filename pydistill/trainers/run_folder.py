@@ -1,8 +1,11 @@
 """The run folder: one run at a time (a lock file), no silent reuse of a previous run's folder, and the
 metrics log cut back to the checkpoint a run resumes from.
 
-A folder *holds a run* when it has a ``latest`` pointer, a ``checkpoint-*`` folder, ``metrics.jsonl`` or
-ExGRPO's ``sft/`` stage folder. Other files (e.g. ExGRPO's EI cache, which is meant to be reused) do not count.
+A folder is *marked as a run* by its lock file, which every run writes before anything else. A marked folder
+*holds a run* when it has a ``latest`` pointer, a ``checkpoint-*`` folder, ``metrics.jsonl`` or ExGRPO's
+``sft/`` stage folder. Other files (e.g. ExGRPO's EI cache, which is meant to be reused) do not count.
+``--overwrite`` deletes only the names a run writes (:data:`RUN_FILES`, checkpoints, temporary folders) and only
+in a marked folder; an unmarked folder that holds such names is the user's and is refused, never cleared.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import os
 import shutil
 import tempfile
 
-LOCK = ".pydistill.lock"
+LOCK = ".pydistill.lock"  # also the mark of a run folder (written by every run, since run folders exist)
 RUN_FILES = ("latest", "metrics.jsonl", "sft_metrics.jsonl", "sft", "tensorboard", "summary.json")
 
 # Locks this process holds: path -> [file object, count]. Re-entrant within a process (tests build several
@@ -24,11 +27,22 @@ class RunFolderBusy(ValueError):
     """Another process holds the run folder's lock."""
 
 
+def _is_run_entry(entry: str) -> bool:
+    """A name that a run writes, and that :func:`clear` or ``clean_stale`` may delete."""
+    return entry in RUN_FILES or entry.startswith(("checkpoint-", ".tmp-", ".trash-"))
+
+
+def is_marked(output_dir: str) -> bool:
+    return os.path.isfile(os.path.join(output_dir, LOCK))
+
+
 def holds_run(output_dir: str) -> bool:
-    if not os.path.isdir(output_dir):
-        return False
-    return any(entry in ("latest", "metrics.jsonl", "sft") or entry.startswith("checkpoint-")
-               for entry in os.listdir(output_dir))
+    return os.path.isdir(output_dir) and is_marked(output_dir) and bool(_held_run_entries(output_dir))
+
+
+def _held_run_entries(output_dir: str) -> list:
+    return sorted(entry for entry in os.listdir(output_dir)
+                  if entry in ("latest", "metrics.jsonl", "sft") or entry.startswith("checkpoint-"))
 
 
 def acquire(output_dir: str):
@@ -68,20 +82,37 @@ def release(key):
 
 
 def check_reusable(output_dir: str, resume: bool, overwrite: bool):
-    """Refuse a folder that holds a run unless resuming or overwriting (read-only: every process can call it)."""
-    if holds_run(output_dir) and not (resume or overwrite):
-        raise ValueError(f"output_dir {output_dir!r} already holds a run (checkpoints or metrics.jsonl); pass "
+    """Refuse a folder that holds a run unless resuming or overwriting, and an unmarked folder holding names a
+    run writes whatever the flags (read-only: every process can call it). Call it before :func:`acquire`,
+    which marks the folder."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is a file, not a folder (expected a run folder to create or "
+                         "reuse)")
+    if not os.path.isdir(output_dir):
+        return
+    if not is_marked(output_dir):
+        # The user's own files under names a run writes: a run would mix with them, --overwrite delete them.
+        found = sorted(entry for entry in os.listdir(output_dir) if _is_run_entry(entry))
+        if found:
+            raise ValueError(f"output_dir {output_dir!r} holds {', '.join(found)} but no pydistill run (no {LOCK}); "
+                             "pydistill neither reuses nor deletes files it did not write: choose another output_dir")
+        return
+    held = _held_run_entries(output_dir)
+    if held and not (resume or overwrite):
+        raise ValueError(f"output_dir {output_dir!r} already holds a run ({', '.join(held[:4])}); pass "
                          "--resume true to continue it or --overwrite true to replace it")
 
 
 def clear(output_dir: str):
-    """Remove a previous run's checkpoints, pointer and logs (``--overwrite``). Call with the lock held."""
+    """Remove a previous run's checkpoints, pointer and logs (``--overwrite``). Call with the lock held, after
+    :func:`check_reusable` (which refuses an unmarked folder that holds any of them)."""
     if not os.path.isdir(output_dir):
         return
     for entry in os.listdir(output_dir):
         path = os.path.join(output_dir, entry)
-        if entry in RUN_FILES or entry.startswith(("checkpoint-", ".tmp-", ".trash-")):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if _is_run_entry(entry):
+            # a link (e.g. to another run's checkpoint) goes, never what it points at
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 def truncate_metrics(path: str, step: int):
