@@ -39,13 +39,16 @@ bench: setup
 GPU_OUT ?= benchmarks/results/gpu
 GPU_SITE ?= /tmp/pydistill-gpu-site
 GPU_PYTHON ?= python3
+GPU_BUDGET_S ?= 480
+GPU_HARD_S ?= 570
 gpu:
 	t0=$$(date +%s); \
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation -e . \
 	  || { [ -e pydistill/kernels ] || ln -s ../kernels pydistill/kernels; }; \
 	if [ -d .whl ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade \
 	  --target $(GPU_SITE) .whl/*.whl || echo "baseline wheels not installed: their cases are recorded as such"; fi; \
-	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu --out $(GPU_OUT) --t0 $$t0
+	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu --out $(GPU_OUT) \
+	  --t0 $$t0 --budget-s $(GPU_BUDGET_S) --hard-s $(GPU_HARD_S)
 
 # The baseline wheels the GPU image lacks (its package list: the device tool's KINDS.md), for its Python 3.12 on
 # x86-64, about 6 MB in the ignored .whl/. Hugging Face's kernels (with tomlkit) is there because the checkout's

@@ -40,12 +40,16 @@ WORKER_JOBS = ("env", "case", "check")
 INTERNAL = ("probes", "argv", "parse", "timeout", "rates", "needs", "model", "predict_n")  # not worth a column
 
 
+try:  # loaded here: a forked child must not dlopen while another thread may hold the loader's lock
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 def _die_with_parent():
     """Children get SIGKILL when the session dies, so a killed session leaves no process holding the GPU."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _child_env() -> dict:
