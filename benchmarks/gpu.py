@@ -88,9 +88,12 @@ class Session:
         self.jsonl.write(json.dumps(record, default=str) + "\n")
         self.jsonl.flush()
         os.fsync(self.jsonl.fileno())
-        tmp = self.out / "gpu.md.tmp"
-        tmp.write_text(markdown(self.records, self.command))
-        os.replace(tmp, self.out / "gpu.md")  # a kill mid-write leaves the previous complete file
+        try:
+            tmp = self.out / "gpu.md.tmp"
+            tmp.write_text(markdown(self.records, self.command))
+            os.replace(tmp, self.out / "gpu.md")  # a kill mid-write leaves the previous complete file
+        except Exception as exc:  # noqa: BLE001 - the table is a view of gpu.jsonl: never worth the session
+            print(f"gpu.md not rewritten: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         keys = ("case", "label", "n", "v", "status", "ms", "predicted_ms", "extra_mb", "t_s")
         print(json.dumps({k: record[k] for k in keys if record.get(k) is not None}, default=str), flush=True)
 
@@ -174,6 +177,19 @@ class Session:
             rates = {k: self.env[k] for k in ("matmul_tflops", "bandwidth_tbs") if k in self.env}
             return self.ask_worker(dict(job, rates=rates if len(rates) == 2 else None), timeout)
         return self.run_command(job, timeout)
+
+
+def run_all(session: Session, jobs: list):
+    """Every job in order, each recorded as it ends."""
+    try:
+        for job in jobs:
+            try:
+                result = session.run_job(job)
+            except Exception as exc:  # noqa: BLE001 - a fault of the session itself costs one job, not the rest
+                result = dict(status=f"failed: the session raised {type(exc).__name__}: {str(exc)[:300]}")
+            session.add(job, result)
+    finally:
+        session.stop_worker()
 
 
 def _tail(path: Path, chars: int = 400) -> str:
@@ -277,12 +293,8 @@ def main(argv=None):
             raise SystemExit("python -m benchmarks.gpu needs a CUDA device (use --smoke on the CPU)")
     session = Session(Path(args.out), args.smoke, args.t0 or time.time(), args.budget_s, args.hard_s,
                       "python -m benchmarks.gpu " + " ".join(argv))
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # runs the finally below: no worker outlives us
-    try:
-        for job in plan(SMOKE if args.smoke else REAL, args.smoke):
-            session.add(job, session.run_job(job))
-    finally:
-        session.stop_worker()
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # runs run_all's finally: no worker outlives us
+    run_all(session, plan(SMOKE if args.smoke else REAL, args.smoke))
     session.add(dict(kind="end", section="end"), dict(status="ok", wall_s=round(session.elapsed(), 1)))
     plot(session.records, session.out / "sweep.png")
     print(markdown(session.records, session.command))

@@ -102,7 +102,7 @@ def _build() -> dict:
         cases[f"ce-{mode}"] = ModeCase(f"ce-{mode}", "ce", "ours", 1, _ce(mb), fn=token_stats, budget_mb=mb)
         cases[f"distill-{mode}"] = ModeCase(f"distill-{mode}", "distill", "ours", 2, _distill(mb),
                                             fn=distillation_loss, budget_mb=mb, note="JSD beta 0.5, token mean")
-    cases["ce-liger"] = Case("ce-liger", "ce", "liger", 1, lambda x, backend: _liger_flce(x, backend),
+    cases["ce-liger"] = Case("ce-liger", "ce", "liger", 1, _liger_flce,
                              note="Liger fused linear CE: CE (-logp) only, no entropy")
     return cases
 

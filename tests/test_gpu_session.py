@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from benchmarks.gpu import Session
+from benchmarks.gpu import Session, run_all
 from benchmarks.gpu_plan import MODES, REAL, SMOKE, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,26 +102,22 @@ for line in sys.stdin:
 def test_a_crashing_or_hanging_job_costs_only_itself(tmp_path):
     session = Session(tmp_path, smoke=True, t0=time.time(), budget_s=120, hard_s=180, command="test")
     session.worker_cmd = [sys.executable, "-c", FAKE_WORKER]
-    try:
-        for name in ("a", "crash", "b", "hang", "c"):
-            job = dict(kind="case", section="s", case=name, timeout=3.0)
-            session.add(job, session.run_job(job))
-        session.env = dict(imports=dict(liger="does not import: ImportError: triton 3.6 lacks tl.foo",
-                                        cce="not installed: ModuleNotFoundError: No module named 'cut_cross_entropy'"))
-        for needs in ("liger", "cce"):
-            job = dict(kind="case", section="s", case=needs, timeout=3.0, needs=needs)
-            session.add(job, session.run_job(job))
-        session.budget_s = 0
-        job = dict(kind="case", section="s", case="late", timeout=3.0)
-        session.add(job, session.run_job(job))
-    finally:
-        session.stop_worker()
+    jobs = [dict(kind="case", section="s", case=name, timeout=3.0) for name in ("a", "crash", "b", "hang", "c")]
+    broken = dict(kind="command", section="s", label="a command job without its argv", timeout=3.0)
+    run_all(session, jobs[:4] + [broken] + jobs[4:])
+    assert session.worker is None  # run_all stops it
+    session.env = dict(imports=dict(liger="does not import: ImportError: triton 3.6 lacks tl.foo",
+                                    cce="not installed: ModuleNotFoundError: No module named 'cut_cross_entropy'"))
+    run_all(session, [dict(kind="case", section="s", case=name, timeout=3.0, needs=name) for name in ("liger", "cce")])
+    session.budget_s = 0
+    run_all(session, [dict(kind="case", section="s", case="late", timeout=3.0)])
     records = _records(tmp_path / "gpu.jsonl")
-    status = {r["case"]: r["status"] for r in records}
-    assert [r.get("ran") for r in records[:5]] == ["a", None, "b", None, "c"]
+    status = {r.get("case"): r["status"] for r in records}
+    assert [r.get("ran") for r in records[:6]] == ["a", None, "b", None, None, "c"]
+    assert records[4]["status"] == "failed: the session raised KeyError: 'argv'"
     assert status["crash"].startswith("failed: the worker died (exit 3)") and "illegal memory access" in status["crash"]
     assert status["hang"].startswith("timeout: no result after 3 s")
-    assert len({records[i]["pid"] for i in (0, 2, 4)}) == 3  # a fresh worker after each lost one
+    assert len({records[i]["pid"] for i in (0, 2, 5)}) == 3  # a fresh worker after each lost one
     assert status["liger"] == "skipped: does not import: ImportError: triton 3.6 lacks tl.foo"
     assert status["cce"].startswith("not run: not installed")
     assert status["late"].startswith("not run: time budget")
