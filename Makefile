@@ -14,7 +14,7 @@ LATEST_VENV ?= .venv-latest
 TEST_TMP := $(CURDIR)/.tmp
 TEST_ENV := TMPDIR=$(TEST_TMP)
 
-.PHONY: setup test test-all test-latest wheel-check demo bench gpu clean
+.PHONY: setup test test-all test-latest wheel-check demo bench gpu gpu-wheels clean
 
 # --no-build-isolation: the build backend (setuptools) comes from the constraints too, not from the newest release.
 $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
@@ -59,15 +59,25 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks
 
-# The GPU session, offline, with the machine's own python3 (CUDA torch): the package in editable mode, and the
-# baselines the image lacks (trl, liger-kernel, cut-cross-entropy, datasets...) from wheels in .whl/ when present
-# (benchmarks/RESULTS.md, "Bringing the baselines to an offline GPU machine").
+# The GPU session in one command of the device tool (carry: [".whl"]; README, "The GPU session"):
+#   make gpu GPU_OUT=$OUT      or, where the image has no make:  sh benchmarks/gpu.sh $OUT
 GPU_OUT ?= benchmarks/results/gpu
-GPU_SITE ?= /tmp/pydistill-gpu-site
+export GPU_PYTHON GPU_SITE GPU_BUDGET_S GPU_HARD_S  # the script's settings, where given: make gpu GPU_PYTHON=...
 gpu:
-	python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
-	if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
-	PYTHONPATH=$(GPU_SITE):$$PYTHONPATH python3 -m benchmarks.gpu --out $(GPU_OUT)
+	sh benchmarks/gpu.sh $(GPU_OUT)
+
+# The baseline wheels the GPU image lacks (its package list: the device tool's KINDS.md), for its Python 3.12 on
+# x86-64, 5.3 MB in the ignored .whl/. Hugging Face's kernels (with tomlkit) is there because the checkout's
+# own kernels/ folder sits on sys.path under that name: with no "kernels" distribution installed, transformers
+# (5.17 on the image) imports the folder to read its version, and every model import fails.
+GPU_WHEELS ?= trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets==5.2.0 dill==0.4.1 \
+  multiprocess==0.70.19 kernels==0.19.1 tomlkit==0.15.3
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(TEST_TMP) *.egg-info .pytest_cache build dist

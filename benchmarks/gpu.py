@@ -1,258 +1,258 @@
-"""The GPU session in one command: environment, native tests, real-scale check, sweep, masking, trainer steps.
+"""The GPU session in one command: every finished case is on disk at once, the most important ones first.
 
-    python -m benchmarks.gpu --out gpu-results          # on one H100/H200: ~9 minutes, JSON + markdown + PNG
+    make gpu GPU_OUT=$OUT                               # on one H100/H200, through the device tool (README, GPU)
+    python -m benchmarks.gpu --out gpu-results          # the same without the installs
     python -m benchmarks.gpu --smoke --out /tmp/smoke   # the same code path on the CPU at tiny shapes
-                                                        # (torch.compile with dynamo's "eager" backend there)
 
-Sections run in order of what a short GPU lease must not miss, each under what is left of ``--budget-s``;
-a section or case that does not fit, fails, is not installed or runs out of memory is recorded as such:
-1. environment: GPU, driver, versions, a measured bf16 matmul rate and device-to-device copy bandwidth;
-2. the core-op and loss tests natively (Triton-marked included), fail-fast;
-3. one real-scale case (N=8192, H=4096, V=151936, bf16): outputs and dH rows of a subset of rows against the
-   float64 reference, dW against the torch folds;
-4. the sweep, forward + backward in bf16 — ours (Triton folds) vs eager vs torch.compile vs TRL's chunked
-   kernels vs Liger vs CCE — each time beside the cost model's prediction from the rates measured in (1);
-5. masked rows 0 / 50 / 75 %;
-6. OPSD trainer steps on a randomly initialised Qwen2.5-0.5B-shaped model, fused vs eager loss: tokens/s and
-   the largest batch under a memory cap;
-7. a GRPO step on the same model through TRL's GRPOTrainer: TRL's default head vs ``pydistill.integrations.trl``.
-Everything lands in ``--out``: ``gpu.json`` (all records), ``gpu.md`` (tables), ``sweep.png``, ``tests.log``, and the
-step benchmarks' own folders ``trainer-step/`` and ``trl-step/``.
+The jobs (:mod:`benchmarks.gpu_plan`), in order: the environment (GPU, versions, a measured bf16 matmul rate and
+copy bandwidth, which baselines import); two contexts sharing the head at N=8192, H=4096, V=151936 then 128256,
+bf16, forward + backward of forward KL, JSD and forward KL + clip: pydistill lean (256 MB) and fast (4096 MB),
+TRL's chunked functions, Liger's compiled chunked JSD, eager, then torch.compile; accuracy against float64;
+50 % masked rows; one context (logp + entropy; Liger's fused linear CE and CCE compute the CE alone); an OPSD
+step on a Qwen2.5-0.5B-shaped model, fused vs eager loss; a GRPOTrainer step, TRL's own head vs pydistill's;
+the native Triton tests. Every case sits beside the cost model's prediction from the measured rates.
+
+Case and accuracy jobs run in one worker process (:mod:`benchmarks.gpu_worker`); a job that crashes or hangs
+it is recorded with the reason and a fresh worker takes the next job. No job starts after ``--budget-s``
+seconds from ``--t0`` (``make gpu`` passes the moment it started, installs included) and none runs past
+``--hard-s``. Each finished job is appended to ``gpu.jsonl`` (flushed and synced) and ``gpu.md`` is rewritten
+whole, so a run killed at any point leaves every job it finished. Files in ``--out``: gpu.jsonl, gpu.md,
+worker.log (the worker's stderr), tests.log and, at the end, sweep.png: five of the device tool's eight.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
+import ctypes
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks import cost_model
-from benchmarks.cases import CASES, make_inputs
-from benchmarks.measure import device_name, is_oom, matmul_gflops, measure_case, versions
+from benchmarks.gpu_plan import REAL, SMOKE, plan
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = dict(sweep_shapes=[(8192, 4096, 151936), (8192, 4096, 128256), (2048, 4096, 151936), (2048, 4096, 128256)],
-            check=(8192, 4096, 151936), check_rows=64, mask_shape=(8192, 4096, 151936), dtype="bfloat16",
-            tests=["tests/test_token_stats.py", "tests/test_token_stats_regressions.py",
-                   "tests/test_triton_token_stats.py", "tests/test_losses.py"],
-            trainer=["--model", "random-qwen2.5-0.5b", "--layers", "24", "--start-batch", "8", "--max-batch", "128",
-                     "--cap-gb", "60", "--completion-len", "256", "--repeats", "2"],
-            grpo=["--model", "qwen2.5-0.5b", "--layers", "24", "--completion-length", "1024", "--generations", "16",
-                  "--rounds", "1"])
-SMOKE = dict(sweep_shapes=[(64, 32, 512)], check=(96, 32, 700), check_rows=8, mask_shape=(64, 32, 512),
-             dtype="float32", tests=["tests/test_token_stats_regressions.py::test_entropy_never_negative_on_peaked_rows"],
-             trainer=["--model", "tiny", "--max-batch", "2", "--completion-len", "8", "--prompt-len", "8",
-                      "--teacher-prompt-len", "12", "--repeats", "1", "--cap-gb", "0"],
-            grpo=["--layers", "1", "--completion-length", "8", "--generations", "2", "--steps", "1", "--rounds", "1"])
-# (variant of the cost model, case names by implementation); ours is Triton on CUDA, the torch folds elsewhere
-SWEEP = [
-    ("ce", {"ours": "ce-{ours}", "eager": "ce-eager", "trl": "ce-trl", "cce": "ce-cce"}),
-    ("forward_kl", {"ours": "core-forward_kl-{ours}", "eager": "core-forward_kl-eager", "trl": "core-forward_kl-trl"}),
-    ("reverse_kl", {"ours": "core-reverse_kl-{ours}", "eager": "core-reverse_kl-eager", "trl": "core-reverse_kl-trl",
-                    "compile": "core-reverse_kl-compile"}),
-    ("jsd", {"ours": "core-jsd-{ours}", "eager": "core-jsd-eager", "trl": "core-jsd-trl",
-             "ours-loss": "distill-ours", "liger": "distill-liger"}),
-    ("forward_kl-clip", {"ours": "core-forward_kl-clip-{ours}", "eager": "core-forward_kl-clip-eager"}),
-    ("grpo", {"ours-loss": "grpo-ours", "eager": "grpo-eager", "liger": "grpo-liger"}),
-]
-MODEL_IMPL = {"ours": "ours", "eager": "eager", "trl": "trl", "liger": "liger"}
+WORKER_JOBS = ("env", "case", "check")
+INTERNAL = ("probes", "argv", "parse", "timeout", "rates", "needs", "model", "predict_n")  # not worth a column
 
 
-class Clock:
-    def __init__(self, budget_s: float):
-        self.start, self.budget = time.perf_counter(), budget_s
-
-    def left(self) -> float:
-        return self.budget - (time.perf_counter() - self.start)
+try:  # loaded here: a forked child must not dlopen while another thread may hold the loader's lock
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
 
 
-def environment(device: str, smoke: bool) -> dict:
-    """Device, versions, and the two rates the cost model needs, measured here."""
-    env = dict(device=device, device_name=device_name(device), date=datetime.date.today().isoformat(), **versions())
-    for module in ("transformers", "trl"):  # measure.versions() has torch, triton, liger_kernel and cce
+def _die_with_parent():
+    """Children get SIGKILL when the session dies, so a killed session leaves no process holding the GPU."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _child_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def _kill(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+class Session:
+    def __init__(self, out: Path, smoke: bool, t0: float, budget_s: float, hard_s: float, command: str):
+        self.out, self.smoke, self.command = out, smoke, command
+        self.t0, self.budget_s, self.hard_s = t0, budget_s, hard_s
+        self.device = "cpu" if smoke else "cuda"
+        self.records, self.env, self.worker = [], {}, None
+        self.worker_cmd = [sys.executable, "-m", "benchmarks.gpu_worker", "--device", self.device,
+                           "--compile-backend", "eager" if smoke else "inductor"] + (["--smoke"] if smoke else [])
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "gpu.jsonl", "a")
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    # -- results: appended and synced one by one, the markdown rewritten whole after each
+    def add(self, job: dict, result: dict):
+        record = {k: v for k, v in job.items() if k not in INTERNAL}
+        record.update(result, t_s=round(self.elapsed(), 1))
+        if job["kind"] == "env" and "environment" in result:
+            self.env = result["environment"]
+        self.records.append(record)
+        self.jsonl.write(json.dumps(record, default=str) + "\n")
+        self.jsonl.flush()
+        os.fsync(self.jsonl.fileno())
         try:
-            env[module] = getattr(__import__(module), "__version__", "installed")
-        except ImportError:
-            env[module] = None
-    if device == "cuda":
-        env["driver"] = _driver()
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    size = 512 if smoke else 8192
-    dtype = torch.float32 if smoke else torch.bfloat16
-    env["matmul_tflops"] = matmul_gflops(size, size, size, dtype, device) / 1e3
-    src = torch.empty(2 ** (20 if smoke else 29), device=device, dtype=torch.float32)  # 2 GiB on the GPU
-    dst = torch.empty_like(src)
-    env["bandwidth_tbs"] = 2 * src.numel() * 4 / (_bench(lambda: dst.copy_(src), device) / 1e3) / 1e12
-    return env
+            tmp = self.out / "gpu.md.tmp"
+            tmp.write_text(markdown(self.records, self.command))
+            os.replace(tmp, self.out / "gpu.md")  # a kill mid-write leaves the previous complete file
+        except Exception as exc:  # noqa: BLE001 - the table is a view of gpu.jsonl: never worth the session
+            print(f"gpu.md not rewritten: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        keys = ("case", "label", "n", "v", "status", "ms", "predicted_ms", "extra_mb", "t_s")
+        print(json.dumps({k: record[k] for k in keys if record.get(k) is not None}, default=str), flush=True)
 
+    # -- the worker process
+    def _start_worker(self):
+        log = open(self.out / "worker.log", "a")
+        proc = subprocess.Popen(self.worker_cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                text=True, env=_child_env(), start_new_session=True, preexec_fn=_die_with_parent)
+        lines = queue.Queue()
 
-def _driver() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        def read():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+        threading.Thread(target=read, daemon=True).start()
+        self.worker = (proc, lines)
 
-
-def _bench(fn, device) -> float:
-    """Median milliseconds: do_bench on CUDA, a few wall-clock runs elsewhere."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[1]
-
-
-def native_tests(tests, out_dir: Path, clock: Clock) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
-    try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env,
-                              timeout=max(30, int(min(clock.left(), 240))))
-    except subprocess.TimeoutExpired as exc:
-        (out_dir / "tests.log").write_text(str(exc.stdout or ""))
-        return dict(status="timeout", command=" ".join(cmd[2:]))
-    (out_dir / "tests.log").write_text(done.stdout + done.stderr)
-    summary = [line for line in done.stdout.splitlines() if " passed" in line or " failed" in line]
-    return dict(status="ok" if done.returncode == 0 else f"failed (exit {done.returncode})",
-                summary=summary[-1] if summary else done.stdout[-300:], command="pytest " + " ".join(cmd[6:]))
-
-
-def real_scale_check(shape, rows: int, device: str, dtype) -> dict:
-    """Outputs and dH rows of ``rows`` rows vs float64; dW vs the torch folds (both over all rows)."""
-    from pydistill import token_stats
-
-    n, h, v = shape
-    x = make_inputs(n, h, v, dtype, device)  # the sweep's inputs (teacher context = student + noise)
-    hidden, weight, teacher, targets = x.hidden, x.weight, x.teacher, x.targets
-    opts = dict(targets=targets, teacher_hidden=teacher, divergence="forward_kl", clip=0.05)
-    fused = "triton" if device == "cuda" else "torch"
-    results = {}
-    for impl in (fused, "torch"):
-        out = token_stats(hidden, weight, impl=impl, **opts)
-        (out.logp.sum() + out.entropy.sum() + out.divergence.sum()).backward()
-        results[impl] = ([o.detach().double() for o in out], hidden.grad.double(), weight.grad.double())
-        hidden.grad.zero_()
-        weight.grad.zero_()
-    pick = torch.linspace(0, n - 1, rows, device=device).long()
-    h64 = hidden.detach()[pick].double().requires_grad_()
-    ref = token_stats(h64, weight.detach().double(), targets=targets[pick], teacher_hidden=teacher[pick].double(),
-                      divergence="forward_kl", clip=0.05, impl="reference")
-    (ref.logp.sum() + ref.entropy.sum() + ref.divergence.sum()).backward()
-    outs, d_hidden, d_weight = results[fused]
-    rel = lambda a, b: ((a - b).norm() / (b.norm() + 1e-30)).item()  # noqa: E731
-    record = dict(shape=list(shape), rows_checked=rows, impl=fused,
-                  **{f"{name}_rel_err": rel(o[pick], r.detach()) for name, o, r in zip(("logp", "entropy", "divergence"), outs, ref)},
-                  d_hidden_rel_err=rel(d_hidden[pick], h64.grad), d_weight_rel_err_vs_torch=rel(d_weight, results["torch"][2]))
-    tolerance = 2e-2 if dtype != torch.float32 else 1e-4
-    record["status"] = "ok" if all(v <= tolerance for k, v in record.items() if k.endswith("_err")) else \
-        f"failed: an error above {tolerance}"
-    return record
-
-
-def sweep(shapes, dtype_name, device, env, clock: Clock, masks_shape, reserve_s: float,
-          compile_backend: str = "inductor") -> list:
-    """Every SWEEP case at every shape, then the masked cases; each record carries the model's prediction."""
-    ours = "triton" if device == "cuda" else "torch"
-    jobs = [(shape, variant, impl, name.format(ours=ours)) for shape in shapes for variant, cases in SWEEP
-            for impl, name in cases.items() if not (impl == "compile" and shape != shapes[0])]
-    jobs += [(masks_shape, "mask", f"{p}%", f"mask{p}-{ours}") for p in (0, 50, 75)]
-    jobs += [(masks_shape, "mask", "trl 50%", "mask50-trl"), (masks_shape, "mask", "eager", "mask0-eager")]
-    records = []
-    for shape, variant, impl, name in jobs:
-        n, h, v = shape
-        record = dict(case=name, variant=variant, impl=impl, n=n, h=h, v=v, dtype=dtype_name)
-        case = CASES[name]
-        reason = case.unavailable(device)
-        if reason:
-            record["status"] = reason
-        elif clock.left() < reserve_s:
-            record["status"] = "not run: time budget"
-        else:
+    def stop_worker(self):
+        if self.worker:
+            proc, _ = self.worker
             try:
-                record.update(measure_case(case, n, h, v, getattr(torch, dtype_name), device, repeats=3,
-                                           input_sets=1, compile_backend=compile_backend))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a record
-                record["status"] = "OOM" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        model_impl = MODEL_IMPL.get(impl)
-        if model_impl and variant in cost_model.VARIANTS:
-            predicted = next(r for r in cost_model.predict(n, h, v, variant, env["matmul_tflops"], env["bandwidth_tbs"])
-                             if r["impl"] == model_impl)
-            record["predicted_ms"] = predicted.get("ms")
-        if record.get("status") == "ok":
-            record["matmul_pct"] = 100 * record["gflops"] / (env["matmul_tflops"] * 1e3)
-        records.append(record)
-        print(json.dumps({k: record.get(k) for k in ("case", "n", "v", "status", "ms", "predicted_ms", "extra_mb")}),
-              flush=True)
-    return records
+                proc.stdin.close()  # the worker ends at the end of its input
+                proc.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                _kill(proc)
+            self.worker = None
+
+    def ask_worker(self, job: dict, timeout: float) -> dict:
+        if self.worker is None or self.worker[0].poll() is not None:
+            self._start_worker()
+        proc, lines = self.worker
+        try:
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+        except OSError:
+            pass  # it died before reading the job: the end of its output says so below
+        deadline = time.time() + timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.time()))
+            except queue.Empty:
+                _kill(proc)
+                self.worker = None
+                return dict(status=f"timeout: no result after {timeout:.0f} s; the worker was stopped")
+            if line is None:
+                code = proc.wait()
+                self.worker = None
+                return dict(status=f"failed: the worker died (exit {code}) during this job; "
+                                   f"worker.log ends: {_tail(self.out / 'worker.log')}")
+            if line.startswith("RECORD "):
+                return json.loads(line[7:])
+
+    # -- a child process of its own (step benchmarks, the native tests)
+    def run_command(self, job: dict, timeout: float) -> dict:
+        self.stop_worker()  # its cached GPU memory would be missing from the step benchmarks
+        cmd = [sys.executable, *job["argv"]]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_child_env(), start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            stdout, stderr = proc.communicate()
+            if job["parse"] == "pytest":
+                (self.out / "tests.log").write_text(stdout + stderr)
+            return dict(status=f"timeout: stopped after {timeout:.0f} s", command=" ".join(job["argv"]))
+        return parse_output(job, proc.returncode, stdout, stderr, self.out)
+
+    def run_job(self, job: dict) -> dict:
+        if self.elapsed() > self.budget_s:
+            return dict(status=f"not run: time budget ({self.budget_s:.0f} s) spent")
+        imports = self.env.get("imports", {})
+        if job.get("needs") and imports.get(job["needs"], "ok") != "ok":
+            reason = imports[job["needs"]]
+            return dict(status=("not run: " if reason.startswith("not installed") else "skipped: ") + reason)
+        left = self.hard_s - self.elapsed()
+        if left < 5:  # too little left to measure anything
+            return dict(status="not run: time budget spent")
+        timeout = min(job["timeout"], left)
+        if job["kind"] in WORKER_JOBS:
+            rates = {k: self.env[k] for k in ("matmul_tflops", "bandwidth_tbs") if k in self.env}
+            return self.ask_worker(dict(job, rates=rates if len(rates) == 2 else None), timeout)
+        return self.run_command(job, timeout)
 
 
-def trainer_steps(args_list, out_dir: Path, device: str, clock: Clock, module: str = "trainer_step",
-                  reserve_s: float = 0.0) -> dict:
-    """One of the step benchmarks in a subprocess under what is left of the budget (less ``reserve_s`` kept for
-    what follows); its results.json's records."""
-    folder = out_dir / module.replace("_", "-")
-    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--device", device, "--out", str(folder), *args_list]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if clock.left() - reserve_s < 30:
-        return dict(status="not run: time budget")
+def run_all(session: Session, jobs: list):
+    """Every job in order, each recorded as it ends."""
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env,
-                              timeout=max(30, int(clock.left() - reserve_s - 10)))
-    except subprocess.TimeoutExpired:
-        return dict(status="timeout: ran out of the time budget", command=" ".join(cmd[2:]))
-    path = folder / "results.json"
-    if done.returncode != 0 or not path.exists():
-        return dict(status=f"failed (exit {done.returncode}): {done.stderr[-300:]}", command=" ".join(cmd[2:]))
-    data = json.loads(path.read_text())
-    return dict(status="ok", command=" ".join(cmd[2:]), stops=data.get("stops", {}), records=data["records"])
+        for job in jobs:
+            try:
+                result = session.run_job(job)
+            except Exception as exc:  # noqa: BLE001 - a fault of the session itself costs one job, not the rest
+                result = dict(status=f"failed: the session raised {type(exc).__name__}: {str(exc)[:300]}")
+            session.add(job, result)
+    finally:
+        session.stop_worker()
 
 
-def markdown(result: dict) -> str:
-    env = result["environment"]
-    lines = [f"# GPU session — {env['device_name']}, {env['date']}", "",
-             f"torch {env['torch']}, triton {env.get('triton')}, transformers {env.get('transformers')}, "
-             f"trl {env.get('trl')}, liger-kernel {env.get('liger_kernel')}, cut-cross-entropy "
-             f"{env.get('cce')}; driver {env.get('driver', '-')}.",
-             f"Measured: matmul {env['matmul_tflops']:.1f} TFLOP/s, copy bandwidth {env['bandwidth_tbs']:.2f} TB/s.",
-             f"Command: `{result['command']}` ({result['wall_s']:.0f} s).", "",
-             f"Tests: {result['tests'].get('status')} — {result['tests'].get('summary', '')}", "",
-             "Real-scale check: " + json.dumps(result["check"]), "",
-             "| case | N | H | V | impl | time (ms) | predicted (ms) | extra memory (MB) | % of matmul rate | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["sweep"]:
-        ms = f"{r['ms']:.2f}" if r.get("ms") is not None else ""
-        pred = f"{r['predicted_ms']:.2f}" if r.get("predicted_ms") is not None else ""
-        extra = f"{r['extra_mb']:.0f}" if r.get("extra_mb") is not None else ""
-        pct = f"{r['matmul_pct']:.0f}%" if r.get("matmul_pct") is not None else ""
-        lines.append(f"| {r['case']} | {r['n']} | {r['h']} | {r['v']} | {r['impl']} | {ms} | {pred} | {extra} | "
-                     f"{pct} | {r.get('status')} |")
-    steps = result["trainer"]
-    lines += ["", f"Trainer steps: {steps.get('status')} {json.dumps(steps.get('stops', {}))}"]
-    for r in steps.get("records", []):
-        lines.append(f"- {r['loss']} batch {r['batch']}: {r.get('status')}"
-                     + (f", {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_mb']:.0f} MB" if r.get("status") == "ok" else ""))
-    grpo = result["grpo"]
-    lines += ["", f"GRPO step through TRL's GRPOTrainer: {grpo.get('status')}"]
-    for r in grpo.get("records", []):
-        lines.append(f"- {r['variant']}: {r.get('status')}" + (
-            f", {r['tokens']} tokens, step {r['step_s']:.2f} s, peak {r['peak_mb']:.0f} MB (+{r['extra_mb']:.0f} MB)"
-            if r.get("status") == "ok" else ""))
+def _tail(path: Path, chars: int = 400) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return ""
+
+
+def parse_output(job: dict, code: int, stdout: str, stderr: str, out: Path) -> dict:
+    """A command job's record: trainer_step's JSON line, trl_step's RESULT line, or pytest's summary."""
+    if job["parse"] == "pytest":
+        (out / "tests.log").write_text(stdout + stderr)
+        summary = [line for line in stdout.splitlines() if " passed" in line or " failed" in line or " error" in line]
+        return dict(status="ok" if code == 0 else f"failed (exit {code}): see tests.log",
+                    summary=summary[-1] if summary else stdout[-300:], command="python " + " ".join(job["argv"]))
+    prefix = "RESULT " if job["parse"] == "result" else "{"
+    lines = [line for line in stdout.splitlines() if line.startswith(prefix)]
+    if code == 0 and lines:
+        record = json.loads(lines[-1][len("RESULT "):] if prefix == "RESULT " else lines[-1])
+        record.pop("model", None)
+        return dict(record, status=record.get("status", "ok"))
+    return dict(status=f"failed (exit {code}): {stderr.strip()[-300:]}")
+
+
+def _fmt(value, spec=".2f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
+def markdown(records: list, command: str) -> str:
+    env = next((r["environment"] for r in records if r.get("kind") == "env" and "environment" in r), {})
+    lines = [f"# GPU session — {env.get('device_name', '?')}, {env.get('date', '?')}", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}, "
+             f"trl {env.get('trl')}, liger-kernel {env.get('liger_kernel')}, cut-cross-entropy {env.get('cce')}, "
+             f"Python {env.get('python')}; driver {env.get('driver', '-')}.",
+             f"Measured: matmul {_fmt(env.get('matmul_tflops'), '.4g')} TFLOP/s, copy bandwidth "
+             f"{_fmt(env.get('bandwidth_tbs'), '.3g')} TB/s. Imports: "
+             + "; ".join(f"{k} {v}" for k, v in env.get("imports", {}).items()) + ".",
+             f"Command: `{command}`. {len(records)} jobs recorded (this file is rewritten after each).", ""]
+    cases = [r for r in records if r.get("kind") == "case"]
+    for section in dict.fromkeys(r["section"] for r in cases):
+        lines += [f"## {section}", "",
+                  "| case | N | H | V | impl | time (ms) | predicted (ms) | extra memory (MB) | predicted extra (MB) "
+                  "| % of matmul rate | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in cases if r["section"] == section):
+            lines.append(f"| {r['case']} | {r.get('n')} | {r.get('h')} | {r.get('v')} | {r.get('impl')} | "
+                         f"{_fmt(r.get('ms'))} | {_fmt(r.get('predicted_ms'))} | {_fmt(r.get('extra_mb'), '.0f')} | "
+                         f"{_fmt(r.get('predicted_extra_mb'), '.0f')} | {_fmt(r.get('matmul_pct'), '.0f')} | "
+                         f"{r.get('status')} |")
+        lines.append("")
+    for r in records:
+        if r.get("kind") == "check":
+            errs = ", ".join(f"{k} {v:.2e}" for k, v in r.items() if k.endswith("_err"))
+            lines += [f"Accuracy at {r.get('shape')} ({r.get('rows')} rows vs float64): {r.get('status')}; {errs}", ""]
+        elif r.get("kind") == "command" and r["section"] == "native-tests":
+            lines += [f"Native tests: {r.get('status')} — {r.get('summary', '')}", ""]
+        elif r.get("kind") == "command":
+            detail = ""
+            if r.get("status") == "ok":
+                rate = f", {r['tokens_per_s']:.0f} tokens/s" if r.get("tokens_per_s") else ""
+                detail = (f": {r.get('tokens')} tokens, step {_fmt(r.get('step_s'))} s{rate}, "
+                          f"peak {_fmt(r.get('peak_mb'), '.0f')} MB (+{_fmt(r.get('extra_mb'), '.0f')} MB)")
+            lines.append(f"- {r['label']}: {r.get('status')}{detail}")
     return "\n".join(lines) + "\n"
 
 
@@ -262,13 +262,14 @@ def plot(records, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r.get("status") == "ok"]
+    ok = [r for r in records if r.get("kind") == "case" and r.get("status") == "ok"]
+    if not ok:
+        return
     fig, ax = plt.subplots(figsize=(10, 4 + 0.18 * len(ok)))
-    labels = [f"{r['case']} N={r['n']} V={r['v']}" for r in ok]
     ax.barh(range(len(ok)), [r["ms"] for r in ok], color="tab:blue", label="measured")
     ax.scatter([r.get("predicted_ms") or 0 for r in ok], range(len(ok)), color="tab:red", marker="|", s=200,
                label="cost model")
-    ax.set_yticks(range(len(ok)), labels, fontsize=7)
+    ax.set_yticks(range(len(ok)), [f"{r['case']} N={r['n']} V={r['v']}" for r in ok], fontsize=7)
     ax.set_xlabel("ms (forward + backward)")
     ax.legend()
     fig.tight_layout()
@@ -279,39 +280,24 @@ def plot(records, path: Path):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for gpu.json, gpu.md, sweep.png, tests.log")
-    p.add_argument("--smoke", action="store_true", help="the same sections on the CPU at tiny shapes")
-    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
-    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--out", required=True, help="folder for gpu.jsonl, gpu.md, worker.log, tests.log, sweep.png")
+    p.add_argument("--smoke", action="store_true", help="the same jobs on the CPU at tiny shapes")
+    p.add_argument("--t0", type=float, help="the session's start, seconds since the epoch (default: now)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="no job starts after this many seconds from --t0")
+    p.add_argument("--hard-s", type=float, default=570.0, help="no job runs past this many seconds from --t0")
     args = p.parse_args(argv)
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("python -m benchmarks.gpu needs a CUDA device (use --smoke on the CPU)")
-    settings = SMOKE if args.smoke else REAL
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    clock = Clock(args.budget_s)
-    result = dict(command="python -m benchmarks.gpu " + " ".join(argv), environment=environment(device, args.smoke))
-    result["tests"] = dict(status="skipped (--skip-tests)") if args.skip_tests else native_tests(settings["tests"], out, clock)
-    if result["tests"]["status"].startswith("failed"):
-        print("native tests failed: see tests.log; benchmarks still run", flush=True)
-    dtype = getattr(torch, settings["dtype"])
-    try:
-        result["check"] = real_scale_check(settings["check"], settings["check_rows"], device, dtype)
-    except Exception as exc:  # noqa: BLE001
-        result["check"] = dict(status="OOM" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:200]}")
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    result["sweep"] = sweep(settings["sweep_shapes"], settings["dtype"], device, result["environment"], clock,
-                            settings["mask_shape"], reserve_s=0.0 if args.smoke else 180.0,
-                            compile_backend="eager" if args.smoke else "inductor")
-    result["trainer"] = trainer_steps(settings["trainer"], out, device, clock, reserve_s=0.0 if args.smoke else 70.0)
-    result["grpo"] = trainer_steps(settings["grpo"], out, device, clock, module="trl_step")
-    result["wall_s"] = time.perf_counter() - clock.start
-    (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "gpu.md").write_text(markdown(result))
-    plot(result["sweep"], out / "sweep.png")
-    print(markdown(result))
+    if not args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():  # asks the driver; creates no CUDA context in this process
+            raise SystemExit("python -m benchmarks.gpu needs a CUDA device (use --smoke on the CPU)")
+    session = Session(Path(args.out), args.smoke, args.t0 or time.time(), args.budget_s, args.hard_s,
+                      "python -m benchmarks.gpu " + " ".join(argv))
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # runs run_all's finally: no worker outlives us
+    run_all(session, plan(SMOKE if args.smoke else REAL, args.smoke))
+    session.add(dict(kind="end", section="end"), dict(status="ok", wall_s=round(session.elapsed(), 1)))
+    plot(session.records, session.out / "sweep.png")
+    print(markdown(session.records, session.command))
     return 0
 
 
