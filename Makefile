@@ -67,9 +67,8 @@ gpu:
 	sh benchmarks/gpu.sh $(GPU_OUT)
 
 # The baseline wheels the GPU image lacks (its package list: the device tool's KINDS.md), for its Python 3.12 on
-# x86-64, 5.3 MB in the ignored .whl/. Hugging Face's kernels (with tomlkit) is there because the checkout's
-# own kernels/ folder sits on sys.path under that name: with no "kernels" distribution installed, transformers
-# (5.17 on the image) imports the folder to read its version, and every model import fails.
+# x86-64, 5.3 MB in the ignored .whl/. Hugging Face's kernels (with tomlkit) is there as newer transformers
+# require it; the checkout's own kernels/ folder hands `import kernels` over to it (kernels/__init__.py).
 GPU_WHEELS ?= trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets==5.2.0 dill==0.4.1 \
   multiprocess==0.70.19 kernels==0.19.1 tomlkit==0.15.3
 gpu-wheels:

@@ -35,14 +35,16 @@ def test_hugging_face_kernels_is_not_shadowed(where, tmp_path):
     assert pathlib.Path(folds).resolve() == ROOT / "kernels" / "folds.py"
 
 
-def test_top_level_kernels_without_hugging_face_is_absent():
-    """Where no other `kernels` is importable, `import kernels` from the checkout fails as for any missing module
-    (so optional imports of it behave as without pydistill)."""
-    code = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\ntry:\n    import kernels\n" \
-           "except ModuleNotFoundError as e:\n    print('missing', e.name)\n"
+def test_top_level_kernels_without_hugging_face_looks_like_a_plain_folder():
+    """Where no other `kernels` is importable, `import kernels` from the checkout gives what a plain folder would:
+    an empty module with no __file__ or __version__, which transformers' availability check (5.17 imports the
+    module when the distribution has no metadata) reads as not installed."""
+    code = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport kernels\n"
+            "print(getattr(kernels, '__file__', None), getattr(kernels, '__version__', None), "
+            "[n for n in dir(kernels) if not n.startswith('_')])\n")
     done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "missing kernels"
+    assert done.stdout.split() == ["None", "None", "[]"]
 
 
 def test_version_is_single_sourced():
