@@ -4,10 +4,12 @@
 Faults for the retry tests are scripted: ``server.script`` is a list consumed one entry per request, each
 ``("status", code)`` (an error answer), ``("raw", bytes)`` (a 200 with that body), ``("sleep", seconds)`` (then
 answer normally) or ``("ok",)``. ``server.requests`` records each request's path and JSON body.
+:func:`assert_topk_teacher_contract` checks a result against what the op's top-k teacher inputs accept.
 """
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -112,3 +114,15 @@ class TeacherServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def assert_topk_teacher_contract(ids, logprobs):
+    """What the op's teacher_topk_ids / teacher_topk_logprobs accept: padding is exactly id -1 with -inf, other
+    entries are finite log-probs <= 0 with distinct ids per row, in descending order, of total mass <= 1."""
+    padding = ids == -1
+    assert torch.equal(padding, logprobs == -math.inf)
+    assert torch.isfinite(logprobs[~padding]).all() and (logprobs[~padding] <= 0).all() and (ids[~padding] >= 0).all()
+    for row_ids, row_lp in zip(ids.tolist(), logprobs.tolist()):
+        real = [i for i in row_ids if i != -1]
+        assert len(set(real)) == len(real) and row_lp == sorted(row_lp, reverse=True)
+    assert (logprobs.double().logsumexp(dim=-1) <= 1e-6).all()

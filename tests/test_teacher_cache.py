@@ -11,7 +11,7 @@ import torch
 from pydistill.cli import main
 from pydistill.teachers import load_teacher_cache, local_topk_logprobs, server_topk_logprobs
 from pydistill.teachers.cache import build_teacher_cache
-from tests.teacher_server import TeacherServer
+from tests.teacher_server import TeacherServer, assert_topk_teacher_contract
 
 K = 4
 PROMPTS = ["Tom has 12 apples.", "Ana buys 5 more.", "8 / 2 = 4.", "How many stickers?", "9 + 6 = 15."]
@@ -60,6 +60,7 @@ def test_local_top_k_equals_the_models_own_log_softmax(teacher, temperature, chu
     assert len(got) == len(PROMPTS)
     for (ids, logprobs), context, response in zip(got, contexts, responses):
         assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32 and ids.shape == (len(response), K)
+        assert_topk_teacher_contract(ids, logprobs)
         ref_ids, ref_values = _reference(model, context, response, K, temperature)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(logprobs, ref_values, rtol=1e-5, atol=1e-5)
@@ -71,6 +72,7 @@ def test_local_pads_k_above_the_vocabulary_and_matches_the_server(teacher):
     [(ids, logprobs)] = local_topk_logprobs(model, [[5, 6]], [[7]], top_k=vocab + 2, chunk_size=100)
     assert (ids[:, vocab:] == -1).all() and (logprobs[:, vocab:] == -math.inf).all()
     assert sorted(ids[0, :vocab].tolist()) == list(range(vocab))
+    assert_topk_teacher_contract(ids, logprobs)
     contexts, responses = _pairs(tokenizer)
     with TeacherServer(model) as server:
         served = server_topk_logprobs(server.url, contexts, responses, top_k=K, model="m", timeout_s=30, retries=0)
@@ -178,3 +180,21 @@ def test_bad_input_is_one_line_naming_the_argument(teacher, tmp_path, capsys):
         err = _error(capsys)
         assert err.startswith("pydistill: error: ") and re.search(message, err), err
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("cache.partial*"))
+
+
+@pytest.mark.slow
+def test_a_gguf_file_as_the_teacher(tmp_path):
+    """--model <file.gguf>: the embedded SmolLM2 file by its path scores like the model it loads to."""
+    from pydistill.models import embedded_gguf_path, load_model
+
+    data = _write_jsonl(tmp_path / "data.jsonl", [dict(prompt="What is 3 + 4?", response="3 + 4 = 7.")])
+    out = tmp_path / "cache"
+    assert main(["teacher-cache", "--model", embedded_gguf_path(), "--dataset", data, "--top-k", "3", "--output",
+                 str(out)]) == 0
+    model, tokenizer = load_model(embedded_gguf_path(), device="cpu")
+    context, response = _text_tokens(tokenizer, "What is 3 + 4?", "3 + 4 = 7.")
+    entry = load_teacher_cache(str(out))[0]
+    assert entry.response_ids.tolist() == response
+    ref_ids, ref_values = _reference(model, context, response, 3)
+    assert torch.equal(entry.ids, ref_ids)
+    torch.testing.assert_close(entry.logprobs, ref_values, rtol=1e-4, atol=1e-4)

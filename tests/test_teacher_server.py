@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pydistill.teachers.server import TeacherServerError, server_topk_logprobs
-from tests.teacher_server import TeacherServer, model_prompt_logprobs
+from tests.teacher_server import TeacherServer, assert_topk_teacher_contract, model_prompt_logprobs
 
 K = 5
 FAST = dict(timeout_s=5.0, retries=2, backoff_s=0.05)
@@ -54,6 +54,7 @@ def test_top_k_equals_the_models_own_log_softmax_at_the_response_positions(tiny,
         ref_ids, ref_values = _reference(model, context, response, K, temperature)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(logprobs, ref_values, rtol=1e-6, atol=1e-6)
+        assert_topk_teacher_contract(ids, logprobs)
     # vLLM's extra entry (the prompt's own token beyond the top-k) was served somewhere, and dropped
     sizes = [len(e) for c, r in zip(contexts, responses) for e in model_prompt_logprobs(model, c + r, K)[len(c):]]
     assert K + 1 in sizes
@@ -92,6 +93,7 @@ def test_fewer_entries_than_k_are_padded(tiny):
     assert ids.shape == (2, vocab + 3)
     assert (ids[:, vocab:] == -1).all() and torch.isinf(logprobs[:, vocab:]).all()
     assert (ids[:, :vocab] >= 0).all()
+    assert_topk_teacher_contract(ids, logprobs)
     torch.testing.assert_close(logprobs[:, :vocab].exp().sum(-1), torch.ones(2), rtol=1e-4, atol=1e-4)
 
 
