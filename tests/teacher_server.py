@@ -2,8 +2,9 @@
 ``prompt_logprobs`` in vLLM's JSON format, on 127.0.0.1 at an ephemeral port, in a thread.
 
 Faults for the retry tests are scripted: ``server.script`` is a list consumed one entry per request, each
-``("status", code)`` (an error answer), ``("raw", bytes)`` (a 200 with that body), ``("sleep", seconds)`` (then
-answer normally) or ``("ok",)``. ``server.requests`` records each request's path and JSON body.
+``("status", code)`` (an error answer), ``("raw", bytes)`` (a 200 with that body), ``("truncate",)`` (a 200
+cut short), ``("sleep", seconds)`` (then answer normally) or ``("ok",)``. ``server.requests`` records each
+request's path and JSON body.
 :func:`assert_topk_teacher_contract` checks a result against what the op's top-k teacher inputs accept.
 """
 from __future__ import annotations
@@ -69,6 +70,13 @@ class TeacherServer:
                     return self._send(step[1], json.dumps({"error": f"scripted {step[1]}"}).encode())
                 if step[0] == "raw":
                     return self._send(200, step[1])
+                if step[0] == "truncate":  # promises more bytes than it sends, then closes the connection
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": ')
+                    self.close_connection = True
+                    return
                 if step[0] == "sleep":
                     time.sleep(step[1])
                 if self.path != "/v1/completions":

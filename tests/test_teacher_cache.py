@@ -55,8 +55,13 @@ def _pairs(tokenizer):
 def test_local_top_k_equals_the_models_own_log_softmax(teacher, temperature, chunk_size):
     model, tokenizer, _ = teacher
     contexts, responses = _pairs(tokenizer)
-    got = local_topk_logprobs(model, contexts, responses, top_k=K, temperature=temperature, batch_size=2,
-                              chunk_size=chunk_size)
+    model.train()  # the caller's mode is kept; the scores are taken in eval mode
+    try:
+        got = local_topk_logprobs(model, contexts, responses, top_k=K, temperature=temperature, batch_size=2,
+                                  chunk_size=chunk_size)
+        assert model.training
+    finally:
+        model.eval()
     assert len(got) == len(PROMPTS)
     for (ids, logprobs), context, response in zip(got, contexts, responses):
         assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32 and ids.shape == (len(response), K)
@@ -128,6 +133,23 @@ def test_shards_and_token_id_columns_through_the_server(teacher, tmp_path):
         for cache in (a, b):
             assert torch.equal(cache[i].ids, ref_ids) and cache[i].response_ids.tolist() == response
             torch.testing.assert_close(cache[i].logprobs, ref_values, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_through_a_server_by_its_model_name(teacher, tmp_path):
+    model, tokenizer, folder = teacher
+    data = _write_jsonl(tmp_path / "data.jsonl", [dict(prompt=p, response=r) for p, r in zip(PROMPTS, RESPONSES)])
+    out = tmp_path / "cache"
+    with TeacherServer(model) as server:
+        assert main(["teacher-cache", "--model", folder, "--dataset", data, "--top-k", "3", "--output", str(out),
+                     "--teacher-url", server.url, "--served-model", "teacher-7b", "--batch-size", "2"]) == 0
+    assert [path for path, _ in server.requests] == ["/v1/completions"] * 3  # 5 rows, 2 a request, no /v1/models
+    assert {body["model"] for _, body in server.requests} == {"teacher-7b"}
+    cache = load_teacher_cache(str(out))
+    assert cache.meta["teacher"] == server.url and len(cache) == len(PROMPTS)
+    for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+        context, response_ids = _text_tokens(tokenizer, prompt, response)
+        ref_ids, _ = _reference(model, context, response_ids, 3)
+        assert torch.equal(cache[i].ids, ref_ids)
 
 
 def _error(capsys) -> str:

@@ -121,6 +121,13 @@ def test_a_5xx_answer_is_retried(tiny):
             server_topk_logprobs(server.url, [[1, 2]], [[3, 4]], top_k=2, model="m", **FAST)
 
 
+def test_an_answer_cut_short_is_retried(tiny):
+    with TeacherServer(tiny[0]) as server:
+        server.script = [("truncate",)]
+        [(ids, _)] = server_topk_logprobs(server.url, [[1, 2]], [[3, 4]], top_k=2, model="m", **FAST)
+        assert len(server.requests) == 2 and ids.shape == (2, 2)
+
+
 def test_a_4xx_answer_is_not_retried(tiny):
     with TeacherServer(tiny[0]) as server:
         server.script = [("status", 400)]

@@ -17,7 +17,7 @@ def local_topk_logprobs(model, contexts: Sequence[Sequence[int]], responses: Seq
     the T response tokens, in the format of :func:`pydistill.teachers.server.server_topk_logprobs`.
 
     Row t: the k most likely next tokens after the context and response tokens < t, in descending log-prob
-    order (ties by token id), from ``log_softmax(logits / temperature)`` in float32; k above the vocabulary
+    order, from ``log_softmax(logits / temperature)`` in float32; k above the vocabulary
     is padded with id -1 / log-prob -inf. The logits are formed ``chunk_size`` vocabulary columns at a time
     (a running top-k and log-sum-exp), so no [tokens, vocab] tensor exists; sequences go ``batch_size`` at once.
     """
@@ -29,21 +29,24 @@ def local_topk_logprobs(model, contexts: Sequence[Sequence[int]], responses: Seq
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    model.eval()
     weight, bias = lm_head_weight(model), lm_head_bias(model)
     # Gemma-style models squash their logits before the softmax; the head alone would give other log-probs.
     softcap = getattr(getattr(causal_lm(model), "config", None), "final_logit_softcapping", None)
-    out = []
-    for start in range(0, len(contexts), batch_size):
-        ctx, resp = contexts[start:start + batch_size], responses[start:start + batch_size]
-        for i, c in enumerate(ctx):
-            if len(c) == 0:
-                raise ValueError(f"contexts[{start + i}] is empty: the teacher context needs at least one token")
-        batch = build_context_batch(ctx, resp, pad_id=0, device=weight.device)
-        rows = response_hidden_states(model, batch)[batch.completion_mask]  # [sum T, H], response order
-        ids, logprobs = _chunked_topk(rows, weight, bias, top_k, temperature, softcap, chunk_size)
-        for piece_ids, piece_lp in zip(ids.split([len(r) for r in resp]), logprobs.split([len(r) for r in resp])):
-            out.append((piece_ids, piece_lp))
+    out, was_training = [], model.training
+    model.eval()  # no dropout in the scores; the caller's mode is restored below
+    try:
+        for start in range(0, len(contexts), batch_size):
+            ctx, resp = contexts[start:start + batch_size], responses[start:start + batch_size]
+            for i, c in enumerate(ctx):
+                if len(c) == 0:
+                    raise ValueError(f"contexts[{start + i}] is empty: the teacher context needs at least one token")
+            batch = build_context_batch(ctx, resp, pad_id=0, device=weight.device)
+            rows = response_hidden_states(model, batch)[batch.completion_mask]  # [sum T, H], response order
+            ids, logprobs = _chunked_topk(rows, weight, bias, top_k, temperature, softcap, chunk_size)
+            lengths = [len(r) for r in resp]
+            out.extend(zip(ids.split(lengths), logprobs.split(lengths)))
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -62,9 +65,9 @@ def _chunked_topk(hidden, weight, bias, k, temperature, softcap, chunk_size):
             z = softcap * torch.tanh(z / softcap)
         z = z / temperature
         lse = torch.logaddexp(lse, z.logsumexp(dim=1))
-        ids = torch.arange(lo, lo + z.shape[1], device=hidden.device).expand(n, -1)
-        # Earlier chunks come first, and the sort is stable: equal logits keep the smaller id first.
-        merged, merged_ids = torch.cat([best, z], dim=1), torch.cat([best_ids, ids], dim=1)
+        # The chunk's own top-k first (a k-selection, not a sort of the chunk), then merged with the k so far.
+        top, top_ids = z.topk(min(k, z.shape[1]), dim=1)
+        merged, merged_ids = torch.cat([best, top], dim=1), torch.cat([best_ids, top_ids + lo], dim=1)
         order = merged.sort(dim=1, descending=True, stable=True).indices[:, :k]
         best, best_ids = merged.gather(1, order), merged_ids.gather(1, order)
     logprobs = (best - lse[:, None]).clamp(max=0.0)

@@ -16,6 +16,7 @@ server is known to apply it.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import time
@@ -109,7 +110,7 @@ class _Poster:
                     raise TeacherServerError(f"{self.where(path)} answered HTTP {exc.code}: {detail}") from None
                 last = f"HTTP {exc.code}: {detail}"
                 continue
-            except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out, DNS
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, DNS, cut short
                 last = str(getattr(exc, "reason", exc)) or type(exc).__name__
                 continue
             try:

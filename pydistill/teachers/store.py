@@ -11,6 +11,7 @@ slices without loading a whole shard.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from typing import NamedTuple, Optional
@@ -62,7 +63,7 @@ class TeacherCache:
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} is outside the teacher cache's {len(self)} examples")
         i %= len(self)
-        shard = max(s for s, start in enumerate(self._starts) if start <= i)
+        shard = bisect.bisect_right(self._starts, i) - 1
         local = i - self._starts[shard]
         with safe_open(os.path.join(self.path, self.meta["shards"][shard]["file"]), framework="pt") as f:
             lo, hi = f.get_slice("offsets")[local:local + 2].tolist()
