@@ -86,6 +86,27 @@ def test_local_pads_k_above_the_vocabulary_and_matches_the_server(teacher):
         torch.testing.assert_close(a_lp, b_lp, rtol=1e-5, atol=1e-5)
 
 
+def test_stack_topk_lines_up_with_the_context_batch(teacher):
+    from pydistill.teachers import stack_topk
+    from pydistill.trainers.contexts import build_context_batch
+
+    model, tokenizer, _ = teacher
+    contexts, responses = _pairs(tokenizer)
+    pairs = local_topk_logprobs(model, contexts, responses, top_k=K)
+    ids, logprobs = stack_topk(pairs)
+    batch = build_context_batch(contexts, responses, pad_id=0)
+    assert ids.shape == logprobs.shape == batch.targets.shape + (K,)
+    assert torch.equal((ids != -1).any(-1), batch.completion_mask)
+    for b, (row_ids, row_lp) in enumerate(pairs):
+        assert torch.equal(ids[b, :len(responses[b])], row_ids) and torch.equal(logprobs[b, :len(responses[b])], row_lp)
+    assert (logprobs[~batch.completion_mask] == -math.inf).all()
+    assert stack_topk(pairs, length=40)[0].shape == (len(pairs), 40, K)
+    with pytest.raises(ValueError, match="length 2 is shorter than the longest sequence"):
+        stack_topk(pairs, length=2)
+    with pytest.raises(ValueError, match="one k"):
+        stack_topk([pairs[0], (pairs[1][0][:, :2], pairs[1][1][:, :2])])
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
