@@ -241,3 +241,32 @@ def test_a_gguf_file_as_the_teacher(tmp_path):
     ref_ids, ref_values = _reference(model, context, response, 3)
     assert torch.equal(entry.ids, ref_ids)
     torch.testing.assert_close(entry.logprobs, ref_values, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cached_teacher_drives_distillation_loss(teacher, tmp_path):
+    """The cache, stacked, is accepted by the op: the same model as student gives KL 0 over the top-k and the
+    tail, another student a positive KL with a gradient."""
+    from pydistill.losses import distillation_loss
+    from pydistill.models import tiny_model
+    from pydistill.teachers import stack_topk
+    from pydistill.trainers.contexts import build_context_batch, lm_head_weight, response_hidden_states
+
+    model, tokenizer, folder = teacher
+    contexts, responses = _pairs(tokenizer)
+    data = _write_jsonl(tmp_path / "ids.jsonl", [dict(context_ids=c, response_ids=r)
+                                                  for c, r in zip(contexts, responses)])
+    build_teacher_cache(data, str(tmp_path / "cache"), top_k=K, model=folder, log=lambda *_: None)
+    cache = load_teacher_cache(str(tmp_path / "cache"))
+    ids, logprobs = stack_topk([cache[i] for i in range(len(cache))])
+    batch = build_context_batch(contexts, responses, pad_id=0)
+    losses = []
+    for student in (model, tiny_model(seed=9)[0]):
+        with torch.no_grad():
+            hidden = response_hidden_states(student, batch)
+        hidden.requires_grad_()
+        out = distillation_loss(hidden, lm_head_weight(student).detach(), None, batch.completion_mask,
+                                teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, impl="torch")
+        out.loss.backward()
+        assert torch.isfinite(hidden.grad).all()
+        losses.append(out.loss.item())
+    assert abs(losses[0]) < 1e-5 and losses[1] > 1e-2, losses
