@@ -163,8 +163,9 @@ def test_the_extra_entry_beyond_the_top_k_is_dropped_wherever_it_comes():
 
 
 def test_bare_number_entries_and_nan_are_accepted():
-    # a bare number per token (no rank); NaN (and -inf) are padding; a rounded +1e-7 is clamped to 0
-    body = {"choices": [{"prompt_logprobs": [None, {"3": -0.5, "9": float("nan"), "4": -1.5, "5": 1e-7}]}]}
+    # a bare number per token (no rank); NaN, null (and -inf) are padding; a rounded +1e-7 is clamped to 0
+    body = {"choices": [{"prompt_logprobs": [None, {"3": -0.5, "9": float("nan"), "4": -1.5, "5": 1e-7,
+                                                    "8": {"logprob": None, "rank": 2}}]}]}
     with TeacherServer(torch.nn.Identity()) as server:
         server.script = [("raw", json.dumps(body).encode())]
         [(ids, logprobs)] = server_topk_logprobs(server.url, [[1]], [[3]], top_k=4, model="m", **FAST)

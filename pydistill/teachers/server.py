@@ -166,7 +166,8 @@ def _entries(entry, where: str) -> list:
         raw = value.get("logprob") if isinstance(value, dict) else value
         rank = value.get("rank", math.inf) if isinstance(value, dict) else math.inf
         try:
-            token, logprob = int(key), float(raw)
+            # null, NaN and vLLM's -9999.0 stand-in for -inf all mean probability 0 (NaN, null: padding)
+            token, logprob = int(key), -math.inf if raw is None else float(raw)
         except (TypeError, ValueError):
             raise TeacherServerError(f"{where} answered a prompt_logprobs entry that is not a token id and a "
                                      f"logprob: {key!r}: {value!r:.80}") from None
