@@ -3,8 +3,8 @@
 
 Faults for the retry tests are scripted: ``server.script`` is a list consumed one entry per request, each
 ``("status", code)`` (an error answer), ``("raw", bytes)`` (a 200 with that body), ``("truncate",)`` (a 200
-cut short), ``("sleep", seconds)`` (then answer normally) or ``("ok",)``. ``server.requests`` records each
-request's path and JSON body.
+cut short), ``("sleep", seconds)`` (then answer normally; ``server.peak_in_flight`` counts how many slept at once) or
+``("ok",)``. ``server.requests`` records each request's path and JSON body.
 :func:`assert_topk_teacher_contract` checks a result against what the op's top-k teacher inputs accept.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ class TeacherServer:
     def __init__(self, model, tokenizer=None, name: str = "tiny-teacher"):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.script, self.requests = [], []
+        self.in_flight = self.peak_in_flight = 0
         self.lock = threading.Lock()
         owner = self
 
@@ -77,8 +78,13 @@ class TeacherServer:
                     self.wfile.write(b'{"choices": ')
                     self.close_connection = True
                     return
-                if step[0] == "sleep":
+                if step[0] == "sleep":  # counted in flight while asleep: the tests read the peak concurrency
+                    with owner.lock:
+                        owner.in_flight += 1
+                        owner.peak_in_flight = max(owner.peak_in_flight, owner.in_flight)
                     time.sleep(step[1])
+                    with owner.lock:
+                        owner.in_flight -= 1
                 if self.path != "/v1/completions":
                     return self._send(404, b'{"error": "not found"}')
                 self._send(200, json.dumps(owner.complete(body)).encode())

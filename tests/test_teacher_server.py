@@ -85,6 +85,17 @@ def test_batches_are_bounded_and_results_stay_in_order(tiny):
         assert torch.equal(a_ids, b_ids) and torch.equal(a_lp, b_lp)
 
 
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_concurrent_requests_are_bounded(tiny, max_concurrency):
+    contexts, responses = _pairs(4)
+    with TeacherServer(tiny[0]) as server:
+        server.script = [("sleep", 0.3)] * 4
+        got = server_topk_logprobs(server.url, contexts, responses, top_k=2, model="m", batch_size=1,
+                                   max_concurrency=max_concurrency, **FAST)
+    assert len(got) == 4 and len(server.requests) == 4
+    assert server.peak_in_flight == max_concurrency
+
+
 def test_fewer_entries_than_k_are_padded(tiny):
     model, _ = tiny
     vocab = model.config.vocab_size
