@@ -1,5 +1,5 @@
 """Command line: `pydistill train <method>`, `pydistill eval`, `pydistill export`, `pydistill demo`,
-`pydistill ei generate`."""
+`pydistill ei generate`, `pydistill teacher-cache`."""
 from __future__ import annotations
 
 import argparse
@@ -264,7 +264,38 @@ def build_parser():
     gen.add_argument("--rules", default="all", help="'all' or comma-separated rule names")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--batch-size", type=int, default=16)
+    tc = sub.add_parser("teacher-cache", help="score a fixed dataset's responses with a teacher once: per-token "
+                        "top-k ids and log-probs for the top-k teacher inputs")
+    tc.add_argument("--dataset", required=True, help="a .jsonl/.json/.csv/.parquet file or a save_to_disk folder "
+                    "with text columns (--prompt-column, --response-column) or context_ids/response_ids columns")
+    tc.add_argument("--output", required=True, help="the cache folder to write (read it with "
+                    "pydistill.teachers.load_teacher_cache)")
+    tc.add_argument("--top-k", type=int, required=True, help="log-probs kept per response token")
+    tc.add_argument("--model", help="the teacher (a folder, a .gguf file, a hub name or SmolLM2-135M-Instruct); "
+                    "with --teacher-url only its tokenizer is used")
+    tc.add_argument("--teacher-url", help="score through a vLLM-compatible server at this URL instead of locally")
+    tc.add_argument("--served-model", help="the server's model name (default: the first it lists)")
+    tc.add_argument("--prompt-column", default="prompt")
+    tc.add_argument("--response-column", default="response")
+    tc.add_argument("--temperature", type=float, default=1.0)
+    tc.add_argument("--batch-size", type=int, default=8, help="sequences per forward (or per server request)")
+    tc.add_argument("--timeout", type=float, default=120.0, help="seconds per server request")
+    tc.add_argument("--retries", type=int, default=3, help="retries of a failed server request")
+    tc.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     return parser
+
+
+def cmd_teacher_cache(args, _):
+    """`pydistill teacher-cache`: writes the cache folder and prints its index."""
+    from .teachers.cache import build_teacher_cache
+
+    server = dict(model=args.served_model, timeout_s=args.timeout, retries=args.retries)
+    meta = build_teacher_cache(args.dataset, args.output, top_k=args.top_k, model=args.model,
+                               teacher_url=args.teacher_url, prompt_column=args.prompt_column,
+                               response_column=args.response_column, temperature=args.temperature,
+                               batch_size=args.batch_size, overwrite=args.overwrite, server_options=server)
+    print(json.dumps(meta, indent=2))
+    return 0
 
 
 def cmd_ei(args, _):
@@ -285,7 +316,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument, already reported in one line (2)
         return exc.code if isinstance(exc.code, int) else 2
-    handler = dict(train=cmd_train, eval=cmd_eval, export=cmd_export, demo=cmd_demo, ei=cmd_ei)[args.command]
+    handler = dict(train=cmd_train, eval=cmd_eval, export=cmd_export, demo=cmd_demo, ei=cmd_ei,
+                   **{"teacher-cache": cmd_teacher_cache})[args.command]
     overrides = {}
     if args.command == "train":
         config_cls = TRAINERS[args.method][0]

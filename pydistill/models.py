@@ -61,33 +61,53 @@ def _attention(device: torch.device, requested: Optional[str]) -> str:
 def load_model(name_or_path: str = EMBEDDED_DEFAULT, *, dtype: Optional[torch.dtype] = None,
                device: Optional[Union[str, torch.device]] = None, lora: Optional[LoraSettings] = None,
                attn_implementation: Optional[str] = None):
-    """(model, tokenizer) for a causal LM by hub name or local path, or the embedded default.
+    """(model, tokenizer) for a causal LM by hub name, local folder or GGUF file, or the embedded default.
 
     bf16 on CUDA and fp32 on the CPU unless ``dtype`` says otherwise; flash-attention 2 on CUDA when
     installed. The tokenizer pads on the left (for batched generation) and always has a pad token and a chat
     template. With ``lora`` the model comes back wrapped by peft (the base weights frozen).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kwargs = dict(dtype=dtype, attn_implementation=_attention(device, attn_implementation))
-    if name_or_path == EMBEDDED_DEFAULT:
-        gguf = embedded_gguf_path()
-        if importlib.util.find_spec("gguf") is None:
-            raise RuntimeError("Loading the embedded GGUF model needs the `gguf` package: `pip install gguf`.")
+    tokenizer = load_tokenizer(name_or_path)
+    gguf = _gguf_file(name_or_path)
+    if gguf:
         folder, file = os.path.split(gguf)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    prepare_tokenizer(tokenizer)
     model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if lora is not None:
         model = apply_lora(model, lora)
     return model, tokenizer
+
+
+def _gguf_file(name_or_path: str) -> Optional[str]:
+    """The GGUF file to load: the embedded default's, a path to a ``.gguf`` file, or None."""
+    if name_or_path == EMBEDDED_DEFAULT:
+        gguf = embedded_gguf_path()
+    elif name_or_path.lower().endswith(".gguf") and os.path.isfile(name_or_path):
+        gguf = name_or_path
+    else:
+        return None
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError("Loading a GGUF model needs the `gguf` package: `pip install gguf`.")
+    return gguf
+
+
+def load_tokenizer(name_or_path: str = EMBEDDED_DEFAULT):
+    """The tokenizer of :func:`load_model` (prepared by :func:`prepare_tokenizer`) without loading the weights."""
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_file(name_or_path)
+    if gguf:
+        folder, file = os.path.split(gguf)
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(folder, gguf_file=file))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
 
 
 def prepare_tokenizer(tokenizer):

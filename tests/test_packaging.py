@@ -90,7 +90,7 @@ def _third_party_imports(paths) -> set:
 @pytest.mark.parametrize("extra, folders", [
     (None, ["token_stats", "losses"]),
     ("trl", ["integrations"]),
-    ("train", ["trainers", "tasks", "cli.py", "models.py", "evaluation.py", "export.py", "plotting.py"]),
+    ("train", ["trainers", "tasks", "teachers", "cli.py", "models.py", "evaluation.py", "export.py", "plotting.py"]),
 ])
 def test_extras_install_what_their_paths_import(extra, folders):
     package = ROOT / "pydistill"

@@ -1,0 +1,78 @@
+"""A teacher held locally: top-k log-probs of given response tokens, the same output as the server client."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..trainers.contexts import build_context_batch, causal_lm, lm_head_bias, lm_head_weight, response_hidden_states
+from .server import PADDING_ID
+
+
+@torch.no_grad()
+def local_topk_logprobs(model, contexts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                        top_k: int, temperature: float = 1.0, batch_size: int = 8, chunk_size: int = 8192) -> list:
+    """For each (context, response) pair, the local teacher's ``(ids [T, k] int64, logprobs [T, k] float32)`` at
+    the T response tokens, in the format of :func:`pydistill.teachers.server.server_topk_logprobs`.
+
+    Row t: the k most likely next tokens after the context and response tokens < t, in descending log-prob
+    order, from ``log_softmax(logits / temperature)`` in float32; k above the vocabulary
+    is padded with id -1 / log-prob -inf. The logits are formed ``chunk_size`` vocabulary columns at a time
+    (a running top-k and log-sum-exp), so no [tokens, vocab] tensor exists; sequences go ``batch_size`` at once.
+    """
+    if len(contexts) != len(responses):
+        raise ValueError(f"contexts and responses must have one entry per sequence, got {len(contexts)} and "
+                         f"{len(responses)}")
+    for name, value in (("top_k", top_k), ("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    weight, bias = lm_head_weight(model), lm_head_bias(model)
+    # Gemma-style models squash their logits before the softmax; the head alone would give other log-probs.
+    softcap = getattr(getattr(causal_lm(model), "config", None), "final_logit_softcapping", None)
+    out, was_training = [], model.training
+    model.eval()  # no dropout in the scores; the caller's mode is restored below
+    try:
+        for start in range(0, len(contexts), batch_size):
+            ctx, resp = contexts[start:start + batch_size], responses[start:start + batch_size]
+            for i, c in enumerate(ctx):
+                if len(c) == 0:
+                    raise ValueError(f"contexts[{start + i}] is empty: the teacher context needs at least one token")
+            batch = build_context_batch(ctx, resp, pad_id=0, device=weight.device)
+            rows = response_hidden_states(model, batch)[batch.completion_mask]  # [sum T, H], response order
+            ids, logprobs = _chunked_topk(rows, weight, bias, top_k, temperature, softcap, chunk_size)
+            lengths = [len(r) for r in resp]
+            out.extend(zip(ids.split(lengths), logprobs.split(lengths)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _chunked_topk(hidden, weight, bias, k, temperature, softcap, chunk_size):
+    """Top-k ids and log-probs of ``softmax((hidden W^T + b) / temperature)`` over vocabulary chunks."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    lse = torch.full((n,), -math.inf, dtype=torch.float32, device=hidden.device)
+    best = torch.full((n, 0), -math.inf, dtype=torch.float32, device=hidden.device)
+    best_ids = torch.full((n, 0), PADDING_ID, dtype=torch.int64, device=hidden.device)
+    h = hidden.float()
+    for lo in range(0, vocab, chunk_size):
+        z = h @ weight[lo:lo + chunk_size].float().T
+        if bias is not None:
+            z = z + bias[lo:lo + chunk_size].float()
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        z = z / temperature
+        lse = torch.logaddexp(lse, z.logsumexp(dim=1))
+        # The chunk's own top-k first (a k-selection, not a sort of the chunk), then merged with the k so far.
+        top, top_ids = z.topk(min(k, z.shape[1]), dim=1)
+        merged, merged_ids = torch.cat([best, top], dim=1), torch.cat([best_ids, top_ids + lo], dim=1)
+        order = merged.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        best, best_ids = merged.gather(1, order), merged_ids.gather(1, order)
+    logprobs = (best - lse[:, None]).clamp(max=0.0)
+    if best.shape[1] < k:  # fewer tokens than k in the whole vocabulary
+        pad = k - best.shape[1]
+        logprobs = torch.cat([logprobs, logprobs.new_full((n, pad), -math.inf)], dim=1)
+        best_ids = torch.cat([best_ids, best_ids.new_full((n, pad), PADDING_ID)], dim=1)
+    return best_ids.cpu(), logprobs.cpu()
