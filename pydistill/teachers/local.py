@@ -51,28 +51,18 @@ def local_topk_logprobs(model, contexts: Sequence[Sequence[int]], responses: Seq
 
 
 def _chunked_topk(hidden, weight, bias, k, temperature, softcap, chunk_size):
-    """Top-k ids and log-probs of ``softmax((hidden W^T + b) / temperature)`` over vocabulary chunks."""
+    """Top-k ids and log-probs of ``softmax(cap(hidden W^T + b) / temperature)``: the op's running top-k over
+    ``chunk_size``-column vocabulary chunks, then its exact log-probs at those ids (no [n, V] tensor)."""
+    from ..token_stats import token_stats
+    from ..token_stats.topk import logprobs_at, topk_support
+
     n, vocab = hidden.shape[0], weight.shape[0]
-    lse = torch.full((n,), -math.inf, dtype=torch.float32, device=hidden.device)
-    best = torch.full((n, 0), -math.inf, dtype=torch.float32, device=hidden.device)
-    best_ids = torch.full((n, 0), PADDING_ID, dtype=torch.int64, device=hidden.device)
-    h = hidden.float()
-    for lo in range(0, vocab, chunk_size):
-        z = h @ weight[lo:lo + chunk_size].float().T
-        if bias is not None:
-            z = z + bias[lo:lo + chunk_size].float()
-        if softcap:
-            z = softcap * torch.tanh(z / softcap)
-        z = z / temperature
-        lse = torch.logaddexp(lse, z.logsumexp(dim=1))
-        # The chunk's own top-k first (a k-selection, not a sort of the chunk), then merged with the k so far.
-        top, top_ids = z.topk(min(k, z.shape[1]), dim=1)
-        merged, merged_ids = torch.cat([best, top], dim=1), torch.cat([best_ids, top_ids + lo], dim=1)
-        order = merged.sort(dim=1, descending=True, stable=True).indices[:, :k]
-        best, best_ids = merged.gather(1, order), merged_ids.gather(1, order)
-    logprobs = (best - lse[:, None]).clamp(max=0.0)
-    if best.shape[1] < k:  # fewer tokens than k in the whole vocabulary
-        pad = k - best.shape[1]
+    budget_mb = 3 * 4 * max(n, 1) * chunk_size / 2 ** 20  # topk_support's chunk width is this budget's
+    ids = topk_support(hidden, weight, min(k, vocab), bias=bias, memory_budget_mb=budget_mb)
+    logprobs = logprobs_at(hidden, weight, ids, bias=bias, temperature=temperature, softcap=softcap,
+                           lean_op=token_stats).clamp(max=0.0)
+    if ids.shape[1] < k:  # fewer tokens than k in the whole vocabulary
+        pad = k - ids.shape[1]
         logprobs = torch.cat([logprobs, logprobs.new_full((n, pad), -math.inf)], dim=1)
-        best_ids = torch.cat([best_ids, best_ids.new_full((n, pad), PADDING_ID)], dim=1)
-    return best_ids.cpu(), logprobs.cpu()
+        ids = torch.cat([ids, ids.new_full((n, pad), PADDING_ID)], dim=1)
+    return ids.cpu(), logprobs.float().cpu()
