@@ -35,6 +35,7 @@ class ROSDConfig(TrainConfig):
         "sibling", "the correct solution the teacher is shown: sibling | derived_sibling (a sibling that shows "
                    "its arithmetic, else the reference) | reference")
     explanation: bool = option(True, "put the reflection's explanation in the teacher context")
+    distill_correct_rollouts: bool = option(True, "distill correct rollouts too (the authors' default)")
     loss_span: Literal["suffix", "whole"] = option(
         "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")
     output_dir: str = "runs/rosd"
