@@ -440,10 +440,10 @@ def test_diversity_functions():
     assert distinct_ngram_ratio([["a", "b"], ["a", "b"]], n=1) == 0.5
     assert distinct_ngram_ratio([["a"]], n=2) == 0.0
     assert words("The  Answer\nis") == ["the", "answer", "is"]
-    out = group_diversity(["x y", "x y", "a 1", "b 2"], group_size=2)
+    out = group_diversity(["x y", "x y", "The answer is 1", "The answer is 2"], group_size=2)
     assert out["diversity/distinct_answers"] == 1.5  # group 1: one (None); group 2: two
     assert out["diversity/distinct_answer_share"] == 0.75
-    assert out["diversity/distinct_2grams"] == pytest.approx((1 / 2 + 1) / 2)
+    assert out["diversity/distinct_2grams"] == pytest.approx((1 / 2 + 4 / 6) / 2)
     with pytest.raises(ValueError, match="groups of 3"):
         group_diversity(["a", "b"], group_size=3)
     with pytest.raises(ValueError, match="n must be"):
