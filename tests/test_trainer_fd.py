@@ -281,7 +281,8 @@ def _eager_rows(model, batch, temperature=1.0):
     ("forward_kl", None, 1.0), ("reverse_kl", None, 1.0), ("jsd", None, 1.0), ("forward_kl", 1.05, 1.0),
     ("reverse_kl", None, 0.6), ("jsd", None, 1.3)])
 def test_fd_step_matches_an_eager_computation(tmp_path, divergence, importance_clip, teacher_temperature):
-    extra = dict(temperature=0.7) if importance_clip else {}
+    # sampled at 0.7, matched at 1: the importance ratio pi(y) / q_0.7(y) is not 1
+    extra = dict(temperature=0.7, loss_temperature=1.0) if importance_clip else {}
     trainer = make_trainer(tmp_path, divergence=divergence, jsd_beta=0.3, importance_clip=importance_clip,
                            teacher_temperature=teacher_temperature, **extra)
     with torch.no_grad():  # let the EMA teacher differ from the student too

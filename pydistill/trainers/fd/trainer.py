@@ -10,6 +10,7 @@ import torch
 from ...losses import blended_loss, distillation_loss
 from ...prompts import feedback_teacher_messages, render
 from ...token_stats import token_stats
+from ..config import loss_temperature
 from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from ..groups import sample_groups
 from ..grpo.trainer import GRPOTrainer
@@ -164,7 +165,7 @@ class FDTrainer(GRPOTrainer):
             if teacher_bias is not None:
                 teacher_bias = teacher_bias / cfg.teacher_temperature
         distill = dict(teacher_weight=teacher_weight, teacher_bias=teacher_bias, divergence=cfg.divergence,
-                       beta=cfg.jsd_beta, clip=cfg.clip)
+                       beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg))
         if cfg.distillation_weight == 1:
             old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
             return distillation_loss(hidden, lm_head_weight(self.model), teacher_hidden, self.trained_mask(prepared),

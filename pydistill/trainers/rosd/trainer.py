@@ -9,6 +9,7 @@ from ...losses import distillation_loss, first_error_mask
 from ...prompts import render, rosd_teacher_messages
 from ...tasks import derives_answer
 from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..config import loss_temperature
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups
 from ..rollout import SamplingSettings
@@ -202,6 +203,7 @@ class ROSDTrainer(Trainer):
             teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher), self.teacher.lm_head_weight()
         return distillation_loss(hidden, weight, teacher_hidden, mask, teacher_weight=teacher_weight,
                                  divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, bias=bias,
+                                 temperature=loss_temperature(cfg),
                                  teacher_bias=bias if teacher_weight is not None else None,
                                  targets=student.targets, importance_clip=cfg.importance_clip,
                                  num_items_in_batch=num_items_in_batch, impl=cfg.impl)
