@@ -106,7 +106,10 @@ def measure(model, tokenizer, task, problems, generations: int = 4, max_new_toke
                                     temperature=temperature, batch_size=batch_size)
     rows = contexts_for(task, problems, texts, generations)
     answers = {}
+    print(f"[precheck] {len(texts)} rollouts sampled; answering from {len(rows)} contexts", file=sys.stderr,
+          flush=True)
     for name, items in rows.items():
+        print(f"[precheck] {name}: {len(items)} problems", file=sys.stderr, flush=True)
         rendered = [render(tokenizer, m) for _, m in items]
         answers[name] = generate_completions(model, tokenizer, rendered, max_new_tokens=answer_tokens,
                                              batch_size=batch_size)[0] if rendered else []
