@@ -48,3 +48,10 @@ def test_nothing_informative_is_an_exact_zero_step(tmp_path):
     assert prepared["tokens"] == 0 and not trainer.trained_mask(prepared).any()
     out = trainer.loss(prepared, 1.0)
     assert float(out.loss) == 0.0
+
+
+def test_the_blend_reports_every_rollout_as_trained(tmp_path):
+    trainer = make_trainer(tmp_path, distillation_weight=0.5)
+    prepared = trainer.prepare(trainer.train_pool[:1])
+    trainer.finalize_batch([prepared])
+    assert prepared["metrics"]["distilled_rollouts_share"] == 1.0 and prepared["informative"].tolist() == [False, True]

@@ -125,7 +125,8 @@ class FDTrainer(GRPOTrainer):
         for p in prepared:
             p["metrics"].update(step_metrics)
             p["metrics"].update(teacher_prompt_tokens=p["teacher_prompt_tokens"], sibling_share=p["sibling_share"],
-                                distilled_rollouts_share=float(p["informative"].float().mean()))
+                                # the rows the loss trains on (the blend: all of them)
+                                distilled_rollouts_share=float(self.trained_mask(p).any(1).float().mean()))
 
     # ----- the loss ----------------------------------------------------------------------------------------
     def trained_mask(self, prepared: dict) -> torch.Tensor:
