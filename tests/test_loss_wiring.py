@@ -179,3 +179,24 @@ def test_a_bad_loss_temperature_is_one_clear_line(config):
 
     with pytest.raises(ValueError, match=r"^loss_temperature must be > 0 or None \(the sampling temperature\), got 0$"):
         getattr(trainers, config)(loss_temperature=0).validate()
+
+
+# ----- ExGRPO ------------------------------------------------------------------------------------------------
+def test_exgrpo_config_reaches_the_loss(tmp_path, monkeypatch):
+    import pydistill.trainers.exgrpo.trainer as exgrpo_module
+    from pydistill.trainers.exgrpo import StageReference
+    from tests.test_trainer_exgrpo import make_trainer as exgrpo_trainer
+
+    per_token = record(monkeypatch, exgrpo_module, "policy_gradient_per_token")
+    reduce = record(monkeypatch, exgrpo_module, "reduce_policy_loss")
+    trainer = exgrpo_trainer(tmp_path, beta=0.2, sft_coef=0.5, epsilon=0.1, epsilon_high=0.3, delta=2.0,
+                             entropy_coef=0.01, loss_type="bnpo")
+    trainer.teacher = StageReference(trainer.model)  # what train() does when stage 2 starts
+    prepared = trainer.prepare(trainer.train_pool)
+    trainer.finalize_batch([prepared])
+    out = trainer.loss(prepared, float(prepared["tokens"]))
+    kwargs = per_token[0][1]
+    assert (kwargs["beta"], kwargs["epsilon_low"], kwargs["epsilon_high"]) == (0.2, 0.1, 0.3)
+    assert (kwargs["delta"], kwargs["entropy_coef"]) == (2.0, 0.01) and kwargs["ref_logp"] is not None
+    assert reduce[0][0][2] == "bnpo"
+    assert float(out.loss) == pytest.approx(out.metrics["policy_loss"] + 0.5 * out.metrics["sft_loss"], rel=1e-5)
