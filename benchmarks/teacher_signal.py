@@ -113,7 +113,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
         successes = [i for i in members if correct[i]]
         for i in members:
             if successes and ids[i]:
-                sibling = next((s for s in successes if s != i), i)
+                sibling = next((s for s in successes if s != i), None)  # a sole success: none (as ROSD)
                 reflection = reflector.reflect_batch([dict(problem=repeated[i], attempt=texts[i],
                                                            answer=repeated[i].answer,
                                                            attempt_is_correct=correct[i])])[0]
@@ -171,7 +171,8 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
                                        for i, _, _ in rows]))
     correct_rows = torch.tensor([bool(correct[i]) for i, _, _ in rows for _ in range(len(ids[i]))])
     for context in contexts:
-        messages = [teacher_prompt(context, repeated[i], texts[i], texts[s], e) for i, s, e in rows]
+        messages = [teacher_prompt(context, repeated[i], texts[i], None if s is None else texts[s], e)
+                    for i, s, e in rows]
         teacher_ids = [tokenizer(render(tokenizer, m), add_special_tokens=False)["input_ids"] for m in messages]
         teacher_rows = hidden_rows(model, tokenizer, teacher_ids, completions)
         teacher_hidden = torch.cat(teacher_rows)

@@ -51,13 +51,16 @@ def feedback_teacher_messages(question: str, feedback: str | None, sibling: str 
     return [{"role": "user", "content": "\n\n".join(parts)}]
 
 
-def rosd_teacher_messages(question: str, sibling_solution: str, explanation: str | None,
+def rosd_teacher_messages(question: str, sibling_solution: str | None, explanation: str | None,
                           reference: bool = False) -> list:
     """ROSD teacher context: the problem, a correct sibling rollout (``reference``: the task's reference
-    solution instead), the reflection's explanation of where the attempt went wrong (never the quote itself;
-    None leaves it out), and a request to solve the original question correctly."""
+    solution instead), the reflection's explanation of where the attempt went wrong (never the quote itself),
+    and a request to solve the original question correctly. A section with nothing in it (None) is left out, as
+    the authors' code does for a correct rollout that is its group's only success."""
     source = "a reference solution" if reference else "a correct solution by another student"
-    parts = [question, f"Here is {source}:\n{sibling_solution}"]
+    parts = [question]
+    if sibling_solution:
+        parts.append(f"Here is {source}:\n{sibling_solution}")
     if explanation:
         parts.append(f"A review of an earlier attempt at this problem says:\n{explanation}")
     parts.append(f"Keep this in mind and solve the original question correctly.\n{STUDENT_INSTRUCTION}")

@@ -108,7 +108,7 @@ def test_verifier_feedback_names_the_wrong_step_and_the_answer():
     verify = VerifierFeedback()
     text = verify("q", "Tom has 3 + 4 = 8 apples, 8 * 2 = 16. The answer is 16.", "14")
     assert text == 'The step "3 + 4 = 8" is wrong: 3 + 4 = 7, not 8. The final answer 16 is not correct.'
-    assert verify("q", "3 + 4 = 7. The answer is 7.", "7") == "The final answer is correct."
+    assert verify("q", "3 + 4 = 7. The answer is 7.", "7") is None  # nothing the teacher could use
     assert verify("q", "I am not sure.", "7") == ('The attempt never states a final answer; end with "The answer '
                                                   'is" and the number.')
     assert verify("q", "2 * 3 = 6 so the answer is 6", None) is None  # nothing wrong, no reference to compare

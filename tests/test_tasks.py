@@ -30,10 +30,19 @@ def test_arithmetic_solutions_check_out(split):
 
 @pytest.mark.parametrize("text,answer", [
     ("so \\boxed{42} and then \\boxed{43}", "43"), ("The answer is $1,000.", "1000"), ("answer: 3.50", "3.5"),
-    ("#### -2", "-2"), ("we get 7 apples, then 9", "9"), ("no number", None), ("The answer is 7.0", "7"),
+    ("#### -2", "-2"), ("no number", None), ("The answer is 7.0", "7"),
+    # no answer format, no answer: a truncated ramble's last number is not a final answer (issue 29)
+    ("we get 7 apples, then 9", None), ("3 + 4 = 7, so 7 * 2 = 14 and then", None),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
+
+
+def test_a_truncated_ramble_ending_on_the_answer_is_not_correct():
+    task = ArithmeticTask()
+    p = task.problems("test", 1)[0]
+    assert not task.is_correct(p, f"Let me think. We have {p.answer}")
+    assert task.is_correct(p, f"So the answer is {p.answer}")
 
 
 def test_verifier():

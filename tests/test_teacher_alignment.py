@@ -175,24 +175,27 @@ def test_fd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path, o
     groups, teacher = prepared["groups"], prepared["teacher"]
     texts, ids = groups.rollouts.texts, groups.rollouts.completion_ids
     assert texts == [RIGHT, WRONG] * 2
-    prompts = []
+    prompts, informative = [], []
     for i, (problem, text) in enumerate(zip(groups.problems, texts)):
         feedback = expected_feedback(cfg, problem, text)
         assert prepared["feedback"][i] == feedback
         sibling = RIGHT if cfg.include_sibling and text == WRONG else None  # the RIGHT attempt has no other one
         prompt = render(tok, feedback_teacher_messages(problem.question, feedback, sibling, cfg.teacher_frame))
         prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
+        informative.append(bool(feedback) or sibling is not None)
         if cfg.feedback_content != "full" and text == WRONG:
             assert "11" not in prompt  # the wrong result never reaches the teacher
         if cfg.feedback == "verifier" and cfg.feedback_content != "reference_solution":
-            # feedback and reward agree: "correct" exactly for the rollouts the verifier rewards
-            assert ("The final answer is correct." in feedback) == bool(groups.correct[i])
+            # feedback and reward agree: nothing to say exactly on the rollouts the verifier rewards
+            assert (feedback is None) == bool(groups.correct[i])
     assert torch.equal(groups.student.targets, teacher.targets)
     assert torch.equal(groups.student.completion_mask, teacher.completion_mask)
     hidden = trainer.teacher.hidden_states(teacher)
     model = trainer.teacher.copy if trainer.teacher.copy is not None else trainer.model
     assert_scores_the_rollout(model, teacher, hidden, prompts, ids)
-    assert torch.equal(trainer.trained_mask(prepared), groups.student.completion_mask)  # every token is distilled
+    # only the rollouts whose teacher context holds feedback or a sibling are distilled, each whole
+    rows = torch.tensor(informative).unsqueeze(1)
+    assert torch.equal(trainer.trained_mask(prepared), groups.student.completion_mask & rows)
 
 
 def test_verifier_feedback_without_the_attempts_numbers():
@@ -200,7 +203,7 @@ def test_verifier_feedback_without_the_attempts_numbers():
     assert full("q", WRONG, "7") == 'The step "5 * 2 = 11" is wrong: 5 * 2 = 10, not 11. The final answer 11 is ' \
                                     'not correct.'
     assert clean("q", WRONG, "7") == 'One step is wrong: it should read "5 * 2 = 10". The final answer is not correct.'
-    assert clean("q", RIGHT, "7") == full("q", RIGHT, "7") == "The final answer is correct."
+    assert clean("q", RIGHT, "7") is None and full("q", RIGHT, "7") is None
     assert clean("q", "5 + 2 = 7. The answer is 8.", "7") == "The final answer is not correct."
     # the generic redaction keeps the question's numbers and withholds only what the attempt introduced
     assert without_attempt_numbers("Use 12 - 5, not 12 + 5 = 17; 7.5 is off, 17.", "12 + 5 = 17, or 7.5",
@@ -212,7 +215,7 @@ def test_verifier_corrections_state_every_right_value_and_no_attempt_number():
     corrections = VerifierFeedback(quote_attempt=False, state_answer=True)
     assert corrections("q", WRONG, "7") == ('One step is wrong: it should read "5 * 2 = 10". The final answer is not '
                                             'correct. The final answer should be 7.')
-    assert corrections("q", RIGHT, "7") == "The final answer is correct."
+    assert corrections("q", RIGHT, "7") is None
     assert corrections("q", "5 + 2 = 7. The answer is 8.", "7") == ("The final answer is not correct. The final "
                                                                     "answer should be 7.")
     assert corrections("q", "I am not sure.", "7").endswith('"The answer is" and the number. The final answer '

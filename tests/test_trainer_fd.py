@@ -1,5 +1,6 @@
 """Feedback Distillation: feedback sources through the trainer, the EMA teacher, the loss and the GRPO blend
 against separate / eager computations, FD -> GRPO, evaluation pass@k, diversity and bad configs."""
+import copy
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from pydistill.tasks import Task
 from pydistill.tasks.base import Problem
 from pydistill.trainers import TRAINERS, FDConfig, FDTrainer, GRPOConfig, GRPOTrainer
 from pydistill.trainers.checkpoint import latest_checkpoint
+from pydistill.trainers.contexts import response_hidden_states
 from pydistill.trainers.rollout import HFRolloutEngine, Rollouts
 
 RIGHT = "3 + 4 = 7. The answer is 7."
@@ -89,7 +91,7 @@ def test_verifier_feedback_builds_the_teacher_context(tmp_path):
     trainer = make_trainer(tmp_path, include_sibling=True)
     prepared = trainer.prepare(trainer.train_pool[:1])
     answer = trainer.train_pool[0].answer
-    assert prepared["feedback"] == ["The final answer is correct.",  # the default: right values only
+    assert prepared["feedback"] == [None,  # the default: right values only, nothing on a right attempt
                                     'One step is wrong: it should read "5 * 2 = 10". The final answer is not '
                                     f"correct. The final answer should be {answer}."]
     student, teacher = prepared["groups"].student, prepared["teacher"]
@@ -97,7 +99,7 @@ def test_verifier_feedback_builds_the_teacher_context(tmp_path):
     assert torch.equal(student.targets, teacher.targets)
     assert torch.equal(student.completion_mask, teacher.completion_mask)
     right, wrong = decoded_rows(trainer, teacher)
-    assert "Notes on this problem:\nThe final answer is correct." in right and "previous attempt" not in right
+    assert "Notes on this problem" not in right and "previous attempt" not in right
     context = wrong.split("<|im_start|>assistant")[0]  # what the teacher reads before the rollout
     assert '"5 * 2 = 10"' in context and "11" not in context
     assert f"Here is a correct solution:\n{RIGHT}" in wrong  # the sibling of the wrong attempt
@@ -218,20 +220,17 @@ def test_ema_teacher_update_is_exact(tmp_path):
 
 @pytest.mark.parametrize("teacher", ["fixed", "live"])
 def test_fixed_and_live_teachers(tmp_path, teacher):
-    # a source with nothing to say: the teacher context is the student's, so a live teacher has divergence 0
-    trainer = make_trainer(tmp_path, teacher=teacher, feedback_source=lambda *args: None, learning_rate=5e-2)
+    # (a source with nothing to say gives no loss at all: only rollouts with feedback are distilled)
+    trainer = make_trainer(tmp_path, teacher=teacher, feedback_source=lambda *args: "Count again.")
     assert (trainer.teacher.copy is None) == (teacher == "live")
-    first = trainer.training_step()
-    assert first["divergence"] == pytest.approx(0.0, abs=1e-6)  # same weights, same context: nothing to learn
-    with torch.no_grad():  # move the student: a fixed teacher now disagrees with it, a live one cannot
+    initial = copy.deepcopy(trainer.model)
+    with torch.no_grad():  # move the student: a fixed teacher stays at the initial weights, a live one follows
         torch.manual_seed(2)
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    second = trainer.training_step()
-    if teacher == "live":
-        assert second["divergence"] == pytest.approx(0.0, abs=1e-6) and second["loss"] == pytest.approx(0, abs=1e-6)
-    else:
-        assert second["divergence"] > 1e-6
+    batch = trainer.prepare(trainer.train_pool[:1])["teacher"]
+    want = response_hidden_states(trainer.model if teacher == "live" else initial, batch)
+    torch.testing.assert_close(trainer.teacher.hidden_states(batch), want)
 
 
 def _grads(model):
@@ -240,7 +239,8 @@ def _grads(model):
 
 def test_blend_gradient_is_the_weighted_sum_of_fd_and_grpo(tmp_path):
     w = 0.3
-    trainer = make_trainer(tmp_path, distillation_weight=w)
+    # feedback on every rollout: pure FD then distils every rollout too, as the blend's one mask does
+    trainer = make_trainer(tmp_path, distillation_weight=w, feedback_source=lambda *args: "Check each step.")
     prepared = [trainer.prepare(trainer.train_pool[:1])]
     trainer.finalize_batch(prepared)
     batch = prepared[0]
@@ -281,7 +281,8 @@ def _eager_rows(model, batch, temperature=1.0):
     ("forward_kl", None, 1.0), ("reverse_kl", None, 1.0), ("jsd", None, 1.0), ("forward_kl", 1.05, 1.0),
     ("reverse_kl", None, 0.6), ("jsd", None, 1.3)])
 def test_fd_step_matches_an_eager_computation(tmp_path, divergence, importance_clip, teacher_temperature):
-    extra = dict(temperature=0.7) if importance_clip else {}
+    # sampled at 0.7, matched at 1: the importance ratio pi(y) / q_0.7(y) is not 1
+    extra = dict(temperature=0.7, loss_temperature=1.0) if importance_clip else {}
     trainer = make_trainer(tmp_path, divergence=divergence, jsd_beta=0.3, importance_clip=importance_clip,
                            teacher_temperature=teacher_temperature, **extra)
     with torch.no_grad():  # let the EMA teacher differ from the student too
@@ -307,6 +308,8 @@ def test_fd_step_matches_an_eager_computation(tmp_path, divergence, importance_c
             teacher_rows = _eager_rows(trainer.teacher.copy, batch["teacher"], teacher_temperature)
         targets = batch["groups"].student.targets
         for row, (log_q, log_p) in enumerate(zip(student_rows, teacher_rows)):
+            if not batch["informative"][row]:  # no feedback, no sibling: no loss
+                continue
             p, q = log_p.exp(), log_q.exp()
             if divergence == "forward_kl":
                 per_token = (p * (log_p - log_q)).sum(-1)
@@ -350,7 +353,9 @@ def test_teacher_temperature_divides_the_teacher_logits_bias_included(tmp_path, 
                 teacher_rows = _eager_rows(trainer.model, batch["teacher"], 0.5)
         else:
             teacher_rows = _eager_rows(trainer.teacher.copy, batch["teacher"], 0.5)
-    eager = sum(float((q.exp() * (q - p)).sum()) for q, p in zip(student_rows, teacher_rows)) / batch["tokens"]
+    eager = sum(float((q.exp() * (q - p)).sum()) for q, p, kept in zip(student_rows, teacher_rows,
+                                                                      batch["informative"]) if kept)
+    eager = eager / batch["tokens"]
     assert got == pytest.approx(eager, rel=1e-4)
 
 
@@ -362,7 +367,8 @@ def test_training_step_metrics(tmp_path):
                 "teacher_prompt_tokens"):
         assert key in metrics, key
     assert metrics["diversity/distinct_answers"] == 2.0 and metrics["accuracy"] == 0.5
-    assert metrics["entropy"] > 0 and metrics["feedback/given"] == 4
+    assert metrics["entropy"] > 0 and metrics["feedback/given"] == 2  # the wrong attempts only
+    assert metrics["distilled_rollouts_share"] == 0.5
 
 
 # ----- FD -> GRPO -------------------------------------------------------------------------------------
@@ -440,10 +446,10 @@ def test_diversity_functions():
     assert distinct_ngram_ratio([["a", "b"], ["a", "b"]], n=1) == 0.5
     assert distinct_ngram_ratio([["a"]], n=2) == 0.0
     assert words("The  Answer\nis") == ["the", "answer", "is"]
-    out = group_diversity(["x y", "x y", "a 1", "b 2"], group_size=2)
+    out = group_diversity(["x y", "x y", "The answer is 1", "The answer is 2"], group_size=2)
     assert out["diversity/distinct_answers"] == 1.5  # group 1: one (None); group 2: two
     assert out["diversity/distinct_answer_share"] == 0.75
-    assert out["diversity/distinct_2grams"] == pytest.approx((1 / 2 + 1) / 2)
+    assert out["diversity/distinct_2grams"] == pytest.approx((1 / 2 + 4 / 6) / 2)
     with pytest.raises(ValueError, match="groups of 3"):
         group_diversity(["a", "b"], group_size=3)
     with pytest.raises(ValueError, match="n must be"):

@@ -55,15 +55,16 @@ def test_select_siblings_rule():
     correct = torch.tensor([[1, 0, 1, 0],   # mixed: wrong ones take the successes in turn
                             [0, 0, 0, 0],   # no success: skipped
                             [1, 1, 1, 1],   # zero spread: dropped
-                            [0, 1, 0, 0]], dtype=torch.bool)  # a single success: its own sibling
+                            [0, 1, 0, 0]], dtype=torch.bool)  # a single success: no sibling, never itself
     sel = select_siblings(correct)
-    assert sel.pairs == [(0, 2), (1, 0), (2, 0), (3, 2), (12, 13), (13, 13), (14, 13), (15, 13)]
+    assert sel.pairs == [(0, 2), (1, 0), (2, 0), (3, 2), (12, 13), (13, None), (14, 13), (15, 13)]
     assert (sel.zero_spread, sel.dropped, sel.skipped) == (2, 2, 1)
     kept = select_siblings(correct, drop_zero_spread=False)
     assert kept.pairs[4:8] == [(8, 9), (9, 10), (10, 11), (11, 8)]  # all-correct group kept: the next success
     assert (kept.dropped, kept.skipped) == (1, 1)
-    for i, s in kept.pairs:  # every sibling is a correct rollout of the same group
-        assert bool(correct.reshape(-1)[s]) and i // 4 == s // 4
+    for i, s in kept.pairs:  # every sibling is a correct rollout of the same group, never the rollout itself
+        assert s != i
+        assert s is None or (bool(correct.reshape(-1)[s]) and i // 4 == s // 4)
     with pytest.raises(ValueError, match=r"correct must be \[B, G\]"):
         select_siblings(torch.ones(4, dtype=torch.bool))
 
@@ -442,7 +443,7 @@ def test_step_check_explanations_never_state_the_final_answer():
                   attempt_is_correct=True),
              dict(problem=problem, attempt="The answer is 100003.", answer=problem.answer, attempt_is_correct=False)]
     for reflection in StepCheckReflector(TASK).reflect_batch(items):
-        assert problem.answer not in reflection.explanation and reflection.explanation
+        assert problem.answer not in reflection.explanation
 
 
 def test_support_topk_reaches_the_loss(tmp_path, monkeypatch):

@@ -45,16 +45,17 @@ def normalize_number(text: str) -> Optional[str]:
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer of a model output: the last \\boxed{...}, else "answer is X", else "#### X", else the
-    last number in the text. Normalized with :func:`normalize_number`; None when there is no number."""
+    """The final answer of a model output: the last \\boxed{...}, else "answer is X", else "#### X", normalized
+    with :func:`normalize_number`; None without one of these answer formats. Never "the last number in the
+    text": that counted truncated rambles as correct, and ROSD then showed them to its teacher as the correct
+    sibling (issue 29)."""
     for pattern in (_BOXED, _ANSWER_IS, _HASHES):
         found = pattern.findall(text)
         if found:
             number = _ANY_NUMBER.search(found[-1])
             if number:
                 return normalize_number(number.group(0))
-    numbers = _ANY_NUMBER.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
+    return None
 
 
 def reference_answer(gsm8k_answer: str) -> str:

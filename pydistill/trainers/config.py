@@ -204,3 +204,20 @@ def check_divergence(divergence: str, beta: float, clip: Optional[float]):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip (tau) must be > 0 or None, got {clip}")
+
+
+# The help text of every distillation config's ``loss_temperature`` field.
+LOSS_TEMPERATURE_HELP = ("temperature of both distributions in the loss; None: the sampling temperature (the "
+                         "authors' code divides both logits by it); 1.0: the raw logits")
+
+
+def loss_temperature(config) -> float:
+    """The temperature a distillation loss runs at: ``loss_temperature``, or the sampling temperature when None.
+    Matching distributions at 1 while sampling at 0.7 distils toward a flatter teacher than the one sampled."""
+    value = getattr(config, "loss_temperature", None)
+    return config.temperature if value is None else value
+
+
+def check_loss_temperature(value):
+    if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"loss_temperature must be > 0 or None (the sampling temperature), got {value!r}")

@@ -23,7 +23,11 @@ GRPO started from a Feedback Distillation checkpoint (the paper's best setting) 
 Feedback failures and timeouts never stop a run: they are counted (``feedback/failures``,
 ``feedback/timeouts`` per step) and logged, and an attempt without feedback (a failure, a timeout, or a source
 with nothing to say) gets the teacher context without a feedback section — the student prompt itself, or
-the prompt plus the sibling when there is one — so it is distilled toward the EMA teacher's plain view.
+the prompt plus the sibling when there is one. As in the author's TRL fork (``self_distillation_mask``), pure
+Feedback Distillation distils only rollouts whose teacher context carries feedback or a sibling; the others get
+no loss (``distilled_rollouts_share`` per step). The verifier writes nothing about a right attempt whose steps
+check out ("The final answer is correct." told the teacher nothing about it). In the blend, whose fused op takes
+one mask for both terms, the distillation term still covers every rollout.
 """
 from .config import FDConfig
 from .trainer import FDTrainer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import check_divergence
+from ..config import LOSS_TEMPERATURE_HELP, check_divergence, check_loss_temperature
 from ..fields import Literal, option
 from ..grpo.config import GRPOConfig
 
@@ -65,6 +65,7 @@ class FDConfig(GRPOConfig):
     # teacher less certain than itself (FD's feedback-conditioned teacher is, on SmolLM2-135M). Measured there:
     # tau 0.7 / 0.5 lowered the policy's entropy to 1.09 / 0.68 and gained no accuracy (20.3% / 7.8%, base 23.4%),
     # so the default stays 1 (RESULTS.md, "Feedback Distillation: more updates, and a sharper teacher").
+    loss_temperature: Optional[float] = option(None, LOSS_TEMPERATURE_HELP)
     teacher_temperature: float = option(1.0, "the teacher's logits are divided by this before the divergence (< 1: "
                                              "a sharper teacher)")
     clip: Optional[float] = option(None, "pointwise clip tau on each vocabulary entry's divergence term; None "
@@ -86,6 +87,7 @@ class FDConfig(GRPOConfig):
         if not self.lean_timeout > 0:
             raise ValueError(f"lean_timeout must be > 0 seconds, got {self.lean_timeout}")
         check_divergence(self.divergence, self.jsd_beta, self.clip)
+        check_loss_temperature(self.loss_temperature)
         if not self.teacher_temperature > 0:
             raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if not (isinstance(self.distillation_weight, (int, float)) and 0 <= self.distillation_weight <= 1):

@@ -119,7 +119,7 @@ class VerifierFeedback:
                 # in the student prompt's own answer format (prompts.STUDENT_INSTRUCTION), not another one
                 parts.append('The attempt never states a final answer; end with "The answer is" and the number.')
             elif _same_number(final, reference):
-                parts.append("The final answer is correct.")
+                pass  # "The final answer is correct." is the same on every right attempt: it tells nothing
             elif self.quote_attempt:
                 parts.append(f"The final answer {final} is not correct.")
             else:

@@ -10,6 +10,7 @@ import torch
 from ...losses import blended_loss, distillation_loss
 from ...prompts import feedback_teacher_messages, render
 from ...token_stats import token_stats
+from ..config import loss_temperature
 from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
 from ..groups import sample_groups
 from ..grpo.trainer import GRPOTrainer
@@ -87,10 +88,19 @@ class FDTrainer(GRPOTrainer):
                        ["input_ids"] for p, f, s in zip(batch.problems, feedback, siblings)]
         teacher = build_context_batch(teacher_ids, batch.rollouts.completion_ids, tok.pad_token_id,
                                       self.accelerator.device)
-        tokens = int(batch.student.completion_mask.sum())
-        return dict(groups=batch, teacher=teacher, feedback=feedback, feedback_stats=stats, tokens=tokens,
-                    generated_tokens=tokens, teacher_prompt_tokens=sum(map(len, teacher_ids)) / len(teacher_ids),
-                    sibling_share=sum(s is not None for s in siblings) / len(siblings))
+        # The author's self_distillation_mask: a rollout with neither feedback nor a sibling has the bare prompt as
+        # its teacher context, and pure FD leaves it out (the blend's GRPO term still trains on every rollout).
+        informative = torch.tensor([bool(f) or s is not None for f, s in zip(feedback, siblings)],
+                                   device=self.accelerator.device)
+        generated = int(batch.student.completion_mask.sum())
+        prepared = dict(groups=batch, teacher=teacher, feedback=feedback, feedback_stats=stats,
+                        informative=informative, generated_tokens=generated,
+                        teacher_prompt_tokens=sum(map(len, teacher_ids)) / len(teacher_ids),
+                        sibling_share=sum(s is not None for s in siblings) / len(siblings))
+        # the global normalizer: pure FD's distilled tokens, else every completion token (as GRPO)
+        pure = self.config.distillation_weight == 1
+        prepared["tokens"] = int(self.trained_mask(prepared).sum()) if pure else generated
+        return prepared
 
     @staticmethod
     def siblings(batch) -> list:
@@ -114,13 +124,20 @@ class FDTrainer(GRPOTrainer):
         step_metrics = dict(total.as_metrics(), **{"feedback/given_share": total.given / attempts})
         for p in prepared:
             p["metrics"].update(step_metrics)
-            p["metrics"].update(teacher_prompt_tokens=p["teacher_prompt_tokens"], sibling_share=p["sibling_share"])
+            p["metrics"].update(teacher_prompt_tokens=p["teacher_prompt_tokens"], sibling_share=p["sibling_share"],
+                                # the rows the loss trains on (the blend: all of them)
+                                distilled_rollouts_share=float(self.trained_mask(p).any(1).float().mean()))
 
     # ----- the loss ----------------------------------------------------------------------------------------
     def trained_mask(self, prepared: dict) -> torch.Tensor:
-        """Every completion token: the distillation term has a loss on zero-advantage rollouts too."""
+        """Pure FD: the tokens of rollouts whose teacher context carries feedback or a sibling. The blend: every
+        completion token (the fused blend takes one mask for both terms, and the GRPO term needs every rollout;
+        its distillation term so still covers rollouts without feedback)."""
+        mask = prepared["groups"].student.completion_mask
+        if self.config.distillation_weight == 1:
+            return mask & prepared["informative"].to(mask.device).unsqueeze(1)
         if self.config.distillation_weight > 0:
-            return prepared["groups"].student.completion_mask
+            return mask
         return super().trained_mask(prepared)
 
     def sampling_logp(self, hidden: torch.Tensor, student) -> torch.Tensor:
@@ -149,10 +166,10 @@ class FDTrainer(GRPOTrainer):
             if teacher_bias is not None:
                 teacher_bias = teacher_bias / cfg.teacher_temperature
         distill = dict(teacher_weight=teacher_weight, teacher_bias=teacher_bias, divergence=cfg.divergence,
-                       beta=cfg.jsd_beta, clip=cfg.clip)
+                       beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg))
         if cfg.distillation_weight == 1:
             old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
-            return distillation_loss(hidden, lm_head_weight(self.model), teacher_hidden, student.completion_mask,
+            return distillation_loss(hidden, lm_head_weight(self.model), teacher_hidden, self.trained_mask(prepared),
                                      targets=student.targets if cfg.importance_clip else None, old_logp=old_logp,
                                      importance_clip=cfg.importance_clip, entropy_coef=cfg.entropy_coef,
                                      bias=lm_head_bias(self.model), num_items_in_batch=num_items_in_batch,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import TrainConfig, check_divergence
+from ..config import LOSS_TEMPERATURE_HELP, TrainConfig, check_divergence, check_loss_temperature
 from ..fields import Literal, option
 
 
@@ -17,13 +17,12 @@ class OPSDConfig(TrainConfig):
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("forward_kl", "the divergence distilled")
     beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
     clip: Optional[float] = option(0.05, "pointwise clip tau on each vocabulary entry's term; None disables")
-    loss_temperature: float = option(1.0, "temperature of the distributions being matched (not the sampling one)")
+    loss_temperature: Optional[float] = option(None, LOSS_TEMPERATURE_HELP)
     sampled_token: bool = option(False, "the sampled-token variant: advantage = logp_teacher(y) - logp_student(y)")
     output_dir: str = "runs/opsd"
 
     def validate(self):
         super().validate()
         check_divergence(self.divergence, self.beta, self.clip)
-        if not self.loss_temperature > 0:
-            raise ValueError(f"loss_temperature must be > 0, got {self.loss_temperature}")
+        check_loss_temperature(self.loss_temperature)
         return self

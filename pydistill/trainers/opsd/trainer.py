@@ -9,6 +9,7 @@ from ...losses import distillation_loss, sampled_token_distillation_loss
 from ...prompts import opsd_teacher_messages, render, student_messages
 from ...token_stats import token_stats
 from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..config import loss_temperature
 from ..core import Trainer
 
 
@@ -59,13 +60,13 @@ class OPSDTrainer(Trainer):
                                            torch.full_like(teacher.targets, -100)).reshape(-1)
                 teacher_logp = token_stats(teacher_hidden.reshape(b * t, -1),
                                            weight if teacher_weight is None else teacher_weight,
-                                           targets=flat_targets, bias=bias, temperature=cfg.loss_temperature,
+                                           targets=flat_targets, bias=bias, temperature=loss_temperature(cfg),
                                            impl=cfg.impl).logp.reshape(b, t)
             return sampled_token_distillation_loss(hidden, weight, student.targets, teacher_logp,
-                                                   student.completion_mask, temperature=cfg.loss_temperature,
+                                                   student.completion_mask, temperature=loss_temperature(cfg),
                                                    bias=bias, num_items_in_batch=num_items_in_batch, impl=cfg.impl)
         return distillation_loss(hidden, weight, teacher_hidden, student.completion_mask,
                                  teacher_weight=teacher_weight, divergence=cfg.divergence, beta=cfg.beta,
-                                 clip=cfg.clip, temperature=cfg.loss_temperature, bias=bias,
+                                 clip=cfg.clip, temperature=loss_temperature(cfg), bias=bias,
                                  teacher_bias=bias if teacher_weight is not None else None,
                                  num_items_in_batch=num_items_in_batch, impl=cfg.impl)

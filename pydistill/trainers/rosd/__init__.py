@@ -22,15 +22,19 @@ prefix before t* are gathered out before the op and cost nothing. No policy-grad
 
 Sibling rule: an incorrect rollout takes the group's correct rollouts in turn (the k-th incorrect rollout the
 (k mod C)-th of the C correct ones), so the teacher contexts spread over the successes. A correct rollout takes
-the next other correct rollout of its group (cyclically); when it is the group's only success it is its own
-sibling (the teacher then sees this very solution, which distills it toward a confident copy of itself).
+the next other correct rollout of its group (cyclically); when it is the group's only success it has none and
+its teacher context has no solution section, only the reflection (the authors' ``dont_reprompt_on_self_success``:
+shown itself, it was distilled toward a confident copy of itself). A rollout whose teacher context then holds
+neither a solution nor a reflection (the step checker has nothing to say about a correct rollout) gets no loss
+and is counted (``uninformative_rollouts``). The step checker writes no canned text where it finds no error.
+``distill_correct_rollouts=False`` leaves every correct rollout out.
 
 Paper defaults: G = 8, JSD beta 0.5, importance clip 2, fixed teacher, lr 1e-5 with 10 warm-up steps, batch 32.
 
 What the teacher is shown as the correct solution (``privileged``): the paper's sibling; ``"derived_sibling"``,
 a correct sibling that derives the answer in checked arithmetic (never the rollout itself), else the task's
 reference solution; or ``"reference"``, always the reference solution. Which rollouts are kept does not change.
-(A verifier that reads the last number accepts bare guesses as correct: ``derived_sibling`` never shows one.)
+(A bare "The answer is 12." is correct for the verifier but derives nothing: ``derived_sibling`` never shows one.)
 The step-check reflector's explanations, like the model reflector's instruction, do not state the final answer.
 Measured on SmolLM2-135M (benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis"): at the paper's setting, with
 either privileged text, the student collapses to answering first and guessing; without the explanation, with

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import TrainConfig, check_divergence
+from ..config import LOSS_TEMPERATURE_HELP, TrainConfig, check_divergence, check_loss_temperature
 from ..fields import Literal, option
 
 
@@ -18,6 +18,7 @@ class ROSDConfig(TrainConfig):
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option("jsd", "the divergence distilled")
     beta: float = option(0.5, "JSD interpolation (0: forward KL, 1: reverse KL)")
     clip: Optional[float] = option(None, "optional pointwise clip tau (OPSD's); ROSD uses none")
+    loss_temperature: Optional[float] = option(None, LOSS_TEMPERATURE_HELP)
     # cap on the detached per-token importance ratio exp(logp - logp_old); None disables. One update per batch of
     # fresh rollouts makes logp_old = logp (weight 1) here; the cap matters for off-policy or stale rollouts.
     importance_clip: Optional[float] = option(2.0, "cap on the detached per-token importance ratio; None disables")
@@ -35,6 +36,7 @@ class ROSDConfig(TrainConfig):
         "sibling", "the correct solution the teacher is shown: sibling | derived_sibling (a sibling that shows "
                    "its arithmetic, else the reference) | reference")
     explanation: bool = option(True, "put the reflection's explanation in the teacher context")
+    distill_correct_rollouts: bool = option(True, "distill correct rollouts too (the authors' default)")
     loss_span: Literal["suffix", "whole"] = option(
         "suffix", "distilled tokens: suffix (from the first error on; correct rollouts whole) or the whole rollout")
     support_topk: Optional[int] = option(
@@ -47,6 +49,7 @@ class ROSDConfig(TrainConfig):
         check_divergence(self.divergence, self.beta, self.clip)
         if self.support_topk is not None and (isinstance(self.support_topk, bool) or self.support_topk < 1):
             raise ValueError(f"support_topk must be a positive integer or None, got {self.support_topk!r}")
+        check_loss_temperature(self.loss_temperature)
         if self.importance_clip is not None and not self.importance_clip > 0:
             raise ValueError(f"importance_clip must be > 0 or None, got {self.importance_clip}")
         if not self.reflection_temperature > 0:

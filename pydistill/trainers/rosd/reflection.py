@@ -32,8 +32,11 @@ class Reflection:
     parsed: bool = True
 
 
-def reflection_prompt(question: str, correct_solution: str, attempt: str, answer: str, attempt_is_correct: bool) -> str:
-    """The instruction the model reflector answers, in the project's own words."""
+def reflection_prompt(question: str, correct_solution: Optional[str], attempt: str, answer: str,
+                      attempt_is_correct: bool) -> str:
+    """The instruction the model reflector answers, in the project's own words. ``correct_solution`` None (a
+    correct attempt that is its group's only success) leaves that section out: the attempt is not shown as its
+    own reference."""
     if attempt_is_correct:
         task = (
             "The attempt below reaches the correct final answer. Explain briefly why its reasoning is right.\n"
@@ -47,10 +50,9 @@ def reflection_prompt(question: str, correct_solution: str, attempt: str, answer
             "Reply exactly in this format:\n<first_error>exact quote from the attempt</first_error>\n"
             "<explanation>...</explanation>"
         )
-    return (
-        f"Problem:\n{question}\n\nA correct solution:\n{correct_solution}\n\nThe correct final answer is {answer}.\n\n"
-        f"Attempt to review:\n{attempt}\n\n{task}"
-    )
+    solution = f"A correct solution:\n{correct_solution}\n\n" if correct_solution else ""
+    return (f"Problem:\n{question}\n\n{solution}The correct final answer is {answer}.\n\n"
+            f"Attempt to review:\n{attempt}\n\n{task}")
 
 
 def _tag(text: str, name: str) -> Optional[str]:
@@ -158,7 +160,9 @@ class StepCheckReflector:
 
     Its explanations explain the mistake without stating the final answer, as the model reflector is told to.
     (Stating it was tested as a cause of ROSD's collapse on SmolLM2-135M and refuted: RESULTS.md, "ROSD/FD
-    collapse: diagnosis".)"""
+    collapse: diagnosis".) Where it has nothing to say (a correct attempt, or a wrong one whose steps all check
+    out) the explanation is empty and the teacher context has no reflection section: a canned sentence would
+    be the same for every such rollout and tell the teacher nothing about it (issue 29)."""
 
     def __init__(self, task):
         self.task = task
@@ -167,12 +171,11 @@ class StepCheckReflector:
         out = []
         for item in items:
             if item["attempt_is_correct"]:
-                out.append(Reflection(None, "Every step is arithmetically right and the final answer matches."))
+                out.append(Reflection(None, ""))
                 continue
             error = self.task.first_error(item["problem"], item["attempt"])
-            if error is None:
-                out.append(Reflection(None, "The arithmetic steps check out, but the final answer is wrong: the "
-                                            "plan of the solution is wrong.", parsed=False))
+            if error is None:  # counted as a fallback (t* = 0) by the trainer
+                out.append(Reflection(None, "", parsed=False))
             else:
                 out.append(Reflection(error.quote, error.explanation))
         return out

@@ -9,6 +9,7 @@ from ...losses import distillation_loss, first_error_mask
 from ...prompts import render, rosd_teacher_messages
 from ...tasks import derives_answer
 from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..config import loss_temperature
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups
 from ..rollout import SamplingSettings
@@ -17,7 +18,7 @@ from .reflection import ModelReflector, StepCheckReflector, first_error_token_in
 
 
 class GroupSelection(NamedTuple):
-    pairs: list  # (rollout index, sibling index) of every kept rollout, in rollout order
+    pairs: list  # (rollout index, sibling index or None) of every kept rollout, in rollout order
     zero_spread: int  # groups whose rollouts are all correct or all incorrect
     dropped: int  # groups left out (no success, or zero spread with drop_zero_spread)
     skipped: int  # prompts without any successful rollout
@@ -27,7 +28,7 @@ def select_siblings(correct: torch.Tensor, drop_zero_spread: bool = True) -> Gro
     """Which rollouts ROSD trains on and the correct sibling of each; ``correct`` is [B, G] bool.
 
     See the package docstring for the rule (incorrect rollouts take the successes in turn; a correct one the
-    next other success, or itself when it is the only one)."""
+    next other success, or None when it is the only one: never itself)."""
     if correct.dim() != 2:
         raise ValueError(f"correct must be [B, G], got {tuple(correct.shape)}")
     pairs, zero_spread, dropped, skipped = [], 0, 0, 0
@@ -48,11 +49,11 @@ def select_siblings(correct: torch.Tensor, drop_zero_spread: bool = True) -> Gro
         for j in range(g):
             if flags[j]:
                 others = [c for c in successes if c > j] + [c for c in successes if c < j]
-                sibling = others[0] if others else j
+                sibling = group * g + others[0] if others else None
             else:
-                sibling = successes[wrong_seen % len(successes)]
+                sibling = group * g + successes[wrong_seen % len(successes)]
                 wrong_seen += 1
-            pairs.append((group * g + j, group * g + sibling))
+            pairs.append((group * g + j, sibling))
     return GroupSelection(pairs, zero_spread, dropped, skipped)
 
 
@@ -97,8 +98,8 @@ class ROSDTrainer(Trainer):
         reflections = self.reflector.reflect_batch(items) if items else []
         if len(reflections) != len(items):
             raise ValueError(f"the reflector returned {len(reflections)} reflections for {len(items)} rollouts")
-        counts = dict(parse_failures=0, quote_missing=0, quote_not_found=0, located=0, incorrect=0)
-        t_stars, teacher_ids = [], []
+        counts = dict(parse_failures=0, quote_missing=0, quote_not_found=0, located=0, incorrect=0, uninformative=0)
+        t_stars, teacher_ids, silent = [], [], []
         for (i, _), reflection, solution in zip(selection.pairs, reflections, shown):
             counts["parse_failures"] += not reflection.parsed
             t_star = 0  # correct rollouts, and every fallback, distill the whole rollout
@@ -116,6 +117,11 @@ class ROSDTrainer(Trainer):
             t_stars.append(t_star)
             question = batch.problems[i].question
             explanation = reflection.explanation if cfg.explanation else None
+            # A teacher context with neither a solution nor a reflection is the problem alone: nothing to distill
+            # toward (the authors' self_distillation_mask). Correct rollouts optionally left out too.
+            no_signal = not solution and not explanation
+            counts["uninformative"] += no_signal
+            silent.append(no_signal or (bool(correct[i]) and not cfg.distill_correct_rollouts))
             prompt = render(tok, rosd_teacher_messages(question, solution, explanation,
                                                        reference=solution is batch.problems[i].solution))
             teacher_ids.append(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -128,6 +134,7 @@ class ROSDTrainer(Trainer):
                                           device)
             teacher = build_context_batch(teacher_ids, completions, tok.pad_token_id, device)
             mask = first_error_mask(torch.tensor(t_stars, device=device), student.completion_mask)
+            mask = mask & ~torch.tensor(silent, device=device).unsqueeze(1)
         else:
             # Every group dropped: one row with an empty mask keeps the step uniform (a forward, a zero loss,
             # zero gradients) so that gradient accumulation and DDP need no special case.
@@ -144,22 +151,26 @@ class ROSDTrainer(Trainer):
                     reflections=reflections, counts=counts, tokens=int(mask.sum()), generated_tokens=generated,
                     metrics=metrics)
 
-    def privileged_text(self, problem, index: int, sibling: int, texts: list, correct: torch.Tensor) -> str:
+    def privileged_text(self, problem, index: int, sibling, texts: list, correct: torch.Tensor):
         """The correct solution the teacher context of rollout ``index`` shows (``privileged``): its sibling, the
         reference, or (``derived_sibling``) the first success of its group, from the sibling on and never the
-        rollout itself, that derives the answer in checked arithmetic, else the reference when the task has one."""
+        rollout itself, that derives the answer in checked arithmetic, else the reference when the task has one.
+        None (no solution section) for a sole success under "sibling": never the rollout itself."""
         mode = self.config.privileged
         if mode == "reference":
             return problem.solution
-        if mode == "sibling":
-            return texts[sibling]
+        if sibling is None and mode == "sibling":
+            return None
         g = self.config.num_generations
         start = index - index % g
+        sibling = index if sibling is None else sibling
+        if mode == "sibling":
+            return texts[sibling]
         order = [j for j in range(sibling, start + g)] + [j for j in range(start, sibling)]
         for j in order:
             if j != index and bool(correct[j]) and derives_answer(texts[j], problem.answer):
                 return texts[j]
-        return problem.solution or texts[sibling]
+        return problem.solution or (texts[sibling] if sibling != index else None)
 
     def finalize_batch(self, prepared: list) -> None:
         """Counts over the optimizer step's micro-batches, written into each one's metrics (the core averages
@@ -176,7 +187,8 @@ class ROSDTrainer(Trainer):
                     groups_dropped_fraction=share("dropped", "groups"), prompts_skipped=total["skipped"],
                     prompts_skipped_fraction=share("skipped", "groups"), kept_rollouts=total["kept"],
                     distilled_tokens=total["distilled"],
-                    distilled_token_fraction=share("distilled", "kept_tokens"))
+                    distilled_token_fraction=share("distilled", "kept_tokens"),
+                    uninformative_rollouts=total["uninformative"])
         for p in prepared:
             p["metrics"] = dict(p["metrics"], **step)
 
@@ -191,6 +203,7 @@ class ROSDTrainer(Trainer):
             teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher), self.teacher.lm_head_weight()
         return distillation_loss(hidden, weight, teacher_hidden, mask, teacher_weight=teacher_weight,
                                  divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, bias=bias,
+                                 temperature=loss_temperature(cfg),
                                  teacher_bias=bias if teacher_weight is not None else None,
                                  targets=student.targets, importance_clip=cfg.importance_clip,
                                  support_topk=cfg.support_topk if teacher is not None else None,
