@@ -74,9 +74,43 @@ class Teacher:
             params[name].data.copy_(value)
 
 
+class ServedTeacher:
+    """A teacher on a vLLM-compatible server (``--teacher-url``): the top-k log-probs of each rollout's tokens
+    under its teacher context, for the op's top-k teacher path. It holds no weights: the server's model is the
+    teacher (fixed unless the server is updated), so there is nothing to update or checkpoint."""
+
+    kind = "served"
+
+    def __init__(self, url: str, top_k: int, model=None, temperature: float = 1.0, timeout_s: float = 60.0):
+        self.url, self.top_k, self.model, self.temperature, self.timeout_s = url, top_k, model, temperature, timeout_s
+
+    def topk(self, batch: ContextBatch):
+        """``(ids [B, T, k], logprobs [B, T, k])`` of the batch's completions, aligned with its ``targets``."""
+        from ..teachers import server_topk_logprobs, stack_topk
+
+        lengths = batch.completion_mask.sum(1).tolist()
+        # right-padded context + completion: the completion starts where the context ends
+        starts = [int(total) - n for total, n in zip(batch.attention_mask.sum(1).tolist(), lengths)]
+        ids = batch.input_ids.tolist()
+        contexts = [row[:start] for row, start in zip(ids, starts)]
+        responses = [row[start:start + n] for row, start, n in zip(ids, starts, lengths)]
+        pairs = server_topk_logprobs(self.url, contexts, responses, top_k=self.top_k, model=self.model,
+                                     temperature=self.temperature, timeout_s=self.timeout_s)
+        return stack_topk(pairs, length=batch.targets.shape[1], device=batch.targets.device)
+
+    def update(self):
+        return None
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state):
+        return None
+
+
 def causal_lm_wrapper(model):
     """The model without a DDP wrapper (peft wrapper kept: it owns disable_adapter)."""
     return getattr(model, "module", model)
 
 
-__all__ = ["Teacher", "causal_lm", "causal_lm_wrapper"]
+__all__ = ["ServedTeacher", "Teacher", "causal_lm", "causal_lm_wrapper"]
