@@ -245,20 +245,27 @@ def stats_forward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, 
         if resident:
             block = state[:, r0:r1]
             folds.divergence_fold(z_s, z_t, _lse(block, M_S, S_S), _lse(block, M_T, S_T), sums[:, r0:r1], cfg)
-    lse_s = _lse(state, M_S, S_S)
-    entropy = torch.log(state[S_S]) + state[A_S] / state[S_S]
-    zeros = torch.zeros_like(lse_s)
-    logp = state[Z_Y] - lse_s if targets is not None else zeros
-    if not ops.two:
-        return logp, entropy, zeros, lse_s, zeros, zeros
-    lse_t = _lse(state, M_T, S_T)
-    if cfg.needs_second_sweep and not resident:
+    if ops.two and cfg.needs_second_sweep and not resident:
+        lse_s, lse_t = _lse(state, M_S, S_S), _lse(state, M_T, S_T)
         sums = torch.zeros(2, n, device=ops.device, dtype=ops.acc)
         for r0, r1 in _row_blocks(n, plan):
             logits = _Logits(ops, plan, r0, r1, True)
             for c0, c1 in _col_chunks(vocab, plan):
                 z_s, z_t = logits.chunk(c0, c1)
                 folds.divergence_fold(z_s, z_t, lse_s[r0:r1], lse_t[r0:r1], sums[:, r0:r1], cfg)
+    return finish_forward(state, sums, cfg, targets is not None)
+
+
+def finish_forward(state, sums, cfg: StatsConfig, has_targets: bool):
+    """Per-row (logp, entropy, divergence, lse_s, lse_t, grad_sum) from the final online state and, for JSD
+    and the clip, the second sweep's ``sums`` [2, N]. Shared by the lean and the fast forward."""
+    lse_s = _lse(state, M_S, S_S)
+    entropy = torch.log(state[S_S]) + state[A_S] / state[S_S]
+    zeros = torch.zeros_like(lse_s)
+    logp = state[Z_Y] - lse_s if has_targets else zeros
+    if cfg.divergence is None:
+        return logp, entropy, zeros, lse_s, zeros, zeros
+    lse_t = _lse(state, M_T, S_T)
     if cfg.needs_second_sweep:
         return logp, entropy, sums[0], lse_s, lse_t, sums[1]
     if cfg.divergence == "forward_kl":
