@@ -162,7 +162,7 @@ def test_fast_plan_crossover():
     assert full.fast_rows == 2048 and full.lean_budget_mb == 4096
     part = plan(256)
     assert 0 < part.fast_rows < 2048 and part.fast_rows % part.rows == 0
-    assert part.fast_rows * 49152 * 4 / 2 ** 20 + loop.DEFAULT_MEMORY_BUDGET_MB / 2 <= 256 + 1e-9
+    assert part.fast_rows * 49152 * 4 / 2 ** 20 + loop.LEAN_BUDGET_MB / 2 <= 256 + 1e-9
     assert plan(16).fast_rows == 40 and plan(4) is None  # one block of 8 rows, resident logits, no longer fits
     bigger = plan(1024, n=8192)
     assert part.fast_rows < bigger.fast_rows < 8192  # the gain grows with the budget

@@ -10,7 +10,7 @@ from .distillation import distillation_per_token
 from .output import LossOutput, masked_mean
 from .policy_gradient import check_policy_options, policy_gradient_per_token, policy_metrics, reduce_policy_loss
 from .reductions import reduce_tokens
-from .stats import op_options, sequence_token_stats
+from .stats import DEFAULT_MEMORY_BUDGET_MB, op_options, sequence_token_stats
 from .validation import check_per_token, check_positive, check_sequence_layout
 
 
@@ -42,6 +42,7 @@ def blended_loss(
     bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     impl: str = "auto",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> LossOutput:
     """``w * distillation + (1 - w) * policy gradient`` from a single call of the core op.
 
@@ -50,6 +51,8 @@ def blended_loss(
     token-mean (divided by ``num_items_in_batch`` when given); the policy part is :func:`grpo_loss` with
     ``loss_type`` (its KL coefficient is ``kl_beta`` here, since ``beta`` is the JSD's). ``w`` =
     ``distillation_weight`` in [0, 1]; its gradient is exactly the weighted sum of the two losses' gradients.
+    Two outputs carry gradient (logp and the divergence) with per-token weights not known in the forward, so
+    the fast mode keeps two gradient bases: it needs twice the ``memory_budget_mb`` of either loss alone.
     """
     b, t, mask = check_sequence_layout(hidden, mask)
     if not (isinstance(distillation_weight, (int, float)) and 0.0 <= distillation_weight <= 1.0):
@@ -65,7 +68,8 @@ def blended_loss(
     logp, entropy, div = sequence_token_stats(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip))
+                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip,
+                     memory_budget_mb=memory_budget_mb, differentiated=("logp", "divergence")))
     distill_tokens, _ = distillation_per_token(div, logp)
     distill = reduce_tokens(distill_tokens, mask, "token_mean", num_items_in_batch)
     pg_tokens, stats = policy_gradient_per_token(

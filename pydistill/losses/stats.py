@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..token_stats import token_stats
+from ..token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
 from .validation import check_per_token
 
 
@@ -34,6 +35,10 @@ def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=N
 
 
 def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None, impl="auto",
-               divergence: Optional[str] = None, beta: float = 0.5, clip: Optional[float] = None) -> dict:
+               divergence: Optional[str] = None, beta: float = 0.5, clip: Optional[float] = None,
+               memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, differentiated=None) -> dict:
+    """The op's options of a loss; ``differentiated`` names the outputs the loss differentiates (the fast
+    mode keeps one gradient basis per name, so naming only those keeps the budget for rows)."""
     return dict(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip)
+                softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip,
+                memory_budget_mb=memory_budget_mb, differentiated=differentiated)

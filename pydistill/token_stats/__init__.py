@@ -133,8 +133,9 @@ def token_stats(
             gradient is formed in the forward and the backward costs dH and dW only (4 GEMM passes of 2NHV for
             two contexts instead of 6); *partial* when only some rows' basis fits: those rows fast, the rest
             lean; *lean* below that: no [N, V] buffer, the backward recomputes each chunk once. Chunk sizes are
-            the largest that fit. The default (see ``loop.DEFAULT_MEMORY_BUDGET_MB``) keeps a two-context bf16
-            call at N=8192, H=4096, V=151936 within 256 MB on CUDA.
+            the largest that fit. The default, 4096 MB (``loop.DEFAULT_MEMORY_BUDGET_MB``), is what TRL's chunked
+            head already takes at N=8192, H=4096, V=151936 (~3.7 GiB): a one-output loss runs fast there.
+            256 MB keeps a two-context bf16 call at that shape lean on CUDA.
         differentiated: the outputs whose gradient the caller's loss uses, among ``"logp"``, ``"entropy"`` and
             ``"divergence"``; default all that exist (logp with targets, the divergence with a teacher). The
             fast mode keeps one basis per name; a backward where an output outside it carries gradient runs

@@ -24,7 +24,7 @@ from .config import StatsConfig
 from .folds import M_S, M_T, S_S, S_T, STATE_ROWS
 
 OUTPUTS = ("logp", "entropy", "divergence")
-# At most this share of the budget, and never more than the default, is kept for the lean rows of a partial
+# At most this share of the budget, and never more than LEAN_BUDGET_MB, is kept for the lean rows of a partial
 # plan: beyond a few hundred MB wider lean chunks gain little, while each basis row saves a third of its GEMMs.
 LEAN_RESERVE_SHARE = 0.5
 # Rows per fast block: more rows amortise each read of W; the block's logits must stay resident.
@@ -80,7 +80,7 @@ def plan_fast(n: int, width: int, vocab: int, dtype: torch.dtype, device: torch.
     stacked = two_contexts and shared_head
     if n * per_row + working(rows) <= budget:
         return FastPlan(fast_rows=n, rows=rows, cols=cols, stacked=stacked, lean_budget_mb=budget_mb)
-    reserve = min(budget * LEAN_RESERVE_SHARE, loop.DEFAULT_MEMORY_BUDGET_MB * 2 ** 20)
+    reserve = min(budget * LEAN_RESERVE_SHARE, loop.LEAN_BUDGET_MB * 2 ** 20)
     fast_rows = int((budget - max(working(rows), reserve)) // per_row) // rows * rows
     if fast_rows < max(rows, MIN_FAST_BLOCK_ROWS[kind]):
         return None
