@@ -193,4 +193,5 @@ class ROSDTrainer(Trainer):
                                  divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, bias=bias,
                                  teacher_bias=bias if teacher_weight is not None else None,
                                  targets=student.targets, importance_clip=cfg.importance_clip,
-                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl)
+                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl,
+                                 memory_budget_mb=cfg.memory_budget_mb)
