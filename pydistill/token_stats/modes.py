@@ -47,9 +47,9 @@ class _TokenStatsFunction(torch.autograd.Function):
         ctx.differentiated, ctx.basis = differentiated, None
         parts = []
         if f:
-            *stats, ctx.basis = fast.fast_forward(folds, fast_plan, hidden[:f], weight, bias, _rows(teacher_hidden, 0, f),
-                                                  teacher_weight, teacher_bias, _rows(targets, 0, f), cfg,
-                                                  differentiated)
+            *stats, ctx.basis = fast.fast_forward(folds, fast_plan, hidden[:f], weight, bias,
+                                                  _rows(teacher_hidden, 0, f), teacher_weight, teacher_bias,
+                                                  _rows(targets, 0, f), cfg, differentiated)
             parts.append(stats)
         if f < n:
             parts.append(_lean_forward(folds, cfg, impl, fast_plan.lean_budget_mb if f else budget_mb, hidden[f:],
