@@ -90,12 +90,13 @@ def plan_fast(n: int, width: int, vocab: int, dtype: torch.dtype, device: torch.
                     lean_budget_mb=(budget - fast_rows * per_row) / 2 ** 20)
 
 
-def _chunk_logits(ops, plan: FastPlan, r0, r1, c0, c1, two):
-    """(z_s, z_t) raw float logits [R, c1 - c0] of rows r0:r1, in fresh memory (they stay resident)."""
+def _chunk_logits(ops, stack, r0, r1, c0, c1, two):
+    """(z_s, z_t) raw float logits [R, c1 - c0] of rows r0:r1, in fresh memory (they stay resident); ``stack``
+    is the block's [2R, H] student-over-teacher rows when both contexts share the head, else None."""
     rows, w = r1 - r0, ops.weight_chunk(ops.w, c0, c1).t()
     buffer = torch.empty((2 if two else 1) * rows, c1 - c0, device=ops.device, dtype=ops.acc)
-    if two and plan.stacked:
-        ops.mm(torch.cat([ops.h[r0:r1], ops.ht[r0:r1]]), w, buffer)
+    if stack is not None:
+        ops.mm(stack, w, buffer)
     else:
         ops.mm(ops.h[r0:r1], w, buffer[:rows])
         if two:
@@ -128,7 +129,8 @@ def fast_forward(folds, plan: FastPlan, hidden, weight, bias, teacher_hidden, te
     col_chunks = [(c0, min(c0 + plan.cols, vocab)) for c0 in range(0, vocab, plan.cols)]
     for r0 in range(0, n, plan.rows):
         r1 = min(r0 + plan.rows, n)
-        chunks = [_chunk_logits(ops, plan, r0, r1, c0, c1, ops.two) for c0, c1 in col_chunks]
+        stack = torch.cat([ops.h[r0:r1], ops.ht[r0:r1]]) if ops.two and plan.stacked else None
+        chunks = [_chunk_logits(ops, stack, r0, r1, c0, c1, ops.two) for c0, c1 in col_chunks]
         block = state[:, r0:r1]
         for (c0, _), (z_s, z_t) in zip(col_chunks, chunks):
             folds.forward_fold(copy(z_s), copy(z_t), block, y[r0:r1], c0, cfg)
