@@ -160,14 +160,22 @@ def make_step(loss: str, impl: str, compile_backend: str = "inductor"):
 
 
 def interleaved(names, n, h, v, dtype, rounds, warmup=1):
-    """Median seconds of each case, running the cases in turn ``rounds`` times in this process (shared noise)."""
+    """Median seconds of each case, running the cases in turn ``rounds`` times in this process (shared noise),
+    and each case's (loss, dH, dW) relative difference to the first case's, from the warm-up step."""
     from benchmarks.cases import CASES, make_inputs
 
     x = make_inputs(n, h, v, dtype, "cpu")
     steps = {name: CASES[name].build(x) for name in names}
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
+    results, differences = {}, {}
+    for i in range(warmup):
+        for name, step in steps.items():
+            x.hidden.grad = x.weight.grad = None
+            value = step()
+            if i == 0:
+                results[name] = (value.double(), x.hidden.grad.double(), x.weight.grad.double())
+    first = results[names[0]]
+    for name, got in results.items():
+        differences[name] = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, first))
     times = {name: [] for name in names}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -175,7 +183,7 @@ def interleaved(names, n, h, v, dtype, rounds, warmup=1):
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, times
+    return {name: statistics.median(t) for name, t in times.items()}, differences
 
 
 def main(argv=None):
@@ -195,10 +203,11 @@ def main(argv=None):
           f"{args.rounds} alternating rounds; ratios are to the eager loss (or the first impl)", flush=True)
     for loss in args.losses:
         names = [f"modes-{loss}-{i}" for i in args.impls if unavailable(loss, i) is None]
-        med, _ = interleaved(names, args.n, args.h, args.v, torch.float32, args.rounds)
+        med, differences = interleaved(names, args.n, args.h, args.v, torch.float32, args.rounds)
         base = med.get(f"modes-{loss}-eager", next(iter(med.values())))
         for name, s in med.items():
-            print(f"{name:24s} {s * 1e3:9.0f} ms  {s / base:5.2f}x eager", flush=True)
+            print(f"{name:24s} {s * 1e3:9.0f} ms  {s / base:5.2f}x eager  (loss, dH, dW) vs {names[0]}: "
+                  f"{differences[name]:.1e} relative", flush=True)
 
 
 if __name__ == "__main__":
