@@ -90,11 +90,12 @@ def plan_fast(n: int, width: int, vocab: int, dtype: torch.dtype, device: torch.
                     lean_budget_mb=(budget - fast_rows * per_row) / 2 ** 20)
 
 
-def _chunk_logits(ops, stack, r0, r1, c0, c1, two):
-    """(z_s, z_t) raw float logits [R, c1 - c0] of rows r0:r1, in fresh memory (they stay resident); ``stack``
-    is the block's [2R, H] student-over-teacher rows when both contexts share the head, else None."""
+def _chunk_logits(ops, stack, r0, r1, c0, c1, two, storage):
+    """(z_s, z_t) raw float logits [R, c1 - c0] of rows r0:r1 in ``storage`` (the chunk's resident buffer,
+    reused block after block); ``stack`` is the block's [2R, H] student-over-teacher rows when both contexts
+    share the head, else None."""
     rows, w = r1 - r0, ops.weight_chunk(ops.w, c0, c1).t()
-    buffer = torch.empty((2 if two else 1) * rows, c1 - c0, device=ops.device, dtype=ops.acc)
+    buffer = storage[: (2 if two else 1) * rows * (c1 - c0)].view(-1, c1 - c0)
     if stack is not None:
         ops.mm(stack, w, buffer)
     else:
@@ -125,28 +126,46 @@ def fast_forward(folds, plan: FastPlan, hidden, weight, bias, teacher_hidden, te
     state[M_S] = state[M_T] = -math.inf
     sums = torch.zeros(2, n, device=ops.device, dtype=ops.acc)
     y = targets if targets is not None else torch.full((n,), -1, device=ops.device, dtype=torch.long)
-    copy = (lambda t: None if t is None else t.clone()) if folds.OVERWRITES_LOGITS else (lambda t: t)  # noqa: E731
     col_chunks = [(c0, min(c0 + plan.cols, vocab)) for c0 in range(0, vocab, plan.cols)]
+    # Buffers allocated once and reused by every block: fresh [R, C] allocations per chunk cost the CPU a page
+    # fault per 4 KiB (glibc maps blocks this large anew each time), more than the folds themselves.
+    contexts = 2 if ops.two else 1
+    resident = [torch.empty(contexts * min(plan.rows, n) * (c1 - c0), device=ops.device, dtype=ops.acc)
+                for c0, c1 in col_chunks]
+    scratch = torch.empty(contexts * min(plan.rows, n) * plan.cols, device=ops.device, dtype=ops.acc) \
+        if folds.OVERWRITES_LOGITS else None
+
+    def copy(z_s, z_t):
+        """A copy of the pair in the scratch buffer when the folds overwrite their input, else the pair."""
+        if scratch is None:
+            return z_s, z_t
+        out = scratch[: contexts * z_s.numel()].view(-1, z_s.shape[1])
+        out[: z_s.shape[0]].copy_(z_s)
+        if z_t is not None:
+            out[z_s.shape[0]:].copy_(z_t)
+        return out[: z_s.shape[0]], (out[z_s.shape[0]:] if z_t is not None else None)
+
     for r0 in range(0, n, plan.rows):
         r1 = min(r0 + plan.rows, n)
         stack = torch.cat([ops.h[r0:r1], ops.ht[r0:r1]]) if ops.two and plan.stacked else None
-        chunks = [_chunk_logits(ops, stack, r0, r1, c0, c1, ops.two) for c0, c1 in col_chunks]
+        chunks = [_chunk_logits(ops, stack, r0, r1, c0, c1, ops.two, storage)
+                  for (c0, c1), storage in zip(col_chunks, resident)]
         block = state[:, r0:r1]
         for (c0, _), (z_s, z_t) in zip(col_chunks, chunks):
-            folds.forward_fold(copy(z_s), copy(z_t), block, y[r0:r1], c0, cfg)
+            folds.forward_fold(*copy(z_s, z_t), block, y[r0:r1], c0, cfg)
         lse_s, lse_t = loop._lse(block, M_S, S_S), loop._lse(block, M_T, S_T)
         if ops.two and cfg.needs_second_sweep:
             for z_s, z_t in chunks:
-                folds.divergence_fold(copy(z_s), copy(z_t), lse_s, lse_t, sums[:, r0:r1], cfg)
+                folds.divergence_fold(*copy(z_s, z_t), lse_s, lse_t, sums[:, r0:r1], cfg)
         _, entropy, _, _, _, grad_sum = loop.finish_forward(block, sums[:, r0:r1], cfg, targets is not None)
         one, zero = torch.ones_like(lse_s), torch.zeros_like(lse_s)
         for k, name in enumerate(outputs):
             g = [one if name == o else zero for o in OUTPUTS]
             last = k == len(outputs) - 1
             for (c0, c1), (z_s, z_t) in zip(col_chunks, chunks):
-                with_div = name == "divergence"
-                folds.backward_fold(z_s if last else copy(z_s), (z_t if last else copy(z_t)) if with_div else None,
-                                    lse_s, lse_t, entropy, grad_sum, *g, y[r0:r1], c0, cfg, basis[k, r0:r1, c0:c1])
+                z_s, z_t = (z_s, z_t) if last else copy(z_s, z_t)
+                folds.backward_fold(z_s, z_t if name == "divergence" else None, lse_s, lse_t, entropy, grad_sum,
+                                    *g, y[r0:r1], c0, cfg, basis[k, r0:r1, c0:c1])
     return loop.finish_forward(state, sums, cfg, targets is not None) + (basis,)
 
 
