@@ -23,6 +23,12 @@ CASES = [  # (divergence, beta, clip, temperature, softcap, bias, separate teach
 ]
 
 
+@pytest.fixture(autouse=True)
+def small_fast_blocks(monkeypatch):
+    """Blocks of a few rows, so that the tests' odd shapes take several fast blocks and partial plans."""
+    monkeypatch.setitem(fast.MIN_FAST_BLOCK_ROWS, "cpu", 4)
+
+
 def _rel(got, want):
     return ((got - want).norm() / (want.norm() + 1e-30)).item()
 
@@ -154,7 +160,8 @@ def test_bad_differentiated_names_the_argument(bad, match):
         token_stats(inputs["hidden"], inputs["weight"], targets=inputs["targets"], **bad)
 
 
-def test_fast_plan_crossover():
+def test_fast_plan_crossover(monkeypatch):
+    monkeypatch.setitem(fast.MIN_FAST_BLOCK_ROWS, "cpu", 32)
     cpu = torch.device("cpu")
     plan = lambda b, n=2048: fast.plan_fast(n, 576, 49152, torch.float32, cpu, outputs=1,  # noqa: E731
                                             two_contexts=True, shared_head=True, triton_folds=False, budget_mb=b)
@@ -163,9 +170,13 @@ def test_fast_plan_crossover():
     part = plan(256)
     assert 0 < part.fast_rows < 2048 and part.fast_rows % part.rows == 0
     assert part.fast_rows * 49152 * 4 / 2 ** 20 + loop.LEAN_BUDGET_MB / 2 <= 256 + 1e-9
-    assert plan(16).fast_rows == 40 and plan(4) is None  # one block of 8 rows, resident logits, no longer fits
+    assert plan(16) is None  # not even one 32-row block with its resident logits
     bigger = plan(1024, n=8192)
     assert part.fast_rows < bigger.fast_rows < 8192  # the gain grows with the budget
+    # the target shape on CUDA (bf16 basis): lean at 256 MB, partial at 1 GiB, fast at the 4 GiB default
+    gpu = lambda b: fast.plan_fast(8192, 4096, 151936, torch.bfloat16, torch.device("cuda"), outputs=1,  # noqa: E731
+                                   two_contexts=True, shared_head=True, triton_folds=True, budget_mb=b)
+    assert gpu(256) is None and 0 < gpu(1024).fast_rows < 8192 and gpu(4096).fast_rows == 8192
 
 
 @pytest.fixture

@@ -31,7 +31,9 @@ LEAN_RESERVE_SHARE = 0.5
 # On CUDA 512 rows (1024 stacked) keep a bf16 GEMM over a [V, H] head compute-bound (the H100's ridge is
 # ~260 FLOP/byte), so re-reading W per block costs no time; the CPU's GEMMs saturate at far fewer rows.
 FAST_BLOCK_ROWS = {"cuda": 512, "cpu": 128}
-MIN_FAST_BLOCK_ROWS = {"cuda": 32, "cpu": 8}
+# Fewer rows than this re-read W for too little work: on CUDA a block's GEMM turns memory-bound and the re-reads
+# cost more than the recompute the block saves, so such budgets stay lean.
+MIN_FAST_BLOCK_ROWS = {"cuda": 256, "cpu": 32}
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def plan_fast(n: int, width: int, vocab: int, dtype: torch.dtype, device: torch.
 
     rows = min(n, FAST_BLOCK_ROWS[kind])
     while rows > MIN_FAST_BLOCK_ROWS[kind] and working(rows) > budget / 4:
-        rows //= 2
+        rows = max(MIN_FAST_BLOCK_ROWS[kind], rows // 2)
     stacked = two_contexts and shared_head
     if n * per_row + working(rows) <= budget:
         return FastPlan(fast_rows=n, rows=rows, cols=cols, stacked=stacked, lean_budget_mb=budget_mb)
