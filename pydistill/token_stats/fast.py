@@ -171,16 +171,17 @@ def fast_forward(folds, plan: FastPlan, hidden, weight, bias, teacher_hidden, te
     return loop.finish_forward(state, sums, cfg, targets is not None) + (basis,)
 
 
-def fast_backward(basis, gradients, hidden, weight, need_weight_grad: bool):
+def fast_backward(basis, gradients, hidden, weight, need_weight_grad: bool, d_weight=None):
     """(dH in the compute dtype, dW in the weight's dtype or None) of these rows from the basis and the per-row
     upstream gradients (one per basis output, None where the output carries none). Consumes the basis when
-    more than one output carries gradient (they are summed into the first one's storage)."""
+    more than one output carries gradient (they are summed into the first one's storage). ``d_weight``: the
+    lean rows' dW, which this adds to instead of allocating a second [V, H]."""
     present = [(k, g) for k, g in enumerate(gradients) if g is not None]
     acc = loop.compute_dtype(hidden.dtype)
     n, width = hidden.shape
     if not present:
         return (torch.zeros(n, width, device=hidden.device, dtype=acc),
-                torch.zeros_like(weight) if need_weight_grad else None)
+                (torch.zeros_like(weight) if d_weight is None else d_weight) if need_weight_grad else None)
     k0, g = present[0]
     dz = basis[k0]
     if len(present) > 1:  # dZ = sum_k g_k B_k in place, then a unit row gradient
@@ -194,12 +195,16 @@ def fast_backward(basis, gradients, hidden, weight, need_weight_grad: bool):
     vocab = weight.shape[0]
     step = vocab if weight.dtype == dz.dtype else loop.MAX_COLS["cuda" if dz.is_cuda else "cpu"]
     d_hidden = torch.zeros(n, width, device=hidden.device, dtype=acc)
-    d_weight = torch.empty_like(weight) if need_weight_grad else None
+    accumulate = d_weight is not None
+    if need_weight_grad and not accumulate:
+        d_weight = torch.empty_like(weight)
     ops = loop._Operands.__new__(loop._Operands)  # only its GEMM helpers are used
     for c0 in range(0, vocab, step):
         c1 = min(c0 + step, vocab)
         w = weight[c0:c1] if weight.dtype == dz.dtype else weight[c0:c1].to(dz.dtype)
         ops.addmm_(d_hidden, dz[:, c0:c1], w)
-        if need_weight_grad:
+        if need_weight_grad and accumulate:
+            ops.addmm_(d_weight[c0:c1], dz[:, c0:c1].t(), gh)
+        elif need_weight_grad:
             loop._write_weight_grad(d_weight[c0:c1], dz[:, c0:c1].t(), gh)
     return d_hidden.mul_(g.unsqueeze(1)), d_weight

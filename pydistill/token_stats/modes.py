@@ -44,6 +44,7 @@ class _TokenStatsFunction(torch.autograd.Function):
                                        budget_mb=budget_mb)
         f = fast_plan.fast_rows if fast_plan is not None else 0
         ctx.cfg, ctx.folds, ctx.impl, ctx.budget_mb, ctx.fast_rows = cfg, folds, impl, budget_mb, f
+        ctx.lean_budget_mb = fast_plan.lean_budget_mb if f else budget_mb
         ctx.differentiated, ctx.basis = differentiated, None
         parts = []
         if f:
@@ -81,20 +82,21 @@ class _TokenStatsFunction(torch.autograd.Function):
         # the basis serves only when every output carrying gradient has one: else the lean mode runs for all rows
         f = ctx.fast_rows if basis is not None and all(
             name in ctx.differentiated for name, g in grads.items() if g is not None) else 0
-        d_hidden = d_weight = None
+        if not f:
+            basis = None  # the lean sweep of every row has the whole budget once the basis is gone
+        d_lean = d_weight = None
+        if f < n:  # lean rows first, within what the basis leaves (as in the forward); one dW for both parts
+            budget = ctx.lean_budget_mb if f else ctx.budget_mb
+            d_lean, d_weight = _lean_backward(ctx, f, n, budget, hidden, weight, bias, teacher_hidden,
+                                              teacher_weight, teacher_bias, targets, lse_s, lse_t, entropy,
+                                              grad_sum, g_logp, g_entropy, g_div, need_weight)
+        d_hidden = d_lean
         if f:
-            d_hidden, d_weight = fast.fast_backward(basis, [_rows(grads[name], 0, f) for name in ctx.differentiated],
-                                                    hidden[:f], weight, need_weight)
+            d_fast, d_weight = fast.fast_backward(basis, [_rows(grads[name], 0, f) for name in ctx.differentiated],
+                                                  hidden[:f], weight, need_weight, d_weight)
             del basis
-        if f < n:
-            basis = None  # the lean sweep has the whole budget once the basis is gone
-            d_lean, dw_lean = _lean_backward(ctx, f, n, hidden, weight, bias, teacher_hidden,
-                                             teacher_weight, teacher_bias, targets, lse_s, lse_t, entropy, grad_sum,
-                                             g_logp, g_entropy, g_div, need_weight)
-            d_hidden = d_lean if d_hidden is None else torch.cat([d_hidden.to(hidden.dtype), d_lean])
-            d_weight = dw_lean if d_weight is None or dw_lean is None else d_weight.add_(dw_lean)
-        elif d_hidden is not None:
-            d_hidden = d_hidden.to(hidden.dtype)
+            d_fast = d_fast.to(hidden.dtype)
+            d_hidden = d_fast if d_lean is None else torch.cat([d_fast, d_lean])
         return (d_hidden if need_hidden else None, d_weight if need_weight else None) + (None,) * 9
 
 
@@ -118,7 +120,7 @@ def _lean_forward(folds, cfg, impl, budget_mb, hidden, weight, bias, teacher_hid
                               teacher_bias, targets, cfg)
 
 
-def _lean_backward(ctx, r0, r1, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+def _lean_backward(ctx, r0, r1, budget_mb, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                    targets, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div, need_weight):
     """The lean backward of rows r0:r1: one recompute sweep."""
     cfg, two = ctx.cfg, ctx.cfg.divergence is not None
@@ -126,7 +128,7 @@ def _lean_backward(ctx, r0, r1, hidden, weight, bias, teacher_hidden, teacher_we
     plan = loop.plan_chunks(h.shape[0], h.shape[1], teacher_hidden.shape[1] if two else 0, weight.shape[0],
                             h.dtype, h.device, two_contexts=two,
                             shared_head=two and loop.same_tensor(teacher_weight, weight),
-                            triton_folds=ctx.impl == "triton", budget_mb=ctx.budget_mb)
+                            triton_folds=ctx.impl == "triton", budget_mb=budget_mb)
     return loop.stats_backward(
         ctx.folds, plan, h, weight, bias, _rows(teacher_hidden, r0, r1), teacher_weight, teacher_bias,
         _rows(targets, r0, r1), cfg, lse_s[r0:r1], lse_t[r0:r1], entropy[r0:r1], grad_sum[r0:r1],
