@@ -11,6 +11,8 @@ Families (the numbers of the benchmark issue):
 4. ``grpo-<eager|ours|liger>``: :func:`pydistill.losses.grpo_loss` (DAPO normalization, on-policy, no KL)
    against Liger's ``LigerFusedLinearGRPOLoss`` and the same loss on eager full logits.
 5. ``mask<p>-<impl>``: first-error masking, p% of the rows masked out (reverse KL, two contexts).
+7. ``modes-<loss>-<impl>``: the losses users train with (KL, JSD, clip, GRPO, blend) in the op's lean and fast
+   modes against the plain eager loss, its torch.compile, TRL's chunked functions and Liger (:mod:`.modes`).
 
 (6), a full OPSD trainer step, lives in :mod:`benchmarks.trainer_step` (it needs a model, not a shape).
 
@@ -43,9 +45,10 @@ SHAPES = {  # name: (N tokens on CUDA, H, V)
     "smollm2": (2048, 576, 49152),  # SmolLM2-135M/360M: 576 x 49152
     "llama3-8b": (8192, 4096, 128256),
     "qwen": (8192, 4096, 151936),  # Qwen2.5-7B-like head: 4096 (3584 in Qwen2.5-7B itself) x 151936
+    "gemma3-270m": (2048, 640, 262144),  # a 262k vocabulary
 }
 # Default N on the CPU, where a full sweep at SmolLM2 shapes must stay under about ten minutes.
-CPU_N = {"cpu-small": 512, "smollm2": 512, "llama3-8b": 256, "qwen": 256}
+CPU_N = {"cpu-small": 512, "smollm2": 512, "llama3-8b": 256, "qwen": 256, "gemma3-270m": 512}
 QUICK_N = 256
 
 CLIP = 0.05  # OPSD v3's pointwise clip
@@ -126,7 +129,7 @@ class Case:
         if self.impl == "liger":
             if not _module_available("liger_kernel"):
                 return "not run: liger-kernel not installed"
-            if device != "cuda":
+            if device != "cuda" and self.family != "modes":  # the modes family runs Liger's torch path
                 return "not run: needs CUDA"
         if self.impl == "cce":
             if not _module_available("cut_cross_entropy"):
@@ -330,6 +333,15 @@ def _build_cases() -> dict:
             # baseline of every masked fused case
             add(Case(f"mask{int(p * 100)}-{impl}", "mask", impl, 2, core_op(impl, "reverse_kl", masked=p),
                      active=1.0 - p, baseline=None if impl == "eager" else "mask0-eager"))
+    from benchmarks import modes
+
+    for loss in modes.LOSSES:
+        for impl in modes.IMPLS:
+            if modes.unavailable(loss, impl) is None:
+                kind = "ours" if impl in ("lean", "b256", "fast") else impl.split("-")[0]
+                add(Case(f"modes-{loss}-{impl}", "modes", kind, 1 if loss == "grpo" else 2, modes.make_step(loss, impl),
+                         baseline=None if impl == "eager" else f"modes-{loss}-eager",
+                         rival=f"modes-{loss}-compile" if impl in ("lean", "fast") else None))
     return cases
 
 

@@ -5,22 +5,31 @@
 
 Predicted time = GEMM FLOPs / matmul rate + non-GEMM bytes / bandwidth (GEMMs and folds run one after the other
 on one stream; GEMM operand reads are inside the matmul rate, GEMM outputs are traffic). "% of roofline" is the
-floor of the op itself, 12 N H V FLOPs at the matmul rate (6 N H V for one context), over the predicted time.
+floor over the predicted time; the floor is 4 GEMM passes of 2 N H V for two contexts (the forward of each, dH
+and dW: nothing can skip them) and 3 for one, at the matmul rate.
 The case: two contexts sharing a bf16 lm_head, forward + backward of logp + entropy + divergence (one context,
 logp + entropy, for "ce").
 
 How each implementation is counted:
-- ``ours``: the chunk loop with the chunk sizes :func:`pydistill.token_stats.loop.plan_chunks` (and, for JSD and
-  the clip, :func:`~pydistill.token_stats.loop.plan_resident`) picks, counted
-  pass by pass below (float32 logits written by cuBLAS and read by a fold, bf16 dlogits, dH accumulation).
+- ``ours``: the lean mode at 256 MB: the chunk loop with the chunk sizes
+  :func:`pydistill.token_stats.loop.plan_chunks` (and, for JSD and the clip,
+  :func:`~pydistill.token_stats.loop.plan_resident`) picks, counted pass by pass below (float32 logits written
+  by cuBLAS and read by a fold, bf16 dlogits, dH accumulation): 6 passes for two contexts, 4 for one.
+- ``ours-fast``: the fast mode at the default 4096 MB (:func:`pydistill.token_stats.fast.plan_fast`): the
+  rows whose bf16 gradient basis fits form it in the forward from resident logits (4 passes for two contexts,
+  3 for one); the rest run lean. Counted pass by pass, W read once per resident row block.
+- ``compile``: ``torch.compile`` of the plain loss a user writes (only what the loss needs): one GEMM per context
+  writing bf16 logits, fused kernels reading them in the forward and writing bf16 dlogits in the backward, dH
+  and dW GEMMs: 4 passes for two contexts, 3 for one; the logits stay alive for the backward.
 - ``eager``: the float32-statistics eager loss of ``pydistill.token_stats.reference`` run on ``meta`` tensors
   of the real shape under a dispatch mode that adds up every op's input and output bytes, the GEMMs' FLOPs and
   the peak of live tensors: op by op, as PyTorch eager runs it (no fusion).
 - ``trl``: TRL 1.16's ``ChunkedDivergenceFunction`` / ``ChunkedLogProbFunction`` as written there: token chunks
   of 4096, vocabulary chunks of 32768, one GEMM per context, float32 tile buffers, a float32 [V, H] dW buffer,
   dlogits cast to bf16 per tile. It has no pointwise clip and no entropy gradient.
-- ``liger``: Liger-Kernel 0.8's fused-linear distillation loss: row chunks of 1024, logits in bf16, the loss
-  and its gradient by autograd on each chunk (counted like eager, per chunk), dW accumulated in bf16.
+- ``liger``: Liger-Kernel 0.8's fused-linear distillation loss: row chunks of 1024, each chunk's loss and its
+  gradient formed in the forward by a compiled autograd graph (counted like ``compile``, per chunk: 4 passes),
+  dW accumulated in bf16.
 """
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pydistill.token_stats import loop
+from pydistill.token_stats import fast, loop
 from pydistill.token_stats.config import StatsConfig
 from pydistill.token_stats.reference import reference_token_stats
 
@@ -49,10 +58,10 @@ VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "sq
 
 
 def floor_flops(n, h, v, variant) -> int:
-    """A recompute design's GEMM work: 6 N H V per context (forward 2, backward recompute 2 + dH 2 + dW 2, the
-    teacher's without its dH and dW)."""
+    """The GEMM work no design can skip: the forward of every context, dH and dW (2 N H V each): 4 passes for
+    two contexts, 3 for one."""
     contexts = VARIANTS[variant][2]
-    return (6 if contexts == 1 else 12) * n * h * v
+    return (contexts + 2) * 2 * n * h * v
 
 
 class _Counter(TorchDispatchMode):
@@ -117,7 +126,7 @@ def eager(n, h, v, variant):
                 note="op-by-op count on meta tensors")
 
 
-def ours(n, h, v, variant, dtype=torch.bfloat16, budget_mb=loop.DEFAULT_MEMORY_BUDGET_MB):
+def ours(n, h, v, variant, dtype=torch.bfloat16, budget_mb=loop.LEAN_BUDGET_MB):
     divergence, clip, contexts = VARIANTS[variant]
     plan = loop.plan_chunks(n, h, h, v, dtype, torch.device("cuda"), two_contexts=contexts == 2,
                             shared_head=True, triton_folds=True, budget_mb=budget_mb)
@@ -144,6 +153,55 @@ def ours(n, h, v, variant, dtype=torch.bfloat16, budget_mb=loop.DEFAULT_MEMORY_B
                 note=f"rows {plan.rows}, chunk {plan.cols}, dlogits group {plan.group}"
                      + (", stacked GEMM" if plan.stacked else "")
                      + (f"; forward: resident blocks of {resident.rows} rows" if resident else ""))
+
+
+def ours_fast(n, h, v, variant, dtype=torch.bfloat16, budget_mb=loop.DEFAULT_MEMORY_BUDGET_MB,
+              rates=(H200["matmul_tflops"], H200["bandwidth_tbs"])):
+    """Fast rows pass by pass (below); lean rows, when the basis does not fit them all, as :func:`ours`."""
+    divergence, clip, contexts = VARIANTS[variant]
+    plan = fast.plan_fast(n, h, v, dtype, torch.device("cuda"), outputs=1, two_contexts=contexts == 2,
+                          shared_head=True, triton_folds=True, budget_mb=budget_mb)
+    if plan is None:
+        return dict(ours(n, h, v, variant, dtype, budget_mb), note="lean: no basis row fits")
+    e = torch.empty((), dtype=dtype).element_size()
+    f = plan.fast_rows
+    fv = f * v
+    sweeps = 1 + (contexts == 2 and (divergence == "jsd" or clip is not None))
+    # forward: cuBLAS writes float32 logits of every context once (resident), the forward fold reads them,
+    # the divergence fold (JSD, clip) reads them again, the basis fold reads them and writes the bf16 basis.
+    # W is read once per row block: only what a block's GEMM cannot hide under its FLOPs counts as traffic.
+    # Backward: dH and dW GEMMs read the basis (operands), write dH and dW.
+    block_flops = 2 * (2 if plan.stacked else 1) * plan.rows * h * v
+    w_excess = max(0.0, v * h * e - block_flops / (rates[0] * 1e12) * rates[1] * 1e12)
+    bytes_ = (contexts * fv * 4 * (2 + sweeps) + fv * e + math.ceil(f / plan.rows) * w_excess
+              + f * h * (4 + e) + v * h * e)
+    flops = 2 * contexts * f * h * v + 4 * f * h * v
+    extra = fv * e + contexts * plan.rows * v * 4 + f * h * 4
+    note = f"basis of {f} rows ({fv * e / 2 ** 30:.1f} GiB), blocks of {plan.rows} rows"
+    if f < n:
+        lean = ours(n - f, h, v, variant, dtype, plan.lean_budget_mb)
+        flops, bytes_ = flops + lean["flops"], bytes_ + lean["bytes"]
+        extra = fv * e + lean["extra_mb"] * 2 ** 20
+        note += f"; {n - f} rows lean"
+    return dict(flops=flops, bytes=bytes_, extra_mb=extra / 2 ** 20, note=note)
+
+
+def _compiled_chunk(n, h, v, contexts, e):
+    """(FLOPs, bytes, live bytes) of a compiled plain loss on n rows: bf16 logits written by each context's GEMM
+    and read by the fused forward kernel, read again with the teacher's by the fused backward kernel, which
+    writes the bf16 dlogits for the dH and dW GEMMs."""
+    nv = n * v
+    flops = (contexts + 2) * 2 * n * h * v
+    bytes_ = contexts * nv * e * 2 + (contexts * nv * e + nv * e) + n * h * 4 + v * h * e
+    live = (contexts + 1) * nv * e
+    return flops, bytes_, live
+
+
+def compiled(n, h, v, variant, dtype=torch.bfloat16):
+    _, _, contexts = VARIANTS[variant]
+    e = torch.empty((), dtype=dtype).element_size()
+    flops, bytes_, live = _compiled_chunk(n, h, v, contexts, e)
+    return dict(flops=flops, bytes=bytes_, extra_mb=live / 2 ** 20, note="bf16 logits kept for the backward")
 
 
 def trl(n, h, v, variant, dtype=torch.bfloat16, token_chunk=4096, vocab_chunk=32768):
@@ -173,21 +231,23 @@ def liger(n, h, v, variant, dtype=torch.bfloat16, chunk=1024):
     if contexts == 1 or clip is not None or divergence != "jsd":
         return dict(status="not available: Liger's fused distillation loss is the JSD family without a clip")
     e = torch.empty((), dtype=dtype).element_size()
-    per_chunk = _count_eager(min(n, chunk), h, v, variant)  # the same autograd graph on one [chunk, V] block
+    rows = min(n, chunk)
     chunks = math.ceil(n / chunk)
-    flops = per_chunk.flops * chunks
-    bytes_ = per_chunk.bytes * chunks + chunks * v * h * e * 3  # + bf16 dW accumulation per chunk
-    return dict(flops=flops, bytes=bytes_, extra_mb=per_chunk.peak / 2 ** 20, note="bf16 logits, bf16 dW accumulation")
+    flops, bytes_, live = _compiled_chunk(rows, h, v, contexts, e)  # each chunk's compiled loss and gradient
+    bytes_ = bytes_ * chunks + chunks * v * h * e * 3  # + bf16 dW accumulation per chunk (read, add, write)
+    return dict(flops=flops * chunks, bytes=bytes_, extra_mb=(live + v * h * e) / 2 ** 20,
+                note="compiled per 1024-row chunk, gradient in the forward, bf16 dW accumulation")
 
 
-IMPLS = {"ours": ours, "eager": eager, "trl": trl, "liger": liger}
+IMPLS = {"ours": ours, "ours-fast": ours_fast, "eager": eager, "compile": compiled, "trl": trl, "liger": liger}
 
 
 def predict(n, h, v, variant, matmul_tflops, bandwidth_tbs) -> list:
     rows = []
     floor_ms = floor_flops(n, h, v, variant) / (matmul_tflops * 1e12) * 1e3
     for name, fn in IMPLS.items():
-        r = dict(impl=name, n=n, h=h, v=v, variant=variant, floor_ms=floor_ms, **fn(n, h, v, variant))
+        extra = dict(rates=(matmul_tflops, bandwidth_tbs)) if name == "ours-fast" else {}
+        r = dict(impl=name, n=n, h=h, v=v, variant=variant, floor_ms=floor_ms, **fn(n, h, v, variant, **extra))
         if "flops" in r:
             r["ms"] = r["flops"] / (matmul_tflops * 1e12) * 1e3 + r["bytes"] / (bandwidth_tbs * 1e12) * 1e3
             r["roofline_pct"] = 100 * floor_ms / r["ms"]

@@ -27,6 +27,8 @@ def _run_once(name):
 
 def _eager_twin(name):
     case = CASES[name]
+    if case.family == "modes":
+        return case.baseline
     if case.family == "core":
         return name.rsplit("-", 1)[0] + "-eager"
     return f"{name.rsplit('-', 1)[0]}-eager" if case.family == "mask" else f"{case.family}-eager"

@@ -202,9 +202,12 @@ def test_grpo_on_policy_and_per_token_advantages():
 def test_blend_gradient_is_weighted_sum(w, monkeypatch):
     from pydistill.token_stats import loop as chunked
 
+    from pydistill.token_stats import fast
+
     calls = []
-    real = chunked.stats_forward
+    real, real_fast = chunked.stats_forward, fast.fast_forward
     monkeypatch.setattr(chunked, "stats_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fast, "fast_forward", lambda *a, **k: calls.append(1) or real_fast(*a, **k))
     hidden, weight, teacher, targets, mask, g = batch(seed=7)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     common = dict(divergence="jsd", beta=0.5, loss_type="grpo")
@@ -255,10 +258,17 @@ def test_masked_rows_never_reach_the_op(monkeypatch):
     real_f, real_b = chunked.stats_forward, chunked.stats_backward
     monkeypatch.setattr(chunked, "stats_forward", lambda f, p, h, *a, **k: rows.append(h.shape[0]) or real_f(f, p, h, *a, **k))
     monkeypatch.setattr(chunked, "stats_backward", lambda f, p, h, *a, **k: rows.append(h.shape[0]) or real_b(f, p, h, *a, **k))
+    from pydistill.token_stats import fast
+
+    real_fast = fast.fast_forward
+    monkeypatch.setattr(fast, "fast_forward", lambda f, p, h, *a, **k: rows.append(-h.shape[0]) or real_fast(f, p, h, *a, **k))
     hidden, weight, teacher, _, _, _ = batch(seed=10, b=6, t=10, dtype=torch.float32)
     mask = first_error_mask(torch.full((6,), 5), lengths=torch.full((6,), 10), max_length=10)  # 50% masked
     distillation_loss(hidden, weight, teacher, mask).loss.backward()
-    assert rows == [30, 30]
+    assert rows == [-30]  # the fast mode: the forward forms the gradient, no lean sweep
+    rows.clear()
+    distillation_loss(hidden, weight, teacher, mask, memory_budget_mb=0.01).loss.backward()
+    assert rows == [30, 30]  # the lean mode: forward and backward sweeps
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
@@ -343,3 +353,35 @@ def test_modules_forward_their_options():
     a = DistillationLoss(divergence="reverse_kl", clip=0.1)(hidden, weight, teacher, mask).loss
     b = distillation_loss(hidden, weight, teacher, mask, divergence="reverse_kl", clip=0.1).loss
     assert a.item() == b.item()
+
+
+@pytest.mark.parametrize("name,make_loss", [
+    ("distill", lambda h, w, t, y, m, **k: distillation_loss(h, w, t, m, divergence="jsd", clip=0.05, **k).loss),
+    ("distill_entropy", lambda h, w, t, y, m, **k: distillation_loss(h, w, t, m, entropy_coef=0.1, targets=y,
+                                                                      importance_clip=2.0, **k).loss),
+    ("grpo", lambda h, w, t, y, m, **k: grpo_loss(h, w, y, torch.randn(h.shape[0], generator=torch.Generator()
+                                                                       .manual_seed(3)), m, **k).loss),
+    ("grpo_entropy", lambda h, w, t, y, m, **k: grpo_loss(h, w, y, torch.ones(h.shape[0]), m, entropy_coef=0.1,
+                                                          beta=0.1, ref_logp=torch.zeros(h.shape[:2]), **k).loss),
+    ("blend", lambda h, w, t, y, m, **k: blended_loss(h, w, t, y, torch.linspace(-1, 1, h.shape[0]), m, **k).loss),
+    ("nll", lambda h, w, t, y, m, **k: nll_loss(h, w, y, m, **k).loss),
+    ("sampled", lambda h, w, t, y, m, **k: sampled_token_distillation_loss(h, w, y, torch.zeros(h.shape[:2]), m,
+                                                                           **k).loss),
+])
+def test_every_loss_declares_what_it_differentiates(name, make_loss, monkeypatch):
+    """memory_budget_mb reaches the op: fast (the default here) and lean give the same loss and gradients, and
+    the fast backward never falls back to a lean sweep (each loss names the outputs it differentiates)."""
+    from pydistill.token_stats import loop as chunked
+
+    sweeps = []
+    real_b = chunked.stats_backward
+    monkeypatch.setattr(chunked, "stats_backward", lambda *a, **k: sweeps.append(1) or real_b(*a, **k))
+    hidden, weight, teacher, targets, mask, _ = batch(seed=12, dtype=torch.float32)
+    fast_loss = make_loss(hidden, weight, teacher, targets, mask)
+    fast_grads = grads(fast_loss, hidden, weight)
+    assert sweeps == []
+    lean_loss = make_loss(hidden, weight, teacher, targets, mask, memory_budget_mb=0.01)
+    lean_grads = grads(lean_loss, hidden, weight)
+    assert sweeps == [1]
+    assert abs(fast_loss.item() - lean_loss.item()) <= 1e-6 * (1 + abs(lean_loss.item()))
+    assert_same(fast_grads, lean_grads)

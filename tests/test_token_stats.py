@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pydistill import token_stats
-from pydistill.token_stats import loop
+from pydistill.token_stats import fast, loop
 from tests.helpers import assert_no_worse_than_eager, eager_low_precision, make_inputs, run, upstream
 
 OPTION_GRID = list(itertools.product(
@@ -124,9 +124,14 @@ def test_mask_gathers_rows_out(monkeypatch):
     monkeypatch.setattr(loop, "stats_backward", lambda f, p, h, *a, **k: seen.append(h.shape[0]) or real_backward(f, p, h, *a, **k))
     inputs = make_inputs(n=20, width=8, vocab=64)
     mask = torch.arange(20) % 2 == 0
-    out = token_stats(inputs["hidden"], inputs["weight"], mask=mask.float(), targets=inputs["targets"])
-    out.logp.sum().backward()
-    assert seen == [10, 10]
+    real_fast = fast.fast_forward
+    monkeypatch.setattr(fast, "fast_forward", lambda f, p, h, *a, **k: seen.append(-h.shape[0]) or real_fast(f, p, h, *a, **k))
+    for differentiated, want in (((), [10, 10]), (None, [-10])):  # lean: both sweeps; fast: the forward only
+        seen.clear()
+        out = token_stats(inputs["hidden"], inputs["weight"], mask=mask.float(), targets=inputs["targets"],
+                          differentiated=differentiated)
+        out.logp.sum().backward()
+        assert seen == want
     assert torch.all(out.logp[~mask] == 0) and torch.all(inputs["hidden"].grad[~mask] == 0)
 
 
@@ -152,7 +157,7 @@ def test_torch_never_allocates_n_by_v(div):
     with tracker:
         out = token_stats(inputs["hidden"], inputs["weight"], targets=inputs["targets"],
                           teacher_hidden=inputs["teacher_hidden"], divergence=div[0], beta=div[1], clip=0.05,
-                          memory_budget_mb=8)
+                          memory_budget_mb=8, differentiated=())  # () pins the lean mode; fast keeps [F, V]
         (out.logp.sum() + out.entropy.sum() + out.divergence.sum()).backward()
     plan = loop.plan_chunks(n, width, width, vocab, torch.float32, torch.device("cpu"), two_contexts=True,
                             shared_head=True, triton_folds=False, budget_mb=8)

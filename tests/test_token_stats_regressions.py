@@ -161,7 +161,7 @@ def test_resident_rows_second_sweep_reuses_the_logits(impl, div, monkeypatch):
     inputs = make_inputs(n=41, width=20, vocab=1500, seed=21)
     grads = upstream(41, seed=22)
     opts = dict(divergence=div[0], beta=div[1], clip=div[2])
-    got = run(token_stats, inputs, grads, impl=impl, memory_budget_mb=budget, **opts)
+    got = run(token_stats, inputs, grads, impl=impl, memory_budget_mb=budget, differentiated=(), **opts)
     forward_gemms = [c for c in calls if c == 2 * plan.rows or c == 2 * (41 - plan.rows)]
     assert forward_gemms == [2 * plan.rows, 2 * (41 - plan.rows)]  # no second sweep
     want = run(token_stats, inputs, grads, impl="reference", **opts)

@@ -236,6 +236,8 @@ def test_named_reward_functions_and_weights(tmp_path):
     (dict(reward_weights="1,x"), "reward_weights must be comma-separated numbers"),
     (dict(reward_functions="accuracy,format", reward_weights="1"), "reward_weights must have one entry per"),
     (dict(init_from="/no/such/run"), "init_from '/no/such/run' does not exist"),
+    (dict(memory_budget_mb=0), "memory_budget_mb must be a finite number > 0"),
+    (dict(memory_budget_mb=float("nan")), "memory_budget_mb must be a finite number"),
 ])
 def test_bad_config_fails_fast(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -240,3 +240,28 @@ def test_trl_step_benchmark_smoke(tmp_path):
     assert [r["variant"] for r in records] == ["trl", "pydistill"]
     assert all(r["status"] == "ok" and r["peak_mb"] > 0 for r in records)
     assert records[0]["losses"] == pytest.approx(records[1]["losses"], rel=1e-5, abs=1e-7)
+
+
+def test_memory_budget_reaches_the_op_in_every_mode(tmp_path, monkeypatch):
+    """``memory_budget_mb`` (constructor keyword, or patch()'s) picks the op's mode; lean and fast both match TRL.
+    The fast run never takes a lean sweep: the hook names the outputs TRL's loss differentiates."""
+    import functools
+
+    from pydistill.token_stats import loop
+
+    sweeps = []
+    real = loop.stats_backward
+    monkeypatch.setattr(loop, "stats_backward", lambda *a, **k: sweeps.append(1) or real(*a, **k))
+    theirs = run_grpo(trl.GRPOTrainer, tmp_path / "trl")
+    fast = run_grpo(GRPOTrainer, tmp_path / "fast", forbid_logits=True)
+    assert sweeps == [] and fast[2].pydistill_memory_budget_mb == 4096
+    assert_close_runs(fast[:2], theirs[:2])
+    lean = run_grpo(functools.partial(GRPOTrainer, memory_budget_mb=0.01), tmp_path / "lean", forbid_logits=True)
+    assert sweeps and lean[2].pydistill_memory_budget_mb == 0.01
+    assert_close_runs(lean[:2], theirs[:2])
+    sweeps.clear()
+    distill = run_distillation(pydistill_trl.DistillationTrainer, tmp_path / "d", forbid_logits=True,
+                               patch=lambda t: patch(t, memory_budget_mb=8192))
+    assert sweeps == [] and distill[2].pydistill_memory_budget_mb == 8192
+    with pytest.raises(ValueError, match="memory_budget_mb must be a finite number > 0"):
+        patch(distill[2], memory_budget_mb=0)

@@ -10,7 +10,7 @@ from .distillation import distillation_per_token
 from .output import LossOutput, masked_mean
 from .policy_gradient import check_policy_options, policy_gradient_per_token, policy_metrics, reduce_policy_loss
 from .reductions import reduce_tokens
-from .stats import op_options, sequence_token_stats
+from .stats import DEFAULT_MEMORY_BUDGET_MB, op_options, sequence_token_stats
 from .validation import check_per_token, check_positive, check_sequence_layout
 
 
@@ -46,6 +46,7 @@ def blended_loss(
     topk_tail: bool = True,
     support_topk: Optional[int] = None,
     impl: str = "auto",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> LossOutput:
     """``w * distillation + (1 - w) * policy gradient`` from a single call of the core op.
 
@@ -56,6 +57,8 @@ def blended_loss(
     ``distillation_weight`` in [0, 1]; its gradient is exactly the weighted sum of the two losses' gradients.
     The teacher is ``teacher_hidden`` or, with ``teacher_hidden=None``, ``teacher_topk_ids`` /
     ``teacher_topk_logprobs`` [B, T, k] (see :func:`distillation_loss`).
+    Two outputs carry gradient (logp and the divergence) with per-token weights not known in the forward, so
+    the fast mode keeps two gradient bases: it needs twice the ``memory_budget_mb`` of either loss alone.
     """
     b, t, mask = check_sequence_layout(hidden, mask)
     if not (isinstance(distillation_weight, (int, float)) and 0.0 <= distillation_weight <= 1.0):
@@ -73,7 +76,8 @@ def blended_loss(
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
                      softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
-                     support_topk=support_topk))
+                     support_topk=support_topk, memory_budget_mb=memory_budget_mb,
+                     differentiated=("logp", "divergence")))
     distill_tokens, _ = distillation_per_token(div, logp)
     distill = reduce_tokens(distill_tokens, mask, "token_mean", num_items_in_batch)
     pg_tokens, stats = policy_gradient_per_token(

@@ -8,7 +8,7 @@ from torch import nn
 
 from .output import LossOutput, masked_mean
 from .reductions import check_num_items, reduce_tokens
-from .stats import op_options, sequence_token_stats
+from .stats import DEFAULT_MEMORY_BUDGET_MB, op_options, sequence_token_stats
 from .validation import check_nonnegative, check_per_token, check_positive, check_sequence_layout, check_unit
 
 
@@ -55,6 +55,7 @@ def distillation_loss(
     reduction: str = "token_mean",
     num_items_in_batch: Optional[float] = None,
     impl: str = "auto",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> LossOutput:
     """Full-vocabulary teacher-student divergence on the response tokens, from hidden states.
 
@@ -88,6 +89,8 @@ def distillation_loss(
         reduction: ``"token_mean"`` (default; divides by ``num_items_in_batch`` when given, for gradient
             accumulation), ``"sequence_mean"`` or ``"sum"``.
         impl: the core op's backend.
+        memory_budget_mb: the op's speed/memory knob (:func:`pydistill.token_stats`): with room for one
+            gradient basis row per token (N x V, bfloat16 on CUDA) the gradient is formed in the forward.
 
     Returns:
         :class:`LossOutput` with ``metrics`` divergence, entropy, importance_weight (means over the mask) and
@@ -108,7 +111,8 @@ def distillation_loss(
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
                      softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
-                     support_topk=support_topk))
+                     support_topk=support_topk, memory_budget_mb=memory_budget_mb,
+                     differentiated=("entropy", "divergence") if entropy_coef else ("divergence",)))
     per_token, iw = distillation_per_token(div, logp if targets is not None else None, old_logp=old_logp,
                                            importance_clip=importance_clip, token_weights=token_weights)
     if entropy_coef:
@@ -133,6 +137,7 @@ def sampled_token_distillation_loss(
     reduction: str = "token_mean",
     num_items_in_batch: Optional[float] = None,
     impl: str = "auto",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> LossOutput:
     """OPSD's sampled-token variant: a policy gradient whose per-token advantage is the teacher's log-ratio.
 
@@ -147,7 +152,8 @@ def sampled_token_distillation_loss(
     token_weights = check_per_token("token_weights", token_weights, b, t, allow_sequence=True)
     logp, entropy, _ = sequence_token_stats(hidden, weight, mask, targets=targets,
                                             **op_options(bias=bias, temperature=temperature, softcap=softcap,
-                                                         impl=impl))
+                                                         impl=impl, memory_budget_mb=memory_budget_mb,
+                                                         differentiated=("logp",)))
     advantage = torch.where(mask, teacher_logp.to(logp) - logp.detach(), torch.zeros_like(logp))
     per_token = -advantage * logp
     if token_weights is not None:
@@ -163,11 +169,12 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, clip: Optional[float] = None,
                  temperature: float = 1.0, importance_clip: Optional[float] = None, entropy_coef: float = 0.0,
-                 reduction: str = "token_mean", impl: str = "auto"):
+                 reduction: str = "token_mean", impl: str = "auto",
+                 memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB):
         super().__init__()
         self.options = dict(divergence=divergence, beta=beta, clip=clip, temperature=temperature,
                             importance_clip=importance_clip, entropy_coef=entropy_coef, reduction=reduction,
-                            impl=impl)
+                            impl=impl, memory_budget_mb=memory_budget_mb)
 
     def forward(self, hidden, weight, teacher_hidden, mask=None, **kwargs) -> LossOutput:
         return distillation_loss(hidden, weight, teacher_hidden, mask, **{**self.options, **kwargs})

@@ -8,7 +8,7 @@ from torch import nn
 
 from .output import LossOutput, masked_mean
 from .reductions import check_num_items
-from .stats import op_options, sequence_token_stats
+from .stats import DEFAULT_MEMORY_BUDGET_MB, op_options, sequence_token_stats
 from .validation import check_nonnegative, check_per_token, check_positive, check_sequence_layout
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -127,6 +127,7 @@ def grpo_loss(
     softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     impl: str = "auto",
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> LossOutput:
     """GRPO / BNPO / Dr. GRPO / DAPO clipped-surrogate loss from hidden states, never from logits.
 
@@ -152,6 +153,7 @@ def grpo_loss(
             ``max_completion_length``, default T).
         entropy_coef: TRL's entropy bonus: ``entropy_coef`` times the masked mean entropy is subtracted after the
             loss type's normalization (:func:`entropy_bonus`), for every loss type.
+        memory_budget_mb: the op's speed/memory knob (:func:`pydistill.token_stats`).
 
     Returns:
         :class:`LossOutput`; metrics: clip_ratio_low / clip_ratio_high / clip_ratio (share of masked tokens),
@@ -168,7 +170,9 @@ def grpo_loss(
     ref_logp = check_per_token("ref_logp", ref_logp, b, t)
     logp, entropy, _ = sequence_token_stats(hidden, weight, mask, targets=targets,
                                             **op_options(bias=bias, temperature=temperature, softcap=softcap,
-                                                         impl=impl))
+                                                         impl=impl, memory_budget_mb=memory_budget_mb,
+                                                         differentiated=("logp", "entropy") if entropy_coef
+                                                         else ("logp",)))
     advantages = advantages.to(logp)
     per_token, stats = policy_gradient_per_token(
         logp, entropy, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, beta=beta, epsilon_low=epsilon_low,
@@ -199,14 +203,15 @@ class GRPOLoss(nn.Module):
     def __init__(self, loss_type: str = "dapo", epsilon_low: float = 0.2, epsilon_high: Optional[float] = None,
                  delta: Optional[float] = None, beta: float = 0.0, importance_sampling_level: str = "token",
                  entropy_coef: float = 0.0, temperature: float = 1.0, max_completion_length: Optional[int] = None,
-                 impl: str = "auto"):
+                 impl: str = "auto", memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB):
         super().__init__()
         check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                              max_completion_length, None)
         self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                             beta=beta, importance_sampling_level=importance_sampling_level,
                             entropy_coef=entropy_coef, temperature=temperature,
-                            max_completion_length=max_completion_length, impl=impl)
+                            max_completion_length=max_completion_length, impl=impl,
+                            memory_budget_mb=memory_budget_mb)
 
     def forward(self, hidden, weight, targets, advantages, mask=None, **kwargs) -> LossOutput:
         return grpo_loss(hidden, weight, targets, advantages, mask, **{**self.options, **kwargs})

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import folds as torch_folds
 from . import loop
+from .modes import _TokenStatsFunction
 from .config import DIVERGENCES, StatsConfig
 
 IMPLS = ("auto", "triton", "torch", "chunked", "reference")  # "chunked": the former name of "torch"
@@ -25,64 +25,6 @@ class TokenStats(NamedTuple):
     logp: torch.Tensor
     entropy: torch.Tensor
     divergence: torch.Tensor
-
-
-def _folds(impl: str):
-    if impl == "triton":
-        from ..kernels import folds as triton_folds
-
-        return triton_folds
-    return torch_folds
-
-
-class _TokenStatsFunction(torch.autograd.Function):
-    """One autograd node over the chunk loop's forward and its single recompute sweep backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, cfg, impl,
-                budget_mb):
-        ctx.empty = hidden.shape[0] == 0
-        if ctx.empty:  # nothing active: no sweep at all, zero gradients
-            ctx.save_for_backward(hidden, weight)
-            empty = hidden.new_zeros(0, dtype=loop.compute_dtype(hidden.dtype))
-            return empty, empty.clone(), empty.clone()
-        folds = _folds(impl)
-        two = cfg.divergence is not None
-        plan = loop.plan_chunks(
-            hidden.shape[0], hidden.shape[1], teacher_hidden.shape[1] if two else 0, weight.shape[0], hidden.dtype,
-            hidden.device, two_contexts=two, shared_head=two and loop.same_tensor(teacher_weight, weight),
-            triton_folds=impl == "triton", budget_mb=budget_mb)
-        ctx.cfg, ctx.folds, ctx.plan = cfg, folds, plan
-        forward_plan = None
-        if cfg.needs_second_sweep and plan.cols < weight.shape[0]:
-            forward_plan = loop.plan_resident(
-                hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.dtype, hidden.device,
-                shared_head=plan.stacked, triton_folds=impl == "triton", budget_mb=budget_mb)
-        logp, entropy, div, lse_s, lse_t, grad_sum = loop.stats_forward(
-            folds, forward_plan or plan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-            targets, cfg)
-        ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
-                              lse_s, lse_t, entropy, grad_sum)
-        return logp, entropy, div
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy, g_div):
-        if torch.is_grad_enabled():  # create_graph=True: the sweep's gradients are not themselves differentiable
-            raise RuntimeError("token_stats is differentiable once: second derivatives (create_graph=True, "
-                               "double backward) are not supported; use impl='reference' for them")
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_hidden or need_weight):
-            return (None,) * 10
-        if ctx.empty:
-            hidden, weight = ctx.saved_tensors
-            return (torch.zeros_like(hidden) if need_hidden else None,
-                    torch.zeros_like(weight) if need_weight else None) + (None,) * 8
-        (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
-         lse_s, lse_t, entropy, grad_sum) = ctx.saved_tensors
-        d_hidden, d_weight = loop.stats_backward(
-            ctx.folds, ctx.plan, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets,
-            ctx.cfg, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div, need_weight)
-        return (d_hidden if need_hidden else None, d_weight) + (None,) * 8
 
 
 def _number(x) -> bool:
@@ -143,6 +85,7 @@ def token_stats(
     ignore_index: int = -100,
     impl: str = "auto",
     memory_budget_mb: float = loop.DEFAULT_MEMORY_BUDGET_MB,
+    differentiated: Optional[Sequence[str]] = None,
     teacher_topk_ids: Optional[torch.Tensor] = None,
     teacher_topk_logprobs: Optional[torch.Tensor] = None,
     topk_tail: bool = True,
@@ -199,9 +142,21 @@ def token_stats(
         support_topk: k, with ``teacher_hidden``: the divergence over the student's own k most likely tokens
             (plus a tail bucket with ``topk_tail``), the teacher's log-probs taken at those ids (SDPO/SDFT's
             ``topk_logits``, ROSD's original top-100 + tail). The ids carry no gradient.
-        memory_budget_mb: extra memory the op may use beyond its inputs and returned gradients (logits and
-            dlogits chunks, the float32 dH accumulator, fold temporaries); chunk sizes are the largest that fit.
-            The default keeps a two-context bf16 call at N=8192, H=4096, V=151936 within 256 MB on CUDA.
+        memory_budget_mb: the one speed/memory knob: extra memory the op may use beyond its inputs and returned
+            gradients (logits and dlogits chunks, the float32 dH accumulator, fold temporaries, the gradient
+            basis). It picks the mode: *fast* when the basis of every row fits (``N * len(differentiated) * V``
+            elements, 2 bytes each for bfloat16 on CUDA, 4 otherwise, plus a resident row block's logits): the
+            gradient is formed in the forward and the backward costs dH and dW only (4 GEMM passes of 2NHV for
+            two contexts instead of 6); *partial* when only some rows' basis fits: those rows fast, the rest
+            lean; *lean* below that: no [N, V] buffer, the backward recomputes each chunk once. Chunk sizes are
+            the largest that fit. The default, 4096 MB (``loop.DEFAULT_MEMORY_BUDGET_MB``), is what TRL's chunked
+            head already takes at N=8192, H=4096, V=151936 (~3.7 GiB): a one-output loss runs fast there.
+            256 MB keeps a two-context bf16 call at that shape lean on CUDA.
+        differentiated: the outputs whose gradient the caller's loss uses, among ``"logp"``, ``"entropy"`` and
+            ``"divergence"``; default all that exist (logp with targets, the divergence with a teacher). The
+            fast mode keeps one basis per name; a backward where an output outside it carries gradient runs
+            the lean mode (always exact, only slower); ``()`` pins the lean mode. Without grad mode or a tensor
+            requiring grad no basis is formed.
 
     Returns:
         :class:`TokenStats` ``(logp, entropy, divergence)``, float32 [N] each (float64 for float64 inputs),
@@ -304,6 +259,9 @@ def token_stats(
                       has_targets=targets is not None)
     if not (_number(memory_budget_mb) and memory_budget_mb > 0):
         raise ValueError(f"memory_budget_mb must be a finite number > 0, got {memory_budget_mb!r}")
+    differentiated = _resolve_differentiated(differentiated, cfg)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        differentiated = ()  # no backward will come: forming a basis would only cost
     if impl == "chunked":
         impl = "torch"
     if impl == "auto":
@@ -328,7 +286,7 @@ def token_stats(
         return TokenStats(*topk_token_stats(
             hidden, weight, teacher_topk_ids, teacher_topk_logprobs, tail=topk_tail, targets=targets, bias=bias,
             cfg=cfg, mask=mask, ignore_index=ignore_index, impl=impl, memory_budget_mb=memory_budget_mb,
-            lean_op=token_stats))
+            differentiated=differentiated, lean_op=token_stats))
     if impl == "reference":
         from .reference import reference_token_stats
 
@@ -339,14 +297,28 @@ def token_stats(
 
     if active is None or bool(active.all()):
         return TokenStats(*_TokenStatsFunction.apply(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                                     teacher_bias, targets, cfg, impl, memory_budget_mb))
+                                                     teacher_bias, targets, cfg, impl, memory_budget_mb,
+                                                     differentiated))
     # Gather the active rows once: inactive rows never reach a GEMM, forward or backward.
     rows = active.nonzero().squeeze(1)
     outs = _TokenStatsFunction.apply(
         hidden.index_select(0, rows), weight, bias,
         None if teacher_hidden is None else teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
-        None if targets is None else targets.index_select(0, rows), cfg, impl, memory_budget_mb)
+        None if targets is None else targets.index_select(0, rows), cfg, impl, memory_budget_mb,
+        differentiated)
     return TokenStats(*(torch.zeros(n, device=device, dtype=o.dtype).index_copy(0, rows, o) for o in outs))
+
+
+def _resolve_differentiated(names, cfg: StatsConfig) -> tuple:
+    exist = ("logp",) * cfg.has_targets + ("entropy",) + ("divergence",) * (cfg.divergence is not None)
+    if names is None:
+        return exist
+    if isinstance(names, str) or not all(isinstance(x, str) for x in names):
+        raise ValueError(f"differentiated must be a sequence of output names among {exist}, got {names!r}")
+    unknown = [x for x in names if x not in exist]
+    if unknown:
+        raise ValueError(f"differentiated names {unknown} but this call's outputs with a gradient are {exist}")
+    return tuple(x for x in exist if x in names)
 
 
 def _triton_available() -> bool:

@@ -21,7 +21,14 @@ import torch
 from .config import StatsConfig
 from .folds import A_S, G_S, G_T, M_S, M_T, S_S, S_T, STATE_ROWS, Z_Y
 
-DEFAULT_MEMORY_BUDGET_MB = 256.0
+# The default of the op's one speed/memory knob, shared by every loss, the trainers' configs and the TRL
+# integration. 4 GiB is what a user replacing TRL's chunked head already spends (~3.7 GiB at N=8192, H=4096,
+# V=151936 in TRL 1.16): within it a one-output loss at that shape keeps its whole bfloat16 gradient basis
+# (2.4 GiB) and runs the fast mode. Lower it on a tight GPU: at 256 MB (LEAN_BUDGET_MB) the lean mode runs there.
+DEFAULT_MEMORY_BUDGET_MB = 4096.0
+# The lean mode's own budget: two contexts at that shape in bf16 on CUDA within 256 MB (plans asked without
+# a budget, and the share a partial plan keeps for its lean rows at most).
+LEAN_BUDGET_MB = 256.0
 # Live [rows, chunk] temporaries of the torch folds, in units of one logits chunk (measured from folds.py:
 # log_q, q, dz and the divergence entries); the Triton folds keep everything in registers.
 TORCH_FOLD_TEMPORARIES = 6
@@ -59,7 +66,7 @@ def dlogits_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch.dtype, device: torch.device, *,
                 two_contexts: bool, shared_head: bool, triton_folds: bool,
-                budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> ChunkPlan:
+                budget_mb: float = LEAN_BUDGET_MB) -> ChunkPlan:
     """Chunk sizes whose extra memory, forward or backward, stays within ``budget_mb``.
 
     Counted: the float32 logits chunk(s) and the torch folds' temporaries (per GEMM chunk), the dlogits group
@@ -110,7 +117,7 @@ def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch
 
 
 def plan_resident(n: int, width: int, vocab: int, dtype: torch.dtype, device: torch.device, *, shared_head: bool,
-                  triton_folds: bool, budget_mb: float = DEFAULT_MEMORY_BUDGET_MB):
+                  triton_folds: bool, budget_mb: float = LEAN_BUDGET_MB):
     """The forward plan of JSD and the clip when whole-vocabulary rows fit: row blocks whose [R, V] logits of
     both contexts stay in memory, so the second sweep reuses them instead of recomputing them (12 N H V in all
     instead of 16, at the price of reading W once per row block). None when fewer than MIN_RESIDENT_ROWS rows
@@ -245,20 +252,27 @@ def stats_forward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden, 
         if resident:
             block = state[:, r0:r1]
             folds.divergence_fold(z_s, z_t, _lse(block, M_S, S_S), _lse(block, M_T, S_T), sums[:, r0:r1], cfg)
-    lse_s = _lse(state, M_S, S_S)
-    entropy = torch.log(state[S_S]) + state[A_S] / state[S_S]
-    zeros = torch.zeros_like(lse_s)
-    logp = state[Z_Y] - lse_s if targets is not None else zeros
-    if not ops.two:
-        return logp, entropy, zeros, lse_s, zeros, zeros
-    lse_t = _lse(state, M_T, S_T)
-    if cfg.needs_second_sweep and not resident:
+    if ops.two and cfg.needs_second_sweep and not resident:
+        lse_s, lse_t = _lse(state, M_S, S_S), _lse(state, M_T, S_T)
         sums = torch.zeros(2, n, device=ops.device, dtype=ops.acc)
         for r0, r1 in _row_blocks(n, plan):
             logits = _Logits(ops, plan, r0, r1, True)
             for c0, c1 in _col_chunks(vocab, plan):
                 z_s, z_t = logits.chunk(c0, c1)
                 folds.divergence_fold(z_s, z_t, lse_s[r0:r1], lse_t[r0:r1], sums[:, r0:r1], cfg)
+    return finish_forward(state, sums, cfg, targets is not None)
+
+
+def finish_forward(state, sums, cfg: StatsConfig, has_targets: bool):
+    """Per-row (logp, entropy, divergence, lse_s, lse_t, grad_sum) from the final online state and, for JSD
+    and the clip, the second sweep's ``sums`` [2, N]. Shared by the lean and the fast forward."""
+    lse_s = _lse(state, M_S, S_S)
+    entropy = torch.log(state[S_S]) + state[A_S] / state[S_S]
+    zeros = torch.zeros_like(lse_s)
+    logp = state[Z_Y] - lse_s if has_targets else zeros
+    if cfg.divergence is None:
+        return logp, entropy, zeros, lse_s, zeros, zeros
+    lse_t = _lse(state, M_T, S_T)
     if cfg.needs_second_sweep:
         return logp, entropy, sums[0], lse_s, lse_t, sums[1]
     if cfg.divergence == "forward_kl":

@@ -163,11 +163,13 @@ def topk_divergence(log_q: torch.Tensor, log_p: torch.Tensor, valid: torch.Tenso
 
 
 def topk_token_stats(hidden, weight, ids, logprobs, *, tail: bool, targets, bias, cfg: StatsConfig, mask,
-                     ignore_index: int, impl: str, memory_budget_mb: float, lean_op):
+                     ignore_index: int, impl: str, memory_budget_mb: float, lean_op, differentiated=None):
     """:func:`pydistill.token_stats` with a top-k teacher: ``(logp, entropy, divergence)``, each [N].
 
     ``lean_op`` is ``token_stats`` itself (one context, no teacher): it gives logp of an anchor token (the
     target, or else the teacher's first id) and the entropy; the divergence comes from :func:`topk_divergence`.
+    The divergence's gradient reaches the op through that logp, so ``differentiated`` (the caller's outputs with
+    a gradient) maps to the inner call's: logp for the divergence or logp, entropy for entropy.
     """
     from .loop import compute_dtype
 
@@ -186,9 +188,11 @@ def topk_token_stats(hidden, weight, ids, logprobs, *, tail: bool, targets, bias
         anchor = torch.where((targets >= 0) & (targets < vocab), targets.long(), torch.zeros_like(targets.long()))
     else:
         anchor = anchor_targets = ids[:, 0]
+    inner = None if differentiated is None else (
+        ("logp",) * bool({"logp", "divergence"} & set(differentiated)) + ("entropy",) * ("entropy" in differentiated))
     logp, entropy, _ = lean_op(hidden, weight, targets=anchor_targets, bias=bias, temperature=cfg.temperature,
                                softcap=cfg.softcap, mask=mask, ignore_index=ignore_index, impl=impl,
-                               memory_budget_mb=memory_budget_mb)
+                               memory_budget_mb=memory_budget_mb, differentiated=inner)
     rows = active.nonzero().squeeze(1)
     dtype = compute_dtype(hidden.dtype)
     z = gathered_logits(hidden.index_select(0, rows), weight, bias,

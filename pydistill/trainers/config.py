@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..token_stats.config import DIVERGENCES
+from ..token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
 from .checkpoint import resolve_checkpoint
 from .fields import Literal, check_fields, coerce_fields, option
 
@@ -75,6 +76,10 @@ class TrainConfig:
     max_reward_failures: int = option(20, "end the run after this many failed reward-function calls")
     impl: Literal["auto", "triton", "torch", "chunked", "reference"] = option(
         "auto", "the fused op's folds: triton (CUDA), torch, auto (triton on CUDA), chunked (torch's former name)")
+    memory_budget_mb: float = option(
+        DEFAULT_MEMORY_BUDGET_MB, "the fused op's speed/memory knob: extra MB per loss call; the default (about "
+        "TRL's own head at N=8192, V=151936) holds the gradient formed in the forward (4 GEMM passes instead of 6); "
+        "256 keeps the lean mode")
     progress: bool = option(True, "show a progress bar")
     # ----- your own data, trackers and memory (checked by validate_ecosystem) -----
     # A dataset replaces `task`: a jsonl/json/csv/parquet file, a dataset folder (save_to_disk or data files
@@ -107,6 +112,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or null (keep every checkpoint), got {self.save_total_limit}")
+        if isinstance(self.memory_budget_mb, bool) or not isinstance(self.memory_budget_mb, (int, float)) or \
+                not 0 < self.memory_budget_mb < float("inf"):
+            raise ValueError(f"memory_budget_mb must be a finite number > 0, got {self.memory_budget_mb!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.eval_samples == 1:

@@ -17,6 +17,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("pydistill.integrations.trl needs TRL: pip install 'trl>=1.16,<1.17'") \
         from error
 
+from ...token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
 from ._compat import TESTED_TRL, check_trl_version
 from . import distillation, self_distillation, server_distillation
 from .grpo import GRPOTrainer, patch_grpo
@@ -39,8 +40,12 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def patch(trainer, allow_untested_trl=None):
+def patch(trainer, allow_untested_trl=None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB):
     """Switch an already constructed TRL trainer to pydistill's fused op, in place; returns it.
+
+    ``memory_budget_mb`` is the op's speed/memory knob (the subclasses take it as a keyword too): the default,
+    4096 MB, is about what TRL's own chunked head takes at N=8192, H=4096, V=151936, and holds the gradient
+    formed in the forward there; 256 MB gives the lean mode.
 
     Accepts ``trl.GRPOTrainer``, ``trl.DistillationTrainer`` and ``trl.experimental``'s ``GKDTrainer``,
     ``SDPOTrainer``, ``SDFTTrainer`` and ``ServerDistillationTrainer`` (and subclasses). Anything else raises a TypeError naming the type.
@@ -50,15 +55,15 @@ def patch(trainer, allow_untested_trl=None):
     import trl
 
     if isinstance(trainer, trl.GRPOTrainer):
-        return patch_grpo(trainer, allow_untested_trl)
+        return patch_grpo(trainer, allow_untested_trl, memory_budget_mb)
     names = {c.__name__ for c in type(trainer).__mro__}
     if "ServerDistillationTrainer" in names:  # before its base, DistillationTrainer
-        return server_distillation.patch_server_distillation(trainer)
+        return server_distillation.patch_server_distillation(trainer, memory_budget_mb)
     if isinstance(trainer, trl.DistillationTrainer):
-        return distillation.patch_distillation(trainer)
+        return distillation.patch_distillation(trainer, memory_budget_mb)
     if "GKDTrainer" in names:
-        return distillation.patch_distillation(trainer)
+        return distillation.patch_distillation(trainer, memory_budget_mb)
     if names & {"SDPOTrainer", "SDFTTrainer"}:
-        return self_distillation.patch_self_distillation(trainer)
+        return self_distillation.patch_self_distillation(trainer, memory_budget_mb)
     raise TypeError(f"patch() takes a trl.GRPOTrainer, trl.DistillationTrainer, GKDTrainer, SDPOTrainer, "
                     f"SDFTTrainer or ServerDistillationTrainer; got {type(trainer).__name__}")

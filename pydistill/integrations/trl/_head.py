@@ -23,11 +23,26 @@ import types
 import torch
 
 from ...token_stats import TokenStats, token_stats
+from ...token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
+
+BUDGET_ATTRIBUTE = "pydistill_memory_budget_mb"
 
 _MARK = "_pydistill_previous_forward"
 # Keyword arguments that wrappers (PEFT) pass as None and that the decoder body does not take.
 _DROPPED = ("labels", "output_attentions", "output_hidden_states", "return_dict", "num_items_in_batch",
             "shift_labels", "logits_to_keep")
+
+
+def set_memory_budget(trainer, memory_budget_mb) -> None:
+    """The op's speed/memory knob for this trainer (see :func:`pydistill.token_stats`); one line if it is bad."""
+    if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) or \
+            not 0 < memory_budget_mb < float("inf"):
+        raise ValueError(f"memory_budget_mb must be a finite number > 0, got {memory_budget_mb!r}")
+    setattr(trainer, BUDGET_ATTRIBUTE, float(memory_budget_mb))
+
+
+def memory_budget(trainer) -> float:
+    return getattr(trainer, BUDGET_ATTRIBUTE, DEFAULT_MEMORY_BUDGET_MB)
 
 
 def unwrap(model):
@@ -107,12 +122,15 @@ def _fused_forward(model, args, kwargs, request):
                       beta=request.get("beta", 0.5), clip=request.get("clip"),
                       support_topk=request.get("support_topk"), topk_tail=request.get("topk_tail", True),
                       teacher_topk_ids=request.get("teacher_topk_ids"),
-                      teacher_topk_logprobs=request.get("teacher_topk_logprobs"))
+                      teacher_topk_logprobs=request.get("teacher_topk_logprobs"),
+                      memory_budget_mb=request.get("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB),
+                      differentiated=request.get("differentiated"))
 
 
 def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, teacher_weight=None,
                teacher_bias=None, divergence=None, beta=0.5, clip=None, support_topk=None,
-               topk_tail=True, teacher_topk_ids=None, teacher_topk_logprobs=None) -> TokenStats:
+               topk_tail=True, teacher_topk_ids=None, teacher_topk_logprobs=None,
+               memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB, differentiated=None) -> TokenStats:
     """:func:`pydistill.token_stats` of [B, K, H] hidden states through ``model``'s head (its logit scale and
     softcap applied), scoring ``labels`` [B, K] (``-100``: skipped row). Returns [B, K] fields.
 
@@ -148,6 +166,7 @@ def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, t
     # The op computes in float32 itself; autocast must not re-cast its GEMMs.
     with torch.autocast(weight.device.type, enabled=False):
         stats = token_stats(hidden.reshape(b * t, width), weight, targets=labels, bias=bias,
-                            temperature=float(temperature), softcap=softcap(model.config), **options)
+                            temperature=float(temperature), softcap=softcap(model.config),
+                            memory_budget_mb=memory_budget_mb, differentiated=differentiated, **options)
     return TokenStats(*(s.reshape(b, t) for s in stats))
 

@@ -50,7 +50,7 @@ def jsd_op(beta) -> str:
 
 
 def fused_divergence(student_hidden, student_model, teacher_hidden, teacher_model, mask, *, beta, temperature,
-                     num_items_in_batch):
+                     num_items_in_batch, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB):
     """(loss, entropy sum, valid-token count) of TRL's distillation losses from [B, K, H] hidden states."""
     weight, bias = _head.head_parameters(student_model)
     teacher_weight, teacher_bias = _head.head_parameters(teacher_model)
@@ -71,7 +71,8 @@ def fused_divergence(student_hidden, student_model, teacher_hidden, teacher_mode
                             teacher_weight=None if shared else teacher_weight.detach(),
                             teacher_bias=None if shared else teacher_bias,
                             divergence="jsd", beta=float(beta), temperature=float(temperature),
-                            softcap=_head.softcap(student_model.config), mask=valid)
+                            softcap=_head.softcap(student_model.config), mask=valid,
+                            memory_budget_mb=memory_budget_mb, differentiated=("divergence",))
     count = valid.sum()
     total = stats.divergence.sum()
     if num_items_in_batch is None:
@@ -99,7 +100,7 @@ def _distillation_compute_loss(self, unwrapped_student, inputs, num_items_in_bat
                                                    unwrapped_teacher, input_ids, attention_mask, keep)
     return fused_divergence(student_hidden, _head.unwrap(unwrapped_student), teacher_hidden,
                             _head.unwrap(unwrapped_teacher), mask, beta=self.beta, temperature=self.temperature,
-                            num_items_in_batch=num_items_in_batch)
+                            num_items_in_batch=num_items_in_batch, memory_budget_mb=_head.memory_budget(self))
 
 
 def _gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -116,7 +117,7 @@ def _gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_ba
                                             pydistill=dict(keep=keep, hidden_only=True))
     loss, _, _ = fused_divergence(student_hidden, _head.unwrap(model), teacher_hidden, _head.unwrap(self.teacher_model),
                                   labels != -100, beta=self.beta, temperature=1.0,
-                                  num_items_in_batch=num_items_in_batch)
+                                  num_items_in_batch=num_items_in_batch, memory_budget_mb=_head.memory_budget(self))
     return loss
 
 
@@ -136,8 +137,9 @@ def make_distillation_trainer():
         """``trl.DistillationTrainer`` with the same constructor, whose divergence comes from pydistill's fused
         op (see :mod:`pydistill.integrations.trl.distillation`)."""
 
-        def __init__(self, *args, allow_untested_trl=None, **kwargs):
+        def __init__(self, *args, allow_untested_trl=None, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB, **kwargs):
             check_trl_version(allow_untested_trl)
+            _head.set_memory_budget(self, memory_budget_mb)
             super().__init__(*args, **kwargs)
             check_distillation(self, self.model, self.teacher_model)
             announce(self, jsd_op(self.beta))
@@ -157,8 +159,9 @@ def make_gkd_trainer():
         """``trl.experimental.gkd.GKDTrainer`` with the same constructor, whose generalized JSD comes from
         pydistill's fused op on the decoder bodies' hidden states (no [B, T, V] logits)."""
 
-        def __init__(self, *args, allow_untested_trl=None, **kwargs):
+        def __init__(self, *args, allow_untested_trl=None, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB, **kwargs):
             check_trl_version(allow_untested_trl)
+            _head.set_memory_budget(self, memory_budget_mb)
             super().__init__(*args, **kwargs)
             check_distillation(self, self.model, self.teacher_model)
             _install_models(self.model, self.teacher_model)
@@ -170,11 +173,12 @@ def make_gkd_trainer():
     return GKDTrainer
 
 
-def patch_distillation(trainer):
+def patch_distillation(trainer, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB):
     """Switch a constructed ``trl.DistillationTrainer`` (or GKDTrainer) instance to the fused divergence."""
     import types
 
     check_distillation(trainer, trainer.model, trainer.teacher_model)
+    _head.set_memory_budget(trainer, memory_budget_mb)
     if hasattr(trainer, "_get_last_hidden_state"):
         trainer._compute_loss = types.MethodType(_distillation_compute_loss, trainer)
     else:

@@ -67,7 +67,9 @@ def fused_logps_and_entropies(trainer, model, input_ids, attention_mask, logits_
     for start in range(0, input_ids.size(0), batch_size):
         ids, attention = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
         labels = ids[:, -keep:].masked_fill(attention[:, -keep:] == 0, -100)
-        request = dict(keep=keep, labels=labels, temperature=trainer.temperature)
+        # TRL's GRPO loss differentiates the log-probabilities only (its entropies mask and log, detached)
+        request = dict(keep=keep, labels=labels, temperature=trainer.temperature,
+                       memory_budget_mb=_head.memory_budget(trainer), differentiated=("logp",))
         with trainer.accelerator.autocast():
             stats = model(input_ids=ids, attention_mask=attention, pydistill=request)
         logps.append(stats.logp)
@@ -81,8 +83,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     range (unless ``allow_untested_trl=True``: see :func:`check_trl_version`) or a config field asks for something
     the fused hook cannot compute."""
 
-    def __init__(self, *args, allow_untested_trl=None, **kwargs):
+    def __init__(self, *args, allow_untested_trl=None, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB, **kwargs):
         check_trl_version(allow_untested_trl)
+        _head.set_memory_budget(self, memory_budget_mb)
         super().__init__(*args, **kwargs)
         check_grpo(self)
         announce(self, GRPO_OP)
@@ -94,10 +97,11 @@ class GRPOTrainer(trl.GRPOTrainer):
                                          compute_entropy, compute_aux_loss, **multimodal)
 
 
-def patch_grpo(trainer, allow_untested_trl=None):
+def patch_grpo(trainer, allow_untested_trl=None, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB):
     """Switch an existing ``trl.GRPOTrainer`` instance to the fused hook (before ``train()``)."""
     check_trl_version(allow_untested_trl)
     check_grpo(trainer)
+    _head.set_memory_budget(trainer, memory_budget_mb)
     setattr(trainer, HOOK, types.MethodType(fused_logps_and_entropies, trainer))
     announce(trainer, GRPO_OP)
     return trainer

@@ -105,7 +105,8 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
     labels = completion_ids.masked_fill(completion_mask == 0, -100)
-    request = dict(keep=keep, labels=labels, temperature=self.temperature)
+    request = dict(keep=keep, labels=labels, temperature=self.temperature, memory_budget_mb=_head.memory_budget(self),
+                   differentiated=("logp",))
     mode = "train" if self.model.training else "eval"
     if weight == 0.0:
         loss = _policy_loss(self, inputs, model(input_ids=ids, attention_mask=attention, pydistill=request).logp)
@@ -121,7 +122,9 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
             shared = teacher_weight is _head.head_parameters(student)[0]  # one model: one GEMM for both contexts
             request.update(teacher_hidden=teacher_hidden, divergence="jsd", beta=float(args.distillation_alpha),
                            teacher_weight=None if shared else teacher_weight.detach(),
-                           teacher_bias=None if shared else teacher_bias)
+                           teacher_bias=None if shared else teacher_bias,
+                           # the policy part (weight < 1) differentiates logp beside the divergence
+                           differentiated=("logp", "divergence") if weight < 1.0 else ("divergence",))
             if args.distillation_mode == "topk_logits":
                 request.update(support_topk=int(args.distillation_topk), topk_tail=bool(args.distillation_add_tail))
         stats = model(input_ids=ids, attention_mask=attention, pydistill=request)
@@ -159,8 +162,9 @@ def _make(base):
         __doc__ = (f"``trl.experimental.{base.__name__}`` with the same constructor, whose self-distillation loss "
                    "comes from pydistill's fused op (see :mod:`pydistill.integrations.trl.self_distillation`).")
 
-        def __init__(self, *args, allow_untested_trl=None, **kwargs):
+        def __init__(self, *args, allow_untested_trl=None, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB, **kwargs):
             check_trl_version(allow_untested_trl)
+            _head.set_memory_budget(self, memory_budget_mb)
             super().__init__(*args, **kwargs)
             check_self_distillation(self)
             announce(self, self_distillation_op(self.args))
@@ -184,10 +188,11 @@ def make_sdft_trainer():
     return _make(SDFTTrainer)
 
 
-def patch_self_distillation(trainer):
+def patch_self_distillation(trainer, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB):
     import types
 
     check_self_distillation(trainer)
+    _head.set_memory_budget(trainer, memory_budget_mb)
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     announce(trainer, self_distillation_op(trainer.args))
     return trainer

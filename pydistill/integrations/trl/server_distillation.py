@@ -64,7 +64,8 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     stats = model(input_ids=input_ids, attention_mask=attention_mask,
                   pydistill=dict(keep=keep, labels=scored, temperature=self.temperature, teacher_topk_ids=ids,
                                  teacher_topk_logprobs=lps, topk_tail=bool(self.loss_add_tail), divergence="jsd",
-                                 beta=float(self.beta)))
+                                 beta=float(self.beta), memory_budget_mb=_head.memory_budget(self),
+                                 differentiated=("divergence",)))
     loss = self._reduce_divergence_loss(stats.divergence[:, :width], completion_mask=scored[:, :width] != -100,
                                         reduction="batchmean")
     if self.model.training:  # TRL's server path normalizes locally and re-applies the accumulation scaling
@@ -88,8 +89,10 @@ def make_server_distillation_trainer():
         """``trl.experimental.server_distillation.ServerDistillationTrainer`` with the same constructor, whose
         divergence to the served teacher's top-k comes from pydistill's fused op (no [B, T, V] logits)."""
 
-        def __init__(self, *args, allow_untested_trl=None, **kwargs):
+        def __init__(self, *args, allow_untested_trl=None, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB,
+                     **kwargs):
             check_trl_version(allow_untested_trl)
+            _head.set_memory_budget(self, memory_budget_mb)
             super().__init__(*args, **kwargs)
             check_server_distillation(self)
             announce(self, "top-k " + jsd_op(self.beta))
@@ -100,10 +103,11 @@ def make_server_distillation_trainer():
     return ServerDistillationTrainer
 
 
-def patch_server_distillation(trainer):
+def patch_server_distillation(trainer, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB):
     import types
 
     check_server_distillation(trainer)
+    _head.set_memory_budget(trainer, memory_budget_mb)
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     announce(trainer, "top-k " + jsd_op(trainer.beta))
     return trainer

@@ -139,7 +139,8 @@ class ExGRPOTrainer(Trainer):
     def sft_loss(self, batch: ContextBatch, num_items_in_batch: float):
         hidden = response_hidden_states(self.policy, batch)
         return nll_loss(hidden, lm_head_weight(self.model), batch.targets, batch.completion_mask,
-                        num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=self.config.impl)
+                        num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=self.config.impl,
+                        memory_budget_mb=self.config.memory_budget_mb)
 
     def sft_training_step(self) -> dict:
         """One optimizer step of the warm-up over ``sft_batch_size`` examples (global token normalization)."""
@@ -335,7 +336,8 @@ class ExGRPOTrainer(Trainer):
         with torch.no_grad(), self.teacher.weights():
             hidden = response_hidden_states(self.model, batch)
             logp, _, _ = sequence_token_stats(hidden, lm_head_weight(self.model), mask, targets=batch.targets,
-                                              **op_options(bias=lm_head_bias(self.model), impl=self.config.impl))
+                                              **op_options(bias=lm_head_bias(self.model), impl=self.config.impl,
+                                              memory_budget_mb=self.config.memory_budget_mb))
         return logp
 
     def loss(self, prepared: dict, num_items_in_batch: float):
@@ -348,7 +350,8 @@ class ExGRPOTrainer(Trainer):
         hidden = response_hidden_states(self.policy, batch)
         logp, entropy, _ = sequence_token_stats(hidden, lm_head_weight(self.model), grpo_mask | sft_mask,
                                                 targets=batch.targets,
-                                                **op_options(bias=lm_head_bias(self.model), impl=cfg.impl))
+                                                **op_options(bias=lm_head_bias(self.model), impl=cfg.impl,
+                                                memory_budget_mb=cfg.memory_budget_mb))
         mask = grpo_mask[rollouts]
         advantages = prepared["advantages"].to(logp).unsqueeze(1).expand_as(logp[rollouts])
         per_token, stats = policy_gradient_per_token(

@@ -149,7 +149,8 @@ class FDTrainer(GRPOTrainer):
             targets = torch.where(mask, student.targets, torch.full_like(student.targets, -100)).reshape(-1)
             return token_stats(hidden.detach().reshape(b * t, width), lm_head_weight(self.model), targets=targets,
                                bias=lm_head_bias(self.model), temperature=self.config.temperature,
-                               mask=mask.reshape(-1), impl=self.config.impl).logp.reshape(b, t)
+                               mask=mask.reshape(-1), impl=self.config.impl,
+                               memory_budget_mb=self.config.memory_budget_mb).logp.reshape(b, t)
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
@@ -173,7 +174,7 @@ class FDTrainer(GRPOTrainer):
                                      targets=student.targets if cfg.importance_clip else None, old_logp=old_logp,
                                      importance_clip=cfg.importance_clip, entropy_coef=cfg.entropy_coef,
                                      bias=lm_head_bias(self.model), num_items_in_batch=num_items_in_batch,
-                                     impl=cfg.impl, **distill)
+                                     impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb, **distill)
         options = self.policy_loss_options(prepared, num_items_in_batch)
         return blended_loss(hidden, lm_head_weight(self.model), teacher_hidden, options.pop("targets"),
                             options.pop("advantages"), options.pop("mask"),

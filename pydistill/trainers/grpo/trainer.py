@@ -73,7 +73,8 @@ class GRPOTrainer(Trainer):
             targets = torch.where(mask, student.targets, torch.full_like(student.targets, -100)).reshape(-1)
             return token_stats(hidden.reshape(b * t, width), lm_head_weight(self.model) if weight is None else weight,
                                targets=targets, bias=lm_head_bias(self.model), mask=mask.reshape(-1),
-                               impl=self.config.impl).logp.reshape(b, t)
+                               impl=self.config.impl,
+                               memory_budget_mb=self.config.memory_budget_mb).logp.reshape(b, t)
 
     def policy_loss_options(self, prepared: dict, num_items_in_batch: float) -> dict:
         """The keyword arguments of the fused policy-gradient loss for one micro-batch."""
@@ -84,7 +85,7 @@ class GRPOTrainer(Trainer):
                     epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
                     importance_sampling_level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
                     max_completion_length=cfg.max_new_tokens, num_items_in_batch=num_items_in_batch,
-                    bias=lm_head_bias(self.model), impl=cfg.impl)
+                    bias=lm_head_bias(self.model), impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb)
 
     def sequence_share(self, prepared: dict) -> float:
         """This micro-batch's share of the global batch's sequences. The "grpo" and "dr_grpo" losses average

@@ -61,12 +61,14 @@ class OPSDTrainer(Trainer):
                 teacher_logp = token_stats(teacher_hidden.reshape(b * t, -1),
                                            weight if teacher_weight is None else teacher_weight,
                                            targets=flat_targets, bias=bias, temperature=loss_temperature(cfg),
-                                           impl=cfg.impl).logp.reshape(b, t)
+                                           impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb).logp.reshape(b, t)
             return sampled_token_distillation_loss(hidden, weight, student.targets, teacher_logp,
                                                    student.completion_mask, temperature=loss_temperature(cfg),
-                                                   bias=bias, num_items_in_batch=num_items_in_batch, impl=cfg.impl)
+                                                   bias=bias, num_items_in_batch=num_items_in_batch, impl=cfg.impl,
+                                                   memory_budget_mb=cfg.memory_budget_mb)
         return distillation_loss(hidden, weight, teacher_hidden, student.completion_mask,
                                  teacher_weight=teacher_weight, divergence=cfg.divergence, beta=cfg.beta,
                                  clip=cfg.clip, temperature=loss_temperature(cfg), bias=bias,
                                  teacher_bias=bias if teacher_weight is not None else None,
-                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl)
+                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl,
+                                 memory_budget_mb=cfg.memory_budget_mb)

@@ -207,4 +207,5 @@ class ROSDTrainer(Trainer):
                                  teacher_bias=bias if teacher_weight is not None else None,
                                  targets=student.targets, importance_clip=cfg.importance_clip,
                                  support_topk=cfg.support_topk if teacher is not None else None,
-                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl)
+                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl,
+                                 memory_budget_mb=cfg.memory_budget_mb)

@@ -26,4 +26,5 @@ class SFTTrainer(Trainer):
         batch = prepared["batch"]
         hidden = response_hidden_states(self.policy, batch)
         return nll_loss(hidden, lm_head_weight(self.model), batch.targets, batch.completion_mask,
-                        num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=self.config.impl)
+                        num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=self.config.impl,
+                        memory_budget_mb=self.config.memory_budget_mb)
