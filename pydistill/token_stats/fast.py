@@ -203,8 +203,10 @@ def fast_backward(basis, gradients, hidden, weight, need_weight_grad: bool, d_we
         c1 = min(c0 + step, vocab)
         w = weight[c0:c1] if weight.dtype == dz.dtype else weight[c0:c1].to(dz.dtype)
         ops.addmm_(d_hidden, dz[:, c0:c1], w)
-        if need_weight_grad and accumulate:
+        if need_weight_grad and accumulate and d_weight.dtype == dz.dtype:
             ops.addmm_(d_weight[c0:c1], dz[:, c0:c1].t(), gh)
+        elif need_weight_grad and accumulate:  # a 16-bit dW (the CPU's basis is float32): one rounding of the sum
+            d_weight[c0:c1].copy_(torch.addmm(d_weight[c0:c1].to(dz.dtype), dz[:, c0:c1].t(), gh))
         elif need_weight_grad:
             loop._write_weight_grad(d_weight[c0:c1], dz[:, c0:c1].t(), gh)
     return d_hidden.mul_(g.unsqueeze(1)), d_weight
