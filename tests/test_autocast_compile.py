@@ -77,3 +77,24 @@ def test_fullgraph_compile_fails_with_a_line_that_says_why():
     body, head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 200, bias=False)
     with pytest.raises(Exception, match="fullgraph=False"):
         torch.compile(_step, backend="eager", fullgraph=True)(body, head, torch.randn(2, 5, 16), torch.randn(2, 5, 16))
+
+
+def test_hidden_states_autocast_made_16_bit_meet_a_float32_head():
+    """Under autocast a body's hidden states come out bfloat16 beside a float32 head: the op raises them to the
+    head's dtype (autocast would have rounded the head down) and computes in float32."""
+    hidden, weight, teacher, targets = _inputs(1)
+    body = torch.nn.Linear(H, H)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h16, t16 = body(hidden), body(teacher)
+        assert h16.dtype == t16.dtype == torch.bfloat16
+        stats = token_stats(h16, weight, targets=targets, teacher_hidden=t16, divergence="forward_kl")
+    want = token_stats(h16.detach().double(), weight.detach().double(), targets=targets,
+                       teacher_hidden=t16.detach().double(), divergence="forward_kl", impl="reference")
+    for a, b in zip(stats, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_vocabulary_is_one_line():
+    with pytest.raises(ValueError, match="vocabulary V must be at least 1"):
+        token_stats(torch.randn(3, 4), torch.randn(0, 4))

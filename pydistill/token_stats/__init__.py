@@ -6,6 +6,7 @@ the options (:mod:`.config`) and the float64 eager reference (:mod:`.reference`)
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional, Sequence
@@ -67,6 +68,34 @@ def _resolve_divergence(divergence, beta):
     return divergence
 
 
+def _float32_outside_graphs(fn):
+    """The op's math is float32 (float64 for float64) whatever autocast region encloses it: autocast is turned
+    off inside, and hidden states it produced in a 16-bit dtype are brought up to their head's dtype (autocast
+    would have rounded the head down instead). Under ``torch.compile`` the op is a graph break: its chunk loop
+    runs as it is written, outside the graph."""
+    @functools.wraps(fn)
+    def run(hidden, weight, **options):
+        device = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return fn(hidden, weight, **options)
+        with torch.autocast(device, enabled=False):
+            if isinstance(weight, torch.Tensor) and hidden.dtype != weight.dtype:
+                hidden = hidden.to(weight.dtype)
+            teacher, head = options.get("teacher_hidden"), options.get("teacher_weight")
+            head = weight if head is None else head
+            if isinstance(teacher, torch.Tensor) and isinstance(head, torch.Tensor) and teacher.dtype != head.dtype:
+                options["teacher_hidden"] = teacher.to(head.dtype)
+            return fn(hidden, weight, **options)
+
+    reason = ("pydistill.token_stats runs its own vocabulary-chunk loop outside the graph: compile the step with "
+              "fullgraph=False (the op is one graph break)")
+    try:
+        return torch.compiler.disable(run, reason=reason)
+    except TypeError:  # a torch whose disable() takes no reason
+        return torch.compiler.disable(run)
+
+
+@_float32_outside_graphs
 def token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -174,6 +203,8 @@ def token_stats(
     _check_matrix("weight", weight, device)
     n, width = hidden.shape
     vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight has no rows: the vocabulary V must be at least 1")
     if weight.shape[1] != width:
         raise ValueError(f"weight must have shape [V, H] with H={width} (hidden's), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:

@@ -14,6 +14,7 @@ Chunk sizes come from :func:`plan_chunks` and a memory budget.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 import torch
@@ -173,6 +174,14 @@ class _Operands:
             acc.addmm_(a, b)
         else:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+def autocast_off(device_type: str):
+    """A region where no enclosing autocast re-casts the op's GEMMs (a backward run inside an autocast region
+    would otherwise drop to 16-bit math)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def same_tensor(a, b) -> bool:

@@ -63,6 +63,12 @@ class _TokenStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, g_div):
+        device = next((g.device.type for g in (g_logp, g_entropy, g_div) if g is not None), None)
+        with loop.autocast_off(device):
+            return _TokenStatsFunction._backward(ctx, g_logp, g_entropy, g_div)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_entropy, g_div):
         if torch.is_grad_enabled():  # create_graph=True: the sweep's gradients are not themselves differentiable
             raise RuntimeError("token_stats is differentiable once: second derivatives (create_graph=True, "
                                "double backward) are not supported; use impl='reference' for them")

@@ -87,6 +87,13 @@ class _GatheredLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        from .loop import autocast_off
+
+        with autocast_off(grad.device.type):
+            return _GatheredLogits._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         hidden, weight, ids = ctx.saved_tensors
         dtype, block = ctx.compute_dtype, ctx.block_rows
         grad = grad.to(dtype)
