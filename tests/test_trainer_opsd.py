@@ -189,3 +189,33 @@ def test_bad_config_fails_fast(overrides, match):
 def test_unknown_config_field():
     with pytest.raises(ValueError, match="unknown config field"):
         OPSDConfig.from_dict({"learning_rat": 1e-4})
+
+
+def test_a_served_teacher_gives_the_local_teachers_loss(tmp_path):
+    """teacher_url: the reference-solution context scored by a server holding the initial weights. With k = V its
+    top-k covers the vocabulary, so the loss equals the local fixed teacher's (the tail bucket floored at ~1e-7)."""
+    from tests.teacher_server import TeacherServer
+
+    local = make_trainer(tmp_path / "local", clip=None)
+    vocab = lm_head_weight(local.model).shape[0]
+    prepared = local.prepare(local.train_pool[:2])
+    want = local.loss(prepared, float(prepared["tokens"]))
+    with TeacherServer(copy.deepcopy(local.model)) as server:
+        served = make_trainer(tmp_path / "served", clip=None, teacher_url=server.url, teacher_top_k=vocab)
+        assert served.teacher is None  # no local teacher weights are kept
+        got = served.loss(prepared, float(prepared["tokens"]))
+        contexts = [r for r in server.requests if r[0] == "/v1/completions"]
+    assert contexts and all(r[1]["prompt_logprobs"] == vocab for r in contexts)
+    assert float(want.loss) > 0
+    assert float(got.loss) == pytest.approx(float(want.loss), rel=1e-4, abs=1e-6)
+    got.loss.backward()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(teacher_url="localhost:8000"), "teacher_url must be an http:// or https:// address"),
+    (dict(teacher_url="http://127.0.0.1:1", sampled_token=True), "use one or the other"),
+    (dict(teacher_top_k=0), "teacher_top_k must be an integer >= 1"),
+])
+def test_served_teacher_settings_are_checked(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, **overrides)

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from ..model_head import logit_scale, softcap, unwrap
+
 
 @dataclass
 class ContextBatch:
@@ -46,11 +48,8 @@ def build_context_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Seq
 
 
 def causal_lm(model):
-    """The underlying transformers causal LM of a model that may be wrapped by peft or accelerate."""
-    inner = getattr(model, "module", model)  # DDP
-    if hasattr(inner, "get_base_model"):  # peft: LoRA layers live inside the base model
-        inner = inner.get_base_model()
-    return inner
+    """The underlying transformers causal LM of a model that may be wrapped by peft, accelerate or compile."""
+    return unwrap(model)
 
 
 def lm_head_weight(model) -> torch.Tensor:
@@ -58,7 +57,15 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def lm_head_bias(model):
-    return getattr(causal_lm(model).get_output_embeddings(), "bias", None)
+    """The head's bias times the model's logit scale (the scale folds into the op's inputs), or None."""
+    bias = getattr(causal_lm(model).get_output_embeddings(), "bias", None)
+    scale = logit_scale(causal_lm(model).config)
+    return bias if bias is None or scale == 1.0 else bias * scale
+
+
+def lm_head_softcap(model):
+    """The model's final-logit softcap, to pass to every op call on its hidden states (None for most)."""
+    return softcap(causal_lm(model).config)
 
 
 def response_hidden_states(model, batch: ContextBatch) -> torch.Tensor:
@@ -93,4 +100,6 @@ class ResponseHiddenStates(torch.nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         # Under bf16 autocast the body may return bf16 while the head stays fp32: the fused op needs one dtype.
-        return hidden.to(lm_head_weight(self.model).dtype)
+        hidden = hidden.to(lm_head_weight(self.model).dtype)
+        scale = logit_scale(causal_lm(self.model).config)  # the model's logit multiplier, folded into h
+        return hidden if scale == 1.0 else hidden * scale

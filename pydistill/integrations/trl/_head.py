@@ -22,6 +22,7 @@ import types
 
 import torch
 
+from ...model_head import logit_scale, softcap, unwrap  # noqa: F401 (the integration's names for them)
 from ...token_stats import TokenStats, token_stats
 from ...token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
 
@@ -43,33 +44,6 @@ def set_memory_budget(trainer, memory_budget_mb) -> None:
 
 def memory_budget(trainer) -> float:
     return getattr(trainer, BUDGET_ATTRIBUTE, DEFAULT_MEMORY_BUDGET_MB)
-
-
-def unwrap(model):
-    """The transformers causal LM inside DDP / DeepSpeed (``.module``) and PEFT (``get_base_model()``)."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner
-
-
-def logit_scale(config) -> float:
-    """The multiplier some architectures put on the raw logits before the softcap (1.0 for most), read from the
-    same config fields TRL reads: ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(text, name, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(text, "logits_scaling", None)
-    if scaling is not None:
-        return float(scaling) if getattr(text, "model_type", "") == "hyperclovax" else 1.0 / float(scaling)
-    return 1.0
-
-
-def softcap(config):
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "final_logit_softcapping", None)
 
 
 def head_parameters(model):

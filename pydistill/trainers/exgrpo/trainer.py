@@ -20,7 +20,7 @@ from ...losses.stats import op_options, sequence_token_stats
 from ...rewards import dialogue_structure_bonus
 from .. import run_folder
 from ..checkpoint import clean_stale, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from ..contexts import ContextBatch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..contexts import ContextBatch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
 from ..core import Trainer
 from ..groups import reward_function, step_advantages
 from ..metrics import MetricsLog
@@ -140,7 +140,7 @@ class ExGRPOTrainer(Trainer):
         hidden = response_hidden_states(self.policy, batch)
         return nll_loss(hidden, lm_head_weight(self.model), batch.targets, batch.completion_mask,
                         num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=self.config.impl,
-                        memory_budget_mb=self.config.memory_budget_mb)
+                        memory_budget_mb=self.config.memory_budget_mb, softcap=lm_head_softcap(self.model))
 
     def sft_training_step(self) -> dict:
         """One optimizer step of the warm-up over ``sft_batch_size`` examples (global token normalization)."""
@@ -337,7 +337,8 @@ class ExGRPOTrainer(Trainer):
             hidden = response_hidden_states(self.model, batch)
             logp, _, _ = sequence_token_stats(hidden, lm_head_weight(self.model), mask, targets=batch.targets,
                                               **op_options(bias=lm_head_bias(self.model), impl=self.config.impl,
-                                              memory_budget_mb=self.config.memory_budget_mb))
+                                              memory_budget_mb=self.config.memory_budget_mb,
+                                              softcap=lm_head_softcap(self.model)))
         return logp
 
     def loss(self, prepared: dict, num_items_in_batch: float):
@@ -351,7 +352,8 @@ class ExGRPOTrainer(Trainer):
         logp, entropy, _ = sequence_token_stats(hidden, lm_head_weight(self.model), grpo_mask | sft_mask,
                                                 targets=batch.targets,
                                                 **op_options(bias=lm_head_bias(self.model), impl=cfg.impl,
-                                                memory_budget_mb=cfg.memory_budget_mb))
+                                                memory_budget_mb=cfg.memory_budget_mb,
+                                                softcap=lm_head_softcap(self.model)))
         mask = grpo_mask[rollouts]
         advantages = prepared["advantages"].to(logp).unsqueeze(1).expand_as(logp[rollouts])
         per_token, stats = policy_gradient_per_token(

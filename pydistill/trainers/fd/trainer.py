@@ -11,7 +11,7 @@ from ...losses import blended_loss, distillation_loss
 from ...prompts import feedback_teacher_messages, render
 from ...token_stats import token_stats
 from ..config import loss_temperature
-from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
 from ..groups import sample_groups
 from ..grpo.trainer import GRPOTrainer
 from ..rollout import HFRolloutEngine, SamplingSettings
@@ -150,7 +150,8 @@ class FDTrainer(GRPOTrainer):
             return token_stats(hidden.detach().reshape(b * t, width), lm_head_weight(self.model), targets=targets,
                                bias=lm_head_bias(self.model), temperature=self.config.temperature,
                                mask=mask.reshape(-1), impl=self.config.impl,
-                               memory_budget_mb=self.config.memory_budget_mb).logp.reshape(b, t)
+                               memory_budget_mb=self.config.memory_budget_mb,
+                               softcap=lm_head_softcap(self.model)).logp.reshape(b, t)
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
@@ -174,7 +175,8 @@ class FDTrainer(GRPOTrainer):
                                      targets=student.targets if cfg.importance_clip else None, old_logp=old_logp,
                                      importance_clip=cfg.importance_clip, entropy_coef=cfg.entropy_coef,
                                      bias=lm_head_bias(self.model), num_items_in_batch=num_items_in_batch,
-                                     impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb, **distill)
+                                     impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
+                                     softcap=lm_head_softcap(self.model), **distill)
         options = self.policy_loss_options(prepared, num_items_in_batch)
         return blended_loss(hidden, lm_head_weight(self.model), teacher_hidden, options.pop("targets"),
                             options.pop("advantages"), options.pop("mask"),

@@ -10,7 +10,7 @@ import torch
 from ...diversity import group_diversity
 from ...losses import grpo_loss
 from ...token_stats import token_stats
-from ..contexts import lm_head_bias, lm_head_weight, response_hidden_states
+from ..contexts import lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups, step_advantages
 from .config import GRPOConfig
@@ -74,7 +74,8 @@ class GRPOTrainer(Trainer):
             return token_stats(hidden.reshape(b * t, width), lm_head_weight(self.model) if weight is None else weight,
                                targets=targets, bias=lm_head_bias(self.model), mask=mask.reshape(-1),
                                impl=self.config.impl,
-                               memory_budget_mb=self.config.memory_budget_mb).logp.reshape(b, t)
+                               memory_budget_mb=self.config.memory_budget_mb,
+                               softcap=lm_head_softcap(self.model)).logp.reshape(b, t)
 
     def policy_loss_options(self, prepared: dict, num_items_in_batch: float) -> dict:
         """The keyword arguments of the fused policy-gradient loss for one micro-batch."""
@@ -85,7 +86,8 @@ class GRPOTrainer(Trainer):
                     epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
                     importance_sampling_level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
                     max_completion_length=cfg.max_new_tokens, num_items_in_batch=num_items_in_batch,
-                    bias=lm_head_bias(self.model), impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb)
+                    bias=lm_head_bias(self.model), impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
+                    softcap=lm_head_softcap(self.model))
 
     def sequence_share(self, prepared: dict) -> float:
         """This micro-batch's share of the global batch's sequences. The "grpo" and "dr_grpo" losses average

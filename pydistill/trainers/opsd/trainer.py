@@ -8,9 +8,10 @@ import torch
 from ...losses import distillation_loss, sampled_token_distillation_loss
 from ...prompts import opsd_teacher_messages, render, student_messages
 from ...token_stats import token_stats
-from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
 from ..config import loss_temperature
 from ..core import Trainer
+from ..teacher import ServedTeacher
 
 
 class ScoredContexts(NamedTuple):
@@ -27,6 +28,19 @@ class ScoredContexts(NamedTuple):
 
 class OPSDTrainer(Trainer):
     method = "opsd"
+
+    def uses_teacher(self) -> bool:
+        return self.config.teacher_url is None  # a served teacher holds no weights here
+
+    def teacher_on_server(self):
+        """The served teacher of ``teacher_url`` (built on first use), or None for the local one."""
+        cfg = self.config
+        if cfg.teacher_url is None:
+            return None
+        if getattr(self, "_served", None) is None:
+            self._served = ServedTeacher(cfg.teacher_url, cfg.teacher_top_k, model=cfg.teacher_served_model,
+                                         temperature=loss_temperature(cfg))
+        return self._served
 
     def prepare(self, problems: list) -> dict:
         tok, n = self.tokenizer, self.config.num_generations
@@ -52,6 +66,16 @@ class OPSDTrainer(Trainer):
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
+        served = self.teacher_on_server()
+        if served is not None:
+            student = prepared["student"]
+            ids, logprobs = served.topk(prepared["teacher"])
+            return distillation_loss(response_hidden_states(self.policy, student), lm_head_weight(self.model), None,
+                                     student.completion_mask, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
+                                     divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip,
+                                     temperature=loss_temperature(cfg), bias=lm_head_bias(self.model),
+                                     num_items_in_batch=num_items_in_batch, impl=cfg.impl,
+                                     memory_budget_mb=cfg.memory_budget_mb, softcap=lm_head_softcap(self.model))
         student, teacher, hidden, teacher_hidden, weight, bias, teacher_weight = self.scored_contexts(prepared)
         if cfg.sampled_token:
             with torch.no_grad():
@@ -61,14 +85,16 @@ class OPSDTrainer(Trainer):
                 teacher_logp = token_stats(teacher_hidden.reshape(b * t, -1),
                                            weight if teacher_weight is None else teacher_weight,
                                            targets=flat_targets, bias=bias, temperature=loss_temperature(cfg),
-                                           impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb).logp.reshape(b, t)
+                                           impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
+                                           softcap=lm_head_softcap(self.model)).logp.reshape(b, t)
             return sampled_token_distillation_loss(hidden, weight, student.targets, teacher_logp,
                                                    student.completion_mask, temperature=loss_temperature(cfg),
                                                    bias=bias, num_items_in_batch=num_items_in_batch, impl=cfg.impl,
-                                                   memory_budget_mb=cfg.memory_budget_mb)
+                                                   memory_budget_mb=cfg.memory_budget_mb,
+                                                   softcap=lm_head_softcap(self.model))
         return distillation_loss(hidden, weight, teacher_hidden, student.completion_mask,
                                  teacher_weight=teacher_weight, divergence=cfg.divergence, beta=cfg.beta,
                                  clip=cfg.clip, temperature=loss_temperature(cfg), bias=bias,
                                  teacher_bias=bias if teacher_weight is not None else None,
                                  num_items_in_batch=num_items_in_batch, impl=cfg.impl,
-                                 memory_budget_mb=cfg.memory_budget_mb)
+                                 memory_budget_mb=cfg.memory_budget_mb, softcap=lm_head_softcap(self.model))

@@ -8,7 +8,7 @@ import torch
 from ...losses import distillation_loss, first_error_mask
 from ...prompts import render, rosd_teacher_messages
 from ...tasks import derives_answer
-from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
 from ..config import loss_temperature
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups
@@ -208,4 +208,4 @@ class ROSDTrainer(Trainer):
                                  targets=student.targets, importance_clip=cfg.importance_clip,
                                  support_topk=cfg.support_topk if teacher is not None else None,
                                  num_items_in_batch=num_items_in_batch, impl=cfg.impl,
-                                 memory_budget_mb=cfg.memory_budget_mb)
+                                 memory_budget_mb=cfg.memory_budget_mb, softcap=lm_head_softcap(self.model))

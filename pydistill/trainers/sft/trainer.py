@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ...losses import nll_loss
 from ...prompts import render, student_messages
-from ..contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
 from ..core import Trainer
 
 
@@ -27,4 +27,4 @@ class SFTTrainer(Trainer):
         hidden = response_hidden_states(self.policy, batch)
         return nll_loss(hidden, lm_head_weight(self.model), batch.targets, batch.completion_mask,
                         num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=self.config.impl,
-                        memory_budget_mb=self.config.memory_budget_mb)
+                        memory_budget_mb=self.config.memory_budget_mb, softcap=lm_head_softcap(self.model))
