@@ -1,8 +1,10 @@
 """The core fused op: per-token logp, entropy and teacher-student divergence from hidden states.
 
 The whole op lives in this package: :func:`token_stats` (the public function and its validation), the chunk loop
-(:mod:`.loop`), the per-chunk folds in torch (:mod:`.folds`; their Triton spelling is ``pydistill.kernels.folds``),
-the options (:mod:`.config`) and the float64 eager reference (:mod:`.reference`).
+(:mod:`.loop`), the per-chunk folds in torch (:mod:`.folds`; their Triton spelling is the top-level
+``kernels/folds.py``, shipped as ``pydistill.kernels.folds``), the fast mode's gradient basis (:mod:`.fast`) and the
+autograd node that splits rows between the modes (:mod:`.modes`), a teacher given as top-k log-probs
+(:mod:`.topk`), the options (:mod:`.config`) and the float64 eager reference (:mod:`.reference`).
 """
 from __future__ import annotations
 
