@@ -31,6 +31,7 @@ import torch
 from benchmarks.measure import device_name, is_oom, peak_rss_mb, reset_peak_rss, rss_mb, set_memory_cap, versions
 from pydistill.losses.output import LossOutput, masked_mean
 from pydistill.losses.reductions import reduce_tokens
+from pydistill.trainers.config import loss_temperature
 from pydistill.token_stats.reference import reference_token_stats
 from pydistill.token_stats.config import StatsConfig
 from pydistill.trainers import OPSDConfig, OPSDTrainer
@@ -109,7 +110,7 @@ class EagerLossOPSD(FixedRolloutOPSD):
         divergence = cfg.divergence
         if divergence == "jsd" and cfg.beta in (0.0, 1.0):  # the JSD endpoints are the two KLs
             divergence = "forward_kl" if cfg.beta == 0.0 else "reverse_kl"
-        stats_cfg = StatsConfig(temperature=cfg.loss_temperature, divergence=divergence, beta=cfg.beta,
+        stats_cfg = StatsConfig(temperature=loss_temperature(cfg), divergence=divergence, beta=cfg.beta,
                                 clip=cfg.clip)
         b, t, width = hidden.shape
         _, entropy, div = reference_token_stats(

@@ -16,7 +16,8 @@ pytest.importorskip("peft")
 import transformers  # noqa: E402
 import trl  # noqa: E402
 
-import pydistill.integrations.trl as pydistill_trl  # noqa: E402
+import pydistill.integrations.trl as pydistill_trl
+from pydistill.token_stats.loop import DEFAULT_MEMORY_BUDGET_MB  # noqa: E402
 from pydistill.integrations.trl import _compat  # noqa: E402
 
 from .trl_helpers import run_distillation, run_gkd, run_grpo, run_self_distillation  # noqa: E402
@@ -111,6 +112,7 @@ def _fused_lines(caplog):
     ("sdft", "generalized JSD beta=0.5 teacher-student divergence"),
     ("sdpo", "sampled-token log-probs of both contexts"),
     ("patch", "log-prob and entropy of the sampled tokens"),
+    ("patch-512", "log-prob and entropy of the sampled tokens"),
 ])
 def test_each_drop_in_logs_one_line_at_construction(fresh, tmp_path, caplog, kind, op):
     fresh.setattr(transformers.Trainer, "train", lambda self, *a, **k: None)  # construction is what is tested
@@ -119,6 +121,9 @@ def test_each_drop_in_logs_one_line_at_construction(fresh, tmp_path, caplog, kin
             trainer = run_grpo(pydistill_trl.GRPOTrainer, tmp_path)[2]
         elif kind == "patch":
             trainer = run_grpo(trl.GRPOTrainer, tmp_path, patch=pydistill_trl.patch)[2]
+        elif kind == "patch-512":
+            trainer = run_grpo(trl.GRPOTrainer, tmp_path,
+                               patch=lambda t: pydistill_trl.patch(t, memory_budget_mb=512))[2]
         elif kind == "distillation":
             trainer = run_distillation(pydistill_trl.DistillationTrainer, tmp_path)[2]
         elif kind == "gkd":
@@ -130,4 +135,5 @@ def test_each_drop_in_logs_one_line_at_construction(fresh, tmp_path, caplog, kin
     lines = [r.getMessage() for r in _fused_lines(caplog)]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"pydistill: {type(trainer).__name__} runs the fused op ({op})")
-    assert "impl=auto -> torch on cpu" in lines[0] and "memory budget 256 MB per call" in lines[0]
+    budget = 512 if kind == "patch-512" else DEFAULT_MEMORY_BUDGET_MB
+    assert "impl=auto -> torch on cpu" in lines[0] and f"memory budget {budget:g} MB per call" in lines[0]

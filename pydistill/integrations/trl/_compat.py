@@ -60,9 +60,9 @@ def check_trl_version(allow_untested=None) -> None:
 def announce(trainer, op: str) -> None:
     """The one INFO line (logger ``pydistill.integrations.trl``) that says a drop-in runs the fused op, so a
     user can tell from the logs that it is pydistill's path and not TRL's: the op, the fold implementation
-    ``impl="auto"`` picks for the model's device, and the op's memory budget per call."""
+    ``impl="auto"`` picks for the model's device, and the trainer's memory budget per op call (``memory_budget_mb``)."""
     from ...token_stats import _triton_available
-    from ...token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
+    from ._head import memory_budget
 
     try:
         device = next(trainer.model.parameters()).device
@@ -71,7 +71,7 @@ def announce(trainer, op: str) -> None:
     impl = "triton" if device is not None and device.type == "cuda" and _triton_available() else "torch"
     logger.info("pydistill: %s runs the fused op (%s), no [B, T, V] logits; impl=auto -> %s on %s; memory budget "
                 "%g MB per call; TRL %s", type(trainer).__name__, op, impl, device or "cpu",
-                DEFAULT_MEMORY_BUDGET_MB, trl_version())
+                memory_budget(trainer), trl_version())
 
 
 def check_hook(cls, name: str, parameters) -> None:
