@@ -37,7 +37,13 @@ def _run(module, args, world, attempts=2):
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+    try:
+        results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+    finally:  # a rank that timed out (or whose peer died) must not outlive the test, waiting on its peer forever
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     if attempts > 1 and any(code == -6 and _TEARDOWN_ABORT in err for code, err in results):
         return _run(module, args, world, attempts - 1)
     for code, err in results:
