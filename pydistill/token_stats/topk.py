@@ -14,7 +14,6 @@ gives a finite log. With ``tail=False`` both distributions are renormalized over
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
