@@ -23,6 +23,7 @@ TAIL_FLOOR = 1e-7
 # Teacher log-probs arrive rounded (server float32, JSON decimals): a row's mass may exceed 1 by this much.
 MASS_TOLERANCE = 1e-3
 PADDING_ID = -1
+GATHER_BLOCK_MB = 64.0
 
 
 def check_topk_teacher(ids, logprobs, n: int, vocab: int, device) -> torch.Tensor:
@@ -119,7 +120,10 @@ class _GatheredLogits(torch.autograd.Function):
 def gathered_logits(hidden, weight, bias, ids, cfg: StatsConfig, compute_dtype, budget_mb: float):
     """The student's scaled logits ``cap(h . W[id] + b) / T`` at ``ids`` [N, m], differentiable."""
     per_row = ids.shape[1] * hidden.shape[1] * torch.empty((), dtype=compute_dtype).element_size() * 2
-    block_rows = max(1, min(ids.shape[0], int(budget_mb * 2 ** 20 // 2 // max(per_row, 1))))
+    # The gathered [rows, m, H] weights are O(N k H) work, small beside the vocabulary loop: blocks of at most
+    # GATHER_BLOCK_MB keep them from taking the budget that the loop's fast mode would use for its basis.
+    block_mb = min(budget_mb / 2, GATHER_BLOCK_MB)
+    block_rows = max(1, min(ids.shape[0], int(block_mb * 2 ** 20 // max(per_row, 1))))
     z = _GatheredLogits.apply(hidden, weight, None if bias is None else bias.detach(), ids, compute_dtype,
                               block_rows)
     if cfg.softcap is not None:
