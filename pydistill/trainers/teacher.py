@@ -79,8 +79,6 @@ class ServedTeacher:
     under its teacher context, for the op's top-k teacher path. It holds no weights: the server's model is the
     teacher (fixed unless the server is updated), so there is nothing to update or checkpoint."""
 
-    kind = "served"
-
     def __init__(self, url: str, top_k: int, model=None, temperature: float = 1.0, timeout_s: float = 60.0):
         self.url, self.top_k, self.model, self.temperature, self.timeout_s = url, top_k, model, temperature, timeout_s
 
@@ -97,15 +95,6 @@ class ServedTeacher:
         pairs = server_topk_logprobs(self.url, contexts, responses, top_k=self.top_k, model=self.model,
                                      temperature=self.temperature, timeout_s=self.timeout_s)
         return stack_topk(pairs, length=batch.targets.shape[1], device=batch.targets.device)
-
-    def update(self):
-        return None
-
-    def state_dict(self):
-        return None
-
-    def load_state_dict(self, state):
-        return None
 
 
 def causal_lm_wrapper(model):
