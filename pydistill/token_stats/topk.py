@@ -131,6 +131,16 @@ def gathered_logits(hidden, weight, bias, ids, cfg: StatsConfig, compute_dtype, 
     return z / cfg.temperature
 
 
+def anchored_log_probs(hidden, weight, bias, ids, anchor, anchor_logp, cfg: StatsConfig, budget_mb: float):
+    """log q at ``ids`` [N, m] from the chunk loop's log-prob of one ``anchor`` token per row: with the gathered
+    scaled logits z, ``lse = z_anchor - logp_anchor`` and ``log q_j = z_j - lse``, differentiable through both."""
+    from .loop import compute_dtype
+
+    z = gathered_logits(hidden, weight, bias, torch.cat([ids, anchor.unsqueeze(1)], dim=1), cfg,
+                        compute_dtype(hidden.dtype), budget_mb)
+    return z[:, :-1] - (z[:, -1] - anchor_logp).unsqueeze(1)
+
+
 def _tail(log_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """log(1 - sum_j exp(log_probs_j)) over the valid entries, the mass floored at 1 - exp(-TAIL_FLOOR)."""
     kept = torch.where(valid, log_probs, torch.full_like(log_probs, -math.inf))
@@ -205,11 +215,8 @@ def topk_token_stats(hidden, weight, ids, logprobs, *, tail: bool, targets, bias
                                memory_budget_mb=memory_budget_mb, differentiated=inner)
     rows = active.nonzero().squeeze(1)
     dtype = compute_dtype(hidden.dtype)
-    z = gathered_logits(hidden.index_select(0, rows), weight, bias,
-                        torch.cat([ids, anchor.unsqueeze(1)], dim=1).index_select(0, rows), cfg, dtype,
-                        memory_budget_mb)
-    lse = z[:, -1] - logp.index_select(0, rows)
-    log_q = z[:, :-1] - lse.unsqueeze(1)
+    log_q = anchored_log_probs(hidden.index_select(0, rows), weight, bias, ids.index_select(0, rows),
+                               anchor.index_select(0, rows), logp.index_select(0, rows), cfg, memory_budget_mb)
     divergence = topk_divergence(log_q, logprobs.index_select(0, rows).to(dtype), valid.index_select(0, rows),
                                  cfg, tail)
     divergence = torch.zeros(n, dtype=divergence.dtype, device=hidden.device).index_copy(0, rows, divergence)
@@ -244,15 +251,11 @@ def logprobs_at(hidden, weight, ids, *, bias=None, temperature: float = 1.0, sof
                 memory_budget_mb: float = 256.0, lean_op=None) -> torch.Tensor:
     """log softmax(cap(h . W + b) / T) at ``ids`` [N, k], float32, from the chunk loop's normalizer and a gathered
     product (no [N, V] tensor): a local teacher's log-probs on a support chosen elsewhere."""
-    from .loop import compute_dtype
-
     cfg = StatsConfig(temperature=float(temperature), softcap=softcap)
     anchor = ids[:, 0]
     logp = lean_op(hidden, weight, targets=anchor, bias=bias, temperature=temperature, softcap=softcap, impl=impl,
                    memory_budget_mb=memory_budget_mb).logp
-    z = gathered_logits(hidden, weight, bias, torch.cat([ids, anchor[:, None]], 1), cfg,
-                        compute_dtype(hidden.dtype), memory_budget_mb)
-    return z[:, :-1] - (z[:, -1] - logp).unsqueeze(1)
+    return anchored_log_probs(hidden, weight, bias, ids, anchor, logp, cfg, memory_budget_mb)
 
 
 def student_support(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, k, active, cfg: StatsConfig,
