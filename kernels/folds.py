@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 import triton
 import triton.language as tl
 
@@ -203,7 +205,10 @@ def backward_fold(z_s, z_t, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, 
                   cfg: StatsConfig, out) -> None:
     """Triton spelling of :func:`pydistill.token_stats.folds.backward_fold` (same contract)."""
     rows, cols = z_s.shape
-    with_div = z_t is not None
+    with_div = z_t is not None and g_div is not None
+    if g_logp is None or g_entropy is None or g_div is None:  # the kernel reads every gradient: zeros stand in
+        zeros = torch.zeros_like(lse_s)
+        g_logp, g_entropy = (zeros if g is None else g for g in (g_logp, g_entropy))
     _backward_fold_kernel[(rows,)](
         z_s, z_t if with_div else z_s, z_s.stride(0), out, out.stride(0), lse_s, lse_t if with_div else lse_s,
         entropy, grad_sum if with_div else lse_s, g_logp, g_entropy, g_div if with_div else g_logp, targets, col0,

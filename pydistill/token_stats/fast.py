@@ -160,9 +160,9 @@ def fast_forward(folds, plan: FastPlan, hidden, weight, bias, teacher_hidden, te
             for z_s, z_t in chunks:
                 folds.divergence_fold(*copy(z_s, z_t), lse_s, lse_t, sums[:, r0:r1], cfg)
         _, entropy, _, _, _, grad_sum = loop.finish_forward(block, sums[:, r0:r1], cfg, targets is not None)
-        one, zero = torch.ones_like(lse_s), torch.zeros_like(lse_s)
+        one = torch.ones_like(lse_s)
         for k, name in enumerate(outputs):
-            g = [one if name == o else zero for o in OUTPUTS]
+            g = [one if name == o else None for o in OUTPUTS]
             last = k == len(outputs) - 1
             for (c0, c1), (z_s, z_t) in zip(col_chunks, chunks):
                 z_s, z_t = (z_s, z_t) if last else copy(z_s, z_t)

@@ -303,8 +303,7 @@ def stats_backward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden,
     ops = _Operands(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                     cfg if use_div else StatsConfig(temperature=cfg.temperature, softcap=cfg.softcap))
     n, width, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
-    zeros = torch.zeros(n, device=ops.device, dtype=ops.acc)
-    row = lambda g: zeros if g is None else g.to(ops.acc).contiguous()  # noqa: E731
+    row = lambda g: None if g is None else g.to(ops.acc).contiguous()  # noqa: E731 (None: the fold skips it)
     g_logp = row(g_logp if targets is not None else None)
     g_entropy, g_div = row(g_entropy), row(g_div)
     y = targets if targets is not None else torch.full((n,), -1, device=ops.device, dtype=torch.long)
@@ -328,9 +327,9 @@ def stats_backward(folds, plan: ChunkPlan, hidden, weight, bias, teacher_hidden,
             for c0 in range(g0, g1, plan.cols):
                 c1 = min(c0 + plan.cols, g1)
                 z_s, z_t = block_logits.chunk(c0, c1)
+                g_rows = [None if g is None else g[r0:r1] for g in (g_logp, g_entropy, g_div)]
                 folds.backward_fold(z_s, z_t if use_div else None, lse_s[r0:r1], lse_t[r0:r1], entropy[r0:r1],
-                                    grad_sum[r0:r1], g_logp[r0:r1], g_entropy[r0:r1], g_div[r0:r1], y[r0:r1], c0,
-                                    cfg, dz_g[:, c0 - g0:c1 - g0])
+                                    grad_sum[r0:r1], *g_rows, y[r0:r1], c0, cfg, dz_g[:, c0 - g0:c1 - g0])
             ops.addmm_(d_hidden[r0:r1], dz_g, w_g)
             if dw_acc is not None:
                 ops.addmm_(dw_acc, dz_g.t(), h_dz[r0:r1])
