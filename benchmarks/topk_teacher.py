@@ -84,7 +84,10 @@ def cost(args) -> list:
     return records
 
 
-def gap(args) -> dict:
+def opsd_rollout_rows(args):
+    """(student rows [N, H], teacher rows [N, H], head weight [V, H], rollouts, targets [N]) of the embedded model's
+    own rollouts on the arithmetic task, scored under the student prompt and under OPSD's teacher context (the
+    reference solution): the rows a distillation step on them would hand to the op."""
     import torch
 
     from benchmarks.teacher_signal import hidden_rows
@@ -92,7 +95,6 @@ def gap(args) -> dict:
     from pydistill.models import load_model
     from pydistill.prompts import opsd_teacher_messages, render, student_messages
     from pydistill.tasks import get_task
-    from pydistill.token_stats import token_stats
     from pydistill.trainers.contexts import lm_head_weight
 
     model, tokenizer = load_model(args.model)
@@ -111,10 +113,19 @@ def gap(args) -> dict:
                              add_special_tokens=False)["input_ids"] for i in keep]
     student = torch.cat(hidden_rows(model, tokenizer, student_ids, completions))
     teacher = torch.cat(hidden_rows(model, tokenizer, teacher_ids, completions))
-    weight = lm_head_weight(model).detach()
+    targets = torch.tensor([t for c in completions for t in c], dtype=torch.long)
+    return student, teacher, lm_head_weight(model).detach(), len(keep), targets
+
+
+def gap(args) -> dict:
+    import torch
+
+    from pydistill.token_stats import token_stats
+
+    student, teacher, weight, rollouts, _ = opsd_rollout_rows(args)
     with torch.no_grad():
         full = token_stats(student, weight, teacher_hidden=teacher, divergence="forward_kl").divergence
-        result = dict(tokens=int(full.numel()), rollouts=len(keep), full_forward_kl=float(full.mean()), ks={})
+        result = dict(tokens=int(full.numel()), rollouts=rollouts, full_forward_kl=float(full.mean()), ks={})
         for k in args.ks:
             logprobs, ids = torch.log_softmax(teacher @ weight.t(), -1).topk(k, dim=-1)
             row = dict(teacher_mass=float(logprobs.exp().sum(-1).mean()))
@@ -131,6 +142,18 @@ def gap(args) -> dict:
     return result
 
 
+def rollout_arguments(p) -> None:
+    """The options of :func:`opsd_rollout_rows` (and ``--out``)."""
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--problems", type=int, default=8)
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.topk_teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,14 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--h", type=int, default=576)
     p.add_argument("--v", type=int, default=49152)
     p.add_argument("--ks", type=int, nargs="+", default=[20, 100])
-    p.add_argument("--model", default="SmolLM2-135M-Instruct")
-    p.add_argument("--problems", type=int, default=8)
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--split", default="train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
+    rollout_arguments(p)
     args = p.parse_args(argv)
     if args.part == "one":
         print(json.dumps(measure_one(args.variant, args.n, args.h, args.v)))

@@ -221,3 +221,18 @@ def test_readme_results_section(tmp_path):
     bare.write_text("# Bare\n")
     report.update_readme(str(bare), [json_path])
     assert report.START in bare.read_text() and bare.read_text().startswith("# Bare\n")
+
+
+def test_gradient_sparsity_counts_all_small_tiles():
+    """Issue 25 item 6's measure: a tile counts when every entry is below the threshold; edge tiles count on
+    their real entries; the dropped mass is the largest per-row sum over skipped tiles."""
+    from benchmarks.gradient_sparsity import tile_shares
+
+    grad = torch.full((5, 6), 1e-5)
+    grad[0, 0] = 0.5  # one large entry: its 2x4 tile (rows 0-1, cols 0-3) is not skippable
+    shares = tile_shares(grad, 2.0 ** -12, tiles=((2, 4), (5, 6)))
+    # 2x4 tiles over 5x6 (padded to 6x8): 3 x 2 = 6 tiles, one holds the 0.5
+    assert shares["2x4"]["share"] == pytest.approx(5 / 6)
+    # rows 2-4 lose all six entries (6e-5), rows 0-1 only columns 4-5
+    assert shares["2x4"]["max_row_dropped"] == pytest.approx(6e-5, rel=1e-6)
+    assert shares["5x6"] == {"share": 0.0, "max_row_dropped": 0.0}
