@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..boundary import unwrap
+
 TRACKERS = ("tensorboard", "wandb")
 REPORT_TO = ("none", "all") + TRACKERS
 
@@ -104,9 +106,7 @@ def finish_trackers(accelerator):
 def enable_gradient_checkpointing(model):
     """Recompute each decoder layer's activations in backward (transformers' non-reentrant checkpointing, which
     needs no input gradients, so it works under LoRA's frozen embeddings)."""
-    from .contexts import causal_lm
-
-    lm = causal_lm(model)
+    lm = unwrap(model)
     if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

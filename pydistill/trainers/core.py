@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .metrics import MetricsLog
 from .progress import TrainProgress
 from .rollout import HFRolloutEngine, SamplingSettings
-from .contexts import ResponseHiddenStates
+from ..boundary import ResponseHiddenStates
 from .held_out import HeldOutEvaluation
 from .teacher import Teacher
 
