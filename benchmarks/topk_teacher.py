@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from pydistill.models import EMBEDDED_DEFAULT
+
 
 def _variant(name: str, n: int, h: int, v: int, seed: int = 0):
     """(step function, inputs) of one variant: ``full``, ``topk<k>`` or ``topk<k>-renorm``."""
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--h", type=int, default=576)
     p.add_argument("--v", type=int, default=49152)
     p.add_argument("--ks", type=int, nargs="+", default=[20, 100])
-    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT)
     p.add_argument("--problems", type=int, default=8)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -32,7 +32,7 @@ from benchmarks.measure import device_name, is_oom, peak_rss_mb, reset_peak_rss,
 from pydistill.losses.output import LossOutput, masked_mean
 from pydistill.losses.reductions import reduce_tokens
 from pydistill.trainers.config import loss_temperature
-from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.eager import eager_token_stats
 from pydistill.token_stats.config import StatsConfig
 from pydistill.trainers import OPSDConfig, OPSDTrainer
 from pydistill.trainers.contexts import build_context_batch
@@ -114,7 +114,7 @@ class EagerLossOPSD(FixedRolloutOPSD):
         stats_cfg = StatsConfig(temperature=loss_temperature(cfg), divergence=divergence, beta=cfg.beta,
                                 clip=cfg.clip, softcap=head.softcap)
         b, t, width = hidden.shape
-        _, entropy, div = reference_token_stats(
+        _, entropy, div = eager_token_stats(
             hidden.reshape(b * t, width), head.weight, stats_cfg, bias=head.bias,
             teacher_hidden=teacher_hidden.reshape(b * t, -1), teacher_weight=teacher_head.weight,
             teacher_bias=teacher_head.bias, dtype=None)

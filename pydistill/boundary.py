@@ -6,7 +6,7 @@
 - :func:`hidden_states`: the decoder body's forward, the hidden states that predict the scored tokens, in the
   op's input space (the head's dtype, the logit scale folded in).
 - :func:`sequence_token_stats`: the op's [B, T] front door: [B, T, H] hidden states and a [B, T] mask become the
-  op's rows, and its per-row statistics come back as [B, T].
+  op's rows (:func:`pack_rows`), and its per-row statistics come back as [B, T] (:func:`unpack_rows`).
 
 Some architectures transform the head's logits before the softmax: a multiplier (Cohere ``logit_scale``, Granite
 ``logits_scaling``, ``output_multiplier``, ``lm_head_multiplier``) and a final softcap (Gemma-2
@@ -132,53 +132,67 @@ class ResponseHiddenStates(torch.nn.Module):
         return hidden_states(self.model, input_ids, attention_mask, positions)
 
 
+class PackedRows(NamedTuple):
+    rows: torch.Tensor  # [N, H] active rows, in row-major (b, t) order
+    index: torch.Tensor  # [N] flat positions b * T + t of those rows
+    shape: tuple  # (B, T)
+
+    def take(self, values: torch.Tensor) -> torch.Tensor:
+        """The active rows of another [B, T, ...] tensor aligned with the packed one."""
+        b, t = self.shape
+        return values.reshape((b * t,) + tuple(values.shape[2:])).index_select(0, self.index.to(values.device))
+
+
+def pack_rows(hidden: torch.Tensor, mask: torch.Tensor) -> PackedRows:
+    """Active rows of ``hidden`` [B, T, H] under ``mask`` [B, T] (differentiable w.r.t. ``hidden``)."""
+    if hidden.dim() != 3 or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"hidden must be [B, T, H] and mask [B, T] to match, got {tuple(hidden.shape)} and "
+                         f"{tuple(mask.shape)}")
+    b, t, width = hidden.shape
+    index = (mask.reshape(-1) != 0).nonzero().squeeze(1).to(hidden.device)
+    return PackedRows(hidden.reshape(b * t, width).index_select(0, index), index, (b, t))
+
+
+def unpack_rows(values: torch.Tensor, packed: PackedRows, fill: float = 0.0) -> torch.Tensor:
+    """Per-row ``values`` [N, ...] back to [B, T, ...], ``fill`` at inactive positions."""
+    b, t = packed.shape
+    if values.shape[0] != packed.index.shape[0]:
+        raise ValueError(f"values must have one entry per packed row ({packed.index.shape[0]}), got {values.shape[0]}")
+    out = values.new_full((b * t,) + tuple(values.shape[1:]), fill)
+    return out.index_copy(0, packed.index, values).reshape((b, t) + tuple(values.shape[1:]))
+
+
 def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=None, teacher_topk_ids=None,
                          teacher_topk_logprobs=None, **op_options) -> TokenStats:
     """:func:`pydistill.token_stats` over the [B, T, H] layout: (logp, entropy, divergence) as [B, T] float32,
     zeros outside ``mask`` [B, T].
 
-    The hidden states are flattened (a view) and the op gathers the masked rows out itself, so tokens outside the
-    mask cost no FLOPs in forward or backward. ``targets`` [B, T] may hold anything outside the mask; a top-k
-    teacher comes as [B, T, k] ids and log-probs, anything outside the mask (it becomes padding entries).
+    Only the masked rows are packed into the op's [N, H] input (:func:`pack_rows`), so tokens outside the mask
+    cost no FLOPs in forward or backward; the results are scattered back (:func:`unpack_rows`). ``targets``
+    [B, T] and a top-k teacher's [B, T, k] ids and log-probs may hold anything outside the mask.
     """
     from .losses.validation import check_per_token, check_vocab_weight  # here: the losses import this module
 
-    b, t, width = hidden.shape
+    b, t, _ = hidden.shape
     check_vocab_weight(weight)
-    mask = mask.to(hidden.device) != 0
-    flat_targets = None
+    packed = pack_rows(hidden, mask.to(hidden.device))
+    rows = {}
     if targets is not None:
-        targets = check_per_token("targets", targets, b, t)
-        flat_targets = targets.reshape(-1).to(device=hidden.device, dtype=torch.long)
-        # padding positions may hold any id: make them ignore_index so that they are never range-checked
-        flat_targets = torch.where(mask.reshape(-1), flat_targets, torch.full_like(flat_targets, -100))
-    flat_teacher = None
+        rows["targets"] = packed.take(check_per_token("targets", targets, b, t).to(hidden.device, torch.long))
     if teacher_hidden is not None:
         if teacher_hidden.dim() != 3 or tuple(teacher_hidden.shape[:2]) != (b, t):
             raise ValueError(f"teacher_hidden must be [B, T, H_t] with B, T = {b}, {t} (aligned with the student's "
                              f"response positions), got {tuple(teacher_hidden.shape)}")
-        flat_teacher = teacher_hidden.reshape(b * t, -1)
-    topk = {}
+        rows["teacher_hidden"] = packed.take(teacher_hidden)
     if teacher_topk_ids is not None or teacher_topk_logprobs is not None:
-        topk = _flat_topk(teacher_topk_ids, teacher_topk_logprobs, mask, b, t)
-    stats = token_stats(hidden.reshape(b * t, width), weight, targets=flat_targets, teacher_hidden=flat_teacher,
-                        mask=mask.reshape(-1), **topk, **op_options)
-    return TokenStats(*(s.reshape(b, t) for s in stats))
-
-
-def _flat_topk(ids, logprobs, mask, b, t) -> dict:
-    """[B, T, k] top-k teacher tensors as the op's [B*T, k] arguments, padding outside ``mask``."""
-    for name, x in (("teacher_topk_ids", ids), ("teacher_topk_logprobs", logprobs)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != (b, t):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be [B, T, k] with B, T = {b}, {t} (aligned with the response "
-                             f"positions), got {shape}")
-    outside = ~mask.reshape(-1, 1).to(ids.device)
-    flat_ids = ids.reshape(b * t, -1).masked_fill(outside, -1)
-    logprobs = logprobs.reshape(b * t, -1)
-    if logprobs.is_floating_point():  # else the op names the dtype
-        logprobs = logprobs.masked_fill(outside, float("-inf"))
-    return dict(teacher_topk_ids=flat_ids, teacher_topk_logprobs=logprobs)
+        for name, x in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != (b, t):
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} must be [B, T, k] with B, T = {b}, {t} (aligned with the response "
+                                 f"positions), got {shape}")
+            rows[name] = packed.take(x)
+    stats = token_stats(packed.rows, weight, **rows, **op_options)
+    return TokenStats(*(unpack_rows(s, packed) for s in stats))
 
 
 def head_token_stats(head: Head, hidden, mask, *, targets=None, teacher_head: Optional[Head] = None,

@@ -97,12 +97,15 @@ def forward_kl(teacher_logprobs, student_logprobs, mask) -> torch.Tensor:
 
 
 def trainer_on(family, method, tmp_path, **overrides):
-    """(trainer, the initial weights' copy, student batch, teacher batch): a bundled trainer on a family model
-    whose weights were moved away from the initial ones after construction (the fixed / EMA teacher keeps them)."""
+    """(trainer, the initial weights' copy, student batch, teacher batch): a bundled trainer on a family model with
+    a head bias, whose weights were moved away from the initial ones after construction (the fixed / EMA teacher
+    keeps them)."""
     import pydistill.trainers as trainers
     from tests.trainer_helpers import TASK, ScriptedEngine
 
     model, tok = _family(family)
+    head = model.get_output_embeddings()  # a head bias too: scaled with the logits, the teacher has its own
+    head.bias = torch.nn.Parameter(torch.randn(head.weight.shape[0]))
     config_cls, cls = trainers.TRAINERS[method]
     config = config_cls(model="tiny", lora_r=0, eval_problems=0, output_dir=str(tmp_path / "run"), progress=False,
                         train_problems=8, **overrides)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import types
 
-import torch
-
 from ...boundary import head_token_stats, hidden_states, read_head, unwrap  # noqa: F401 (unwrap: the integration's)
 from ...token_stats import TokenStats
 from ...token_stats.loop import DEFAULT_MEMORY_BUDGET_MB

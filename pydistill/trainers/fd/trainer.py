@@ -13,16 +13,16 @@ from ...boundary import head_token_stats, read_head
 from ..config import loss_temperature
 from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..groups import sample_groups
-from ..grpo.trainer import GRPOTrainer
+from ..grpo.trainer import GRPOLoopTrainer
 from ..rollout import HFRolloutEngine, SamplingSettings
 from .config import FDConfig
-from .feedback import (AttemptNumbersWithheld, FeedbackStats, LeanFeedback, ModelFeedback, ReferenceSolutionFeedback,
+from .feedback import (AttemptNumbersWithheld, FeedbackStats, LeanFeedback, ModelFeedback, SolutionFeedback,
                        VerifierFeedback, collect_feedback)
 
 logger = logging.getLogger(__name__)
 
 
-class FDTrainer(GRPOTrainer):
+class FDTrainer(GRPOLoopTrainer):
     method = "fd"
 
     @property
@@ -35,7 +35,7 @@ class FDTrainer(GRPOTrainer):
         ``batch(items)`` method) that replaces the configured one."""
         config.validate()
         self.feedback_source = feedback_source
-        lean = config.feedback == "lean" and config.feedback_content != "reference_solution"
+        lean = config.feedback == "lean" and config.feedback_content != "solution"
         if feedback_source is None and lean:
             # Before any model is loaded: no Lean binary fails at start-up with a message that says so.
             command = shlex.split(config.lean_command) if config.lean_command else None
@@ -43,8 +43,8 @@ class FDTrainer(GRPOTrainer):
                                                 header=config.lean_header, memory_mb=config.lean_memory_mb)
         super().__init__(config, *args, **kwargs)
         content = config.feedback_content
-        if content == "reference_solution":  # replaces any source: the teacher reads the reference instead
-            self.feedback_source = ReferenceSolutionFeedback({p.question: p.solution for p in self.train_pool})
+        if content == "solution":  # replaces any source: the teacher reads the worked solution instead
+            self.feedback_source = SolutionFeedback({p.question: p.solution for p in self.train_pool})
         elif self.feedback_source is None and config.feedback == "verifier":
             self.feedback_source = VerifierFeedback(quote_attempt=content == "full",
                                                     state_answer=content == "corrections")

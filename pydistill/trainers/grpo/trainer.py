@@ -13,13 +13,13 @@ from ...boundary import head_token_stats, read_head
 from ..contexts import response_hidden_states, teacher_head
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups, step_advantages
-from .config import GRPOConfig
+from .config import GRPOLoopConfig
 
 
-class GRPOTrainer(Trainer):
+class GRPOLoopTrainer(Trainer):
     method = "grpo"
 
-    def __init__(self, config: GRPOConfig, *args, reward_functions: Optional[Sequence] = None,
+    def __init__(self, config: GRPOLoopConfig, *args, reward_functions: Optional[Sequence] = None,
                  reward_weights: Optional[Sequence[float]] = None, **kwargs):
         """``reward_functions``: callables that replace the config's named ones (with ``reward_weights``), with
         TRL's signature ``(prompts, completions, **kwargs) -> list[float]`` (kwargs: the dataset's other

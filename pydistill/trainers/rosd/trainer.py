@@ -154,11 +154,11 @@ class ROSDTrainer(Trainer):
 
     def privileged_text(self, problem, index: int, sibling, texts: list, correct: torch.Tensor):
         """The correct solution the teacher context of rollout ``index`` shows (``privileged``): its sibling, the
-        reference, or (``derived_sibling``) the first success of its group, from the sibling on and never the
-        rollout itself, that derives the answer in checked arithmetic, else the reference when the task has one.
+        worked solution, or (``derived_sibling``) the first success of its group, from the sibling on and never the
+        rollout itself, that derives the answer in checked arithmetic, else the worked solution when the task has one.
         None (no solution section) for a sole success under "sibling": never the rollout itself."""
         mode = self.config.privileged
-        if mode == "reference":
+        if mode == "solution":
             return problem.solution
         if sibling is None and mode == "sibling":
             return None
