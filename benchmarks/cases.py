@@ -37,7 +37,7 @@ import torch
 from pydistill import token_stats
 from pydistill.losses import distillation_loss, grpo_loss
 from pydistill.losses.policy_gradient import policy_gradient_per_token, reduce_policy_loss
-from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.eager import eager_token_stats
 from pydistill.token_stats.config import DIVERGENCES, StatsConfig
 
 SHAPES = {  # name: (N tokens on CUDA, H, V)
@@ -165,7 +165,7 @@ def _row_mask(inputs: Inputs, masked: float):
 
 def _eager_stats(cfg: StatsConfig, compile_backend: Optional[str]):
     def eager(h, w, t, y, active):
-        return reference_token_stats(h, w, cfg, teacher_hidden=t, teacher_weight=None if t is None else w,
+        return eager_token_stats(h, w, cfg, teacher_hidden=t, teacher_weight=None if t is None else w,
                                      targets=y, dtype=None, active=active)
     return torch.compile(eager, backend=compile_backend) if compile_backend else eager
 
@@ -250,7 +250,7 @@ def distill_op(impl: str):
             cfg = StatsConfig(divergence="jsd", beta=JSD_BETA)
 
             def step():
-                _, _, div = reference_token_stats(x.hidden, x.weight, cfg, teacher_hidden=x.teacher,
+                _, _, div = eager_token_stats(x.hidden, x.weight, cfg, teacher_hidden=x.teacher,
                                                   teacher_weight=x.weight, dtype=None)
                 return _backward(div.mean())
         else:
@@ -283,7 +283,7 @@ def grpo_op(impl: str):
             advantages = x.advantages.unsqueeze(1).expand(b, t)
 
             def step():
-                logp, entropy, _ = reference_token_stats(x.hidden, x.weight, cfg, targets=x.targets, dtype=None)
+                logp, entropy, _ = eager_token_stats(x.hidden, x.weight, cfg, targets=x.targets, dtype=None)
                 per_token, _ = policy_gradient_per_token(logp.view(b, t), entropy.view(b, t), advantages, mask)
                 return _backward(reduce_policy_loss(per_token, mask, "dapo"))
         else:

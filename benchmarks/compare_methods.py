@@ -18,7 +18,7 @@ A run is written ``[LABEL=]SPEC[:FIELD=VALUE,...]``:
   (``init_from``) and gets an equal share of the token budget and of the minutes, so a chain is compared at the
   same total budget as a single method;
 - FIELD=VALUE sets config fields of this run (of every stage that has the field), e.g.
-  ``rosd-reference=rosd:privileged=reference`` or ``sft-25pct=sft:train_problems=64``;
+  ``rosd-solution=rosd:privileged=solution`` or ``sft-25pct=sft:train_problems=64``;
 - ``--set METHOD.FIELD=VALUE`` sets a field for every run (and chain stage) of that method.
 
 ``--only-seeds`` and ``--base-from`` let a comparison be completed over several invocations: the held-out problems
@@ -44,9 +44,11 @@ import time
 import typing
 from dataclasses import dataclass
 
+from pydistill.models import EMBEDDED_DEFAULT
+
 # CPU-sized settings shared by every method (any of them can be overridden with --set).
 # Sampling at 0.7 for every method: a 135M model sampled at 1.0-1.1 writes mostly noise (see RESULTS.md).
-COMMON = dict(model="SmolLM2-135M-Instruct", task="arithmetic", lora_r=64, lora_alpha=128, batch_size=8,
+COMMON = dict(model=EMBEDDED_DEFAULT, task="arithmetic", lora_r=64, lora_alpha=128, batch_size=8,
               micro_batch_size=8, max_new_tokens=48, temperature=0.7, eval_problems=0, max_steps=1000,
               save_every=0, warmup_steps=0, progress=False, max_grad_norm=0.1, lr_scheduler="constant_with_warmup")
 # Per method: group size and learning rate that suit a short CPU run; the rest are each method's defaults.

@@ -21,7 +21,7 @@ How each implementation is counted:
 - ``compile``: ``torch.compile`` of the plain loss a user writes (only what the loss needs): one GEMM per context
   writing bf16 logits, fused kernels reading them in the forward and writing bf16 dlogits in the backward, dH
   and dW GEMMs: 4 passes for two contexts, 3 for one; the logits stay alive for the backward.
-- ``eager``: the float32-statistics eager loss of ``pydistill.token_stats.reference`` run on ``meta`` tensors
+- ``eager``: the float32-statistics eager loss of ``pydistill.token_stats.eager`` run on ``meta`` tensors
   of the real shape under a dispatch mode that adds up every op's input and output bytes, the GEMMs' FLOPs and
   the peak of live tensors: op by op, as PyTorch eager runs it (no fusion).
 - ``trl``: TRL 1.16's ``ChunkedDivergenceFunction`` / ``ChunkedLogProbFunction`` as written there: token chunks
@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pydistill.token_stats import fast, loop
 from pydistill.token_stats.config import StatsConfig
-from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.eager import eager_token_stats
 
 TARGETS = [(8192, 4096, 151936), (8192, 4096, 128256), (2048, 576, 49152)]
 H200 = dict(matmul_tflops=790.0, bandwidth_tbs=4.0)  # measured bf16 matmul rate (gpu-path.md); ~83% of 4.8 TB/s
@@ -113,7 +113,7 @@ def _count_eager(n, h, v, variant, dtype=torch.bfloat16):
     hidden, weight, teacher, targets = _meta_inputs(n, h, v, dtype, contexts)
     cfg = StatsConfig(divergence=divergence, beta=0.5, clip=clip, has_targets=True)
     with _Counter() as counter:
-        logp, entropy, div = reference_token_stats(hidden, weight, cfg, teacher_hidden=teacher,
+        logp, entropy, div = eager_token_stats(hidden, weight, cfg, teacher_hidden=teacher,
                                                    teacher_weight=weight if teacher is not None else None,
                                                    targets=targets, dtype=None)
         (logp.sum() + entropy.sum() + div.sum()).backward()

@@ -118,7 +118,7 @@ def real_scale_check(job: dict, device: str) -> dict:
     pick = torch.linspace(0, n - 1, rows, device=device).long()
     h64 = x.hidden.detach()[pick].double().requires_grad_()
     ref = token_stats(h64, x.weight.detach().double(), targets=x.targets[pick], teacher_hidden=x.teacher[pick].double(),
-                      divergence="forward_kl", clip=0.05, impl="reference")
+                      divergence="forward_kl", clip=0.05, impl="eager")
     (ref.logp.sum() + ref.entropy.sum() + ref.divergence.sum()).backward()
     outs, d_hidden, d_weight = results[fused]
     rel = lambda a, b: ((a - b).norm() / (b.norm() + 1e-30)).item()  # noqa: E731

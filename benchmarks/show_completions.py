@@ -13,12 +13,14 @@ import argparse
 import contextlib
 import sys
 
+from pydistill.models import EMBEDDED_DEFAULT
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.show_completions", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="'base' or a run folder / checkpoint folder")
-    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT)
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=int, default=128)
     p.add_argument("--split", default="test")

@@ -29,6 +29,8 @@ import re
 import sys
 import time
 
+from pydistill.models import EMBEDDED_DEFAULT
+
 FRENCH_INSTRUCTION = "Answer in French."
 # Words that are common in French answers and rare in English ones; two of them, or an accented letter, mark French.
 _FRENCH_WORDS = {"la", "le", "les", "est", "des", "une", "réponse", "donc", "avec", "pour", "sont", "il", "elle",
@@ -139,7 +141,7 @@ def measure(model, tokenizer, task, problems, generations: int = 4, max_new_toke
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.teacher_precheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT)
     p.add_argument("--task", default="arithmetic", help="a task name (arithmetic, gsm8k)")
     p.add_argument("--split", default="train")
     p.add_argument("--problems", type=int, default=32)

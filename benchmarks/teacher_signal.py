@@ -31,6 +31,8 @@ import re
 import sys
 import time
 
+from pydistill.models import EMBEDDED_DEFAULT
+
 ANSWER_FIRST = "The answer is"
 # the FD frame the recorded measurements used (FD's default is now "notes"; see RESULTS.md)
 FRAME = "previous_attempt"
@@ -40,7 +42,7 @@ CONTEXTS = ("opsd_reference", "rosd_sibling_explanation", "rosd_sibling_only", "
 
 def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanation: str) -> list:
     """The messages of ``context`` for one rollout (see CONTEXTS)."""
-    from pydistill.trainers.fd.feedback import ReferenceSolutionFeedback, VerifierFeedback
+    from pydistill.trainers.fd.feedback import SolutionFeedback, VerifierFeedback
     from pydistill.prompts import feedback_teacher_messages, opsd_teacher_messages, rosd_teacher_messages
 
     q = problem.question
@@ -61,7 +63,7 @@ def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanatio
         feedback = VerifierFeedback(quote_attempt=False, state_answer=True)(q, attempt, problem.answer)
         return feedback_teacher_messages(q, feedback, frame=FRAME)
     if context == "fd_reference_solution":
-        feedback = ReferenceSolutionFeedback({q: problem.solution})(q, attempt, None)
+        feedback = SolutionFeedback({q: problem.solution})(q, attempt, None)
         return feedback_teacher_messages(q, feedback, frame=FRAME)
     raise ValueError(f"unknown context {context!r}; expected one of {CONTEXTS}")
 
@@ -201,7 +203,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.teacher_signal", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT)
     p.add_argument("--problems", type=int, default=12, help="training problems (groups)")
     p.add_argument("--generations", type=int, default=4, help="rollouts per problem")
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from pydistill.models import EMBEDDED_DEFAULT
+
 
 def _variant(name: str, n: int, h: int, v: int, seed: int = 0):
     """(step function, inputs) of one variant: ``full``, ``topk<k>`` or ``topk<k>-renorm``."""
@@ -144,7 +146,7 @@ def gap(args) -> dict:
 
 def rollout_arguments(p) -> None:
     """The options of :func:`opsd_rollout_rows` (and ``--out``)."""
-    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=EMBEDDED_DEFAULT)
     p.add_argument("--problems", type=int, default=8)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

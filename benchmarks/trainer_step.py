@@ -32,7 +32,7 @@ from benchmarks.measure import device_name, is_oom, peak_rss_mb, reset_peak_rss,
 from pydistill.losses.output import LossOutput, masked_mean
 from pydistill.losses.reductions import reduce_tokens
 from pydistill.trainers.config import loss_temperature
-from pydistill.token_stats.reference import reference_token_stats
+from pydistill.token_stats.eager import eager_token_stats
 from pydistill.token_stats.config import StatsConfig
 from pydistill.trainers import OPSDConfig, OPSDTrainer
 from pydistill.trainers.contexts import build_context_batch
@@ -106,17 +106,18 @@ class EagerLossOPSD(FixedRolloutOPSD):
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
-        student, _, hidden, teacher_hidden, weight, bias, teacher_weight = self.scored_contexts(prepared)
+        student, _, hidden, teacher_hidden, head, teacher_head = self.scored_contexts(prepared)
+        teacher_head = teacher_head or head
         divergence = cfg.divergence
         if divergence == "jsd" and cfg.beta in (0.0, 1.0):  # the JSD endpoints are the two KLs
             divergence = "forward_kl" if cfg.beta == 0.0 else "reverse_kl"
         stats_cfg = StatsConfig(temperature=loss_temperature(cfg), divergence=divergence, beta=cfg.beta,
-                                clip=cfg.clip)
+                                clip=cfg.clip, softcap=head.softcap)
         b, t, width = hidden.shape
-        _, entropy, div = reference_token_stats(
-            hidden.reshape(b * t, width), weight, stats_cfg, bias=bias,
-            teacher_hidden=teacher_hidden.reshape(b * t, -1),
-            teacher_weight=weight if teacher_weight is None else teacher_weight, teacher_bias=bias, dtype=None)
+        _, entropy, div = eager_token_stats(
+            hidden.reshape(b * t, width), head.weight, stats_cfg, bias=head.bias,
+            teacher_hidden=teacher_hidden.reshape(b * t, -1), teacher_weight=teacher_head.weight,
+            teacher_bias=teacher_head.bias, dtype=None)
         mask = student.completion_mask
         div, entropy = div.view(b, t), entropy.view(b, t)
         loss = reduce_tokens(div, mask, "token_mean", num_items_in_batch)

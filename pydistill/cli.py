@@ -10,6 +10,7 @@ import sys
 import time
 import typing
 
+from .models import EMBEDDED_DEFAULT
 from .trainers import TRAINERS
 
 
@@ -110,7 +111,7 @@ def cmd_eval(args, _):
         raise ValueError(f"--n must be >= 1 (problems to evaluate), got {args.n}")
     path = resolve_checkpoint(args.checkpoint, "--checkpoint") if args.checkpoint else None
     run = run_settings(path) if path else {}
-    model_name = args.model or run.get("model", "SmolLM2-135M-Instruct")
+    model_name = args.model or run.get("model", EMBEDDED_DEFAULT)
     lora_r = args.lora_r if args.lora_r is not None else run.get("lora_r", 0)
     lora_alpha = args.lora_alpha if args.lora_alpha is not None else run.get("lora_alpha", 128)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha) if lora_r else None
@@ -146,7 +147,7 @@ def cmd_export(args, _):
 
     path = resolve_checkpoint(args.run, "run")
     run = run_settings(path)
-    out = export_merged(path, args.output, model=args.model or run.get("model", "SmolLM2-135M-Instruct"),
+    out = export_merged(path, args.output, model=args.model or run.get("model", EMBEDDED_DEFAULT),
                         lora_r=run.get("lora_r", 0), lora_alpha=run.get("lora_alpha", 128), dtype=args.dtype,
                         overwrite=args.overwrite)
     print(f"pydistill: wrote {out} (from {path}); load it with AutoModelForCausalLM.from_pretrained({out!r})")
@@ -161,7 +162,7 @@ def demo_config(output_dir: str, minutes: float):
     # model sampled at the paper's temperature 1.1 writes mostly noise, so its rollouts are sampled at 0.7.
     # The loss stays at temperature 1 (OPSD's default is now the sampling temperature): the README's recorded
     # demo gain was measured so, and the sampling-temperature loss has not been re-measured on this demo yet.
-    return OPSDConfig(model="SmolLM2-135M-Instruct", task="arithmetic", output_dir=output_dir, lora_r=64,
+    return OPSDConfig(model=EMBEDDED_DEFAULT, task="arithmetic", output_dir=output_dir, lora_r=64,
                       lora_alpha=128, learning_rate=5e-5, divergence="jsd", beta=0.5, clip=None, loss_temperature=1.0,
                       temperature=0.7, batch_size=8, micro_batch_size=8, max_new_tokens=48,
                       max_steps=1000, time_budget_s=60 * minutes, eval_problems=64, eval_max_new_tokens=64,
@@ -217,7 +218,7 @@ def build_parser():
         add_config_flags(p, config_cls)
     ev = sub.add_parser("eval", help="accuracy of a model or checkpoint on a task")
     ev.add_argument("--model", help="model name or folder (default: the checkpoint's run's, else "
-                    "SmolLM2-135M-Instruct)")
+                    f"{EMBEDDED_DEFAULT})")
     ev.add_argument("--checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
     ev.add_argument("--lora-r", type=int, help="LoRA rank (default: the checkpoint's run's; 0: full fine-tune)")
     ev.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the checkpoint's run's)")
@@ -256,7 +257,7 @@ def build_parser():
     gen.add_argument("--split", default="train")
     gen.add_argument("--n", type=int, default=64, help="questions (the trainer's train_problems)")
     gen.add_argument("--seed", type=int, default=0, help="question sampling seed (the trainer's seed)")
-    gen.add_argument("--teacher", default="SmolLM2-135M-Instruct", help="teacher model name or path, or 'procedural' "
+    gen.add_argument("--teacher", default=EMBEDDED_DEFAULT, help="teacher model name or path, or 'procedural' "
                      "(probes written by rule, arithmetic task)")
     gen.add_argument("--student", help="base student of the difficulty filter (default: the teacher)")
     gen.add_argument("--cache", required=True, help="jsonl cache (the trainer's ei_cache)")
@@ -273,7 +274,7 @@ def build_parser():
     tc.add_argument("--output", required=True, help="the cache folder to write (read it with "
                     "pydistill.teachers.load_teacher_cache)")
     tc.add_argument("--top-k", type=int, required=True, help="log-probs kept per response token")
-    tc.add_argument("--model", help="the teacher (a folder, a .gguf file, a hub name or SmolLM2-135M-Instruct); "
+    tc.add_argument("--model", help=f"the teacher (a folder, a .gguf file, a hub name or {EMBEDDED_DEFAULT}); "
                     "with --teacher-url only its tokenizer is used")
     tc.add_argument("--teacher-url", help="score through a vLLM-compatible server at this URL instead of locally")
     tc.add_argument("--served-model", help="the server's model name (default: the first it lists)")

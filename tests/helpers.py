@@ -49,12 +49,12 @@ def run(fn, inputs, grads, **options):
 
 def eager_low_precision(hidden, weight, **kw):
     """What a plain PyTorch loss does: logits in the input dtype, statistics in float32."""
-    from pydistill.token_stats.reference import reference_token_stats
+    from pydistill.token_stats.eager import eager_token_stats
     from pydistill.token_stats.config import StatsConfig
 
     cfg = StatsConfig(divergence=kw.get("divergence"), beta=kw.get("beta", 0.5), has_targets=True)
     tw = kw["teacher_weight"] if kw.get("teacher_weight") is not None else weight
-    return reference_token_stats(hidden, weight, cfg, teacher_hidden=kw.get("teacher_hidden"), teacher_weight=tw,
+    return eager_token_stats(hidden, weight, cfg, teacher_hidden=kw.get("teacher_hidden"), teacher_weight=tw,
                                  targets=kw["targets"], dtype=None)
 
 

@@ -20,8 +20,8 @@ def test_mean_and_standard_error():
 def test_run_grammar():
     assert parse_run("grpo") == compare_methods.RunSpec("grpo", ["grpo"], {})
     assert parse_run("fd>grpo") == compare_methods.RunSpec("fd>grpo", ["fd", "grpo"], {})
-    assert parse_run("ref=rosd:privileged=reference,loss_span=whole") == compare_methods.RunSpec(
-        "ref", ["rosd"], {"privileged": "reference", "loss_span": "whole"})
+    assert parse_run("ref=rosd:privileged=solution,loss_span=whole") == compare_methods.RunSpec(
+        "ref", ["rosd"], {"privileged": "solution", "loss_span": "whole"})
     assert parse_run("rosd:explanation=false").label == "rosd"
     for text, match in [("gpro", "expected"), ("fd>nope", "expected"), ("rosd:colour=red", "no config of"),
                         ("rosd:privileged", "is not FIELD=VALUE")]:
@@ -38,7 +38,7 @@ def test_seeded_comparison_smoke(tmp_path, one_thread, monkeypatch):
     small = [f"--set={m}.{field}" for m in ("grpo", "fd", "rosd") for field in
              ("lora_r=4", "lora_alpha=8", "max_new_tokens=6", "batch_size=2", "micro_batch_size=2",
               "num_generations=2", "learning_rate=0.01")]  # a step large enough to move the entropy
-    argv = ["--methods", "grpo", "fd>grpo", "ref=rosd:privileged=reference", "--seeds", "2",
+    argv = ["--methods", "grpo", "fd>grpo", "ref=rosd:privileged=solution", "--seeds", "2",
             "--generated-token-budget", "24", "--minutes", "2", "--eval-problems", "3", "--eval-max-new-tokens", "6",
             "--eval-samples", "2", "--entropy-problems", "2", "--model", str(folder), "--out", str(out),
             "--set", "fd.eval_problems=0", *small]
@@ -61,7 +61,7 @@ def test_seeded_comparison_smoke(tmp_path, one_thread, monkeypatch):
     fd_config, grpo_config = chain["configs"]
     assert grpo_config["init_from"] == fd_config["output_dir"] == chain["stages"][0]["output_dir"]
     assert fd_config["generated_token_budget"] == grpo_config["generated_token_budget"] == 12  # half each
-    assert result["runs"]["ref"]["seeds"][0]["configs"][0]["privileged"] == "reference"
+    assert result["runs"]["ref"]["seeds"][0]["configs"][0]["privileged"] == "solution"
     table = (out / "comparison.md").read_text()
     assert "| fd>grpo | 2 |" in table and "±" in table and "seeds [0, 1]" in table
     assert (out / "comparison.png").exists()
@@ -130,7 +130,7 @@ def test_base_from_other_evaluation_settings_fails_before_any_model_is_loaded(tm
 def test_bad_runs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr("pydistill.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit, match="no config of"):
-        compare_methods.main(["--methods", "grpo:privileged=reference", "--out", str(tmp_path)])
+        compare_methods.main(["--methods", "grpo:privileged=solution", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="privileged must be one of"):
         compare_methods.main(["--methods", "rosd:privileged=gold", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--only-seeds must be in 0..2"):

@@ -9,7 +9,7 @@ import torch
 from pydistill.models import tiny_model
 from pydistill.rewards import combine_rewards, is_trl_signature
 from pydistill.tasks import ArithmeticTask, DatasetTask, extract_answer, task_from_config
-from pydistill.trainers import GRPOConfig, GRPOTrainer, OPSDTrainer, SFTConfig, SFTTrainer
+from pydistill.trainers import GRPOLoopConfig, GRPOLoopTrainer, OPSDTrainer, SFTConfig, SFTTrainer
 from tests.trainer_helpers import GroupEngine, ScriptedEngine, tiny_config
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
@@ -62,11 +62,11 @@ def test_bad_dataset_input_names_the_field(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="split 'test' is not a split.*splits: train.*eval_split"):
         DatasetTask(path, **COLUMNS).problems("test")
     with pytest.raises(ValueError, match="dataset 'data/missing.jsonl' does not exist"):
-        GRPOConfig(dataset="data/missing.jsonl").validate()
+        GRPOLoopConfig(dataset="data/missing.jsonl").validate()
     with pytest.raises(ValueError, match="prompt_column must be a column name, got ''"):
-        GRPOConfig(prompt_column="").validate()
+        GRPOLoopConfig(prompt_column="").validate()
     monkeypatch.chdir(tmp_path)  # a relative path is a path, read from the working directory
-    cfg = GRPOConfig(dataset="mine.jsonl", **COLUMNS).validate()
+    cfg = GRPOLoopConfig(dataset="mine.jsonl", **COLUMNS).validate()
     assert isinstance(task_from_config(cfg), DatasetTask)
 
 
@@ -96,12 +96,12 @@ def test_grpo_on_a_jsonl_dataset_with_a_trl_reward(tmp_path, monkeypatch):
         calls.append(dict(prompts=prompts, final=final, difficulty=kwargs["difficulty"], ids=completion_ids))
         return [float(extract_answer(c) == f.split()[-1]) for f, c in zip(final, completions)]
 
-    cfg = GRPOConfig(model="tiny", lora_r=0, max_steps=1, batch_size=2, micro_batch_size=2, num_generations=4,
+    cfg = GRPOLoopConfig(model="tiny", lora_r=0, max_steps=1, batch_size=2, micro_batch_size=2, num_generations=4,
                      max_new_tokens=32, eval_problems=0, output_dir=str(tmp_path / "run"), progress=False,
                      train_problems=8, dataset="mine.jsonl", **COLUMNS)
     model, tok = tiny_model(seed=0)
     engine = GroupEngine(tok, DatasetTask("mine.jsonl", **COLUMNS).problems("train", n=8, seed=cfg.seed))
-    trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, rollout_engine=engine, reward_functions=[final_match])
+    trainer = GRPOLoopTrainer(cfg, model=model, tokenizer=tok, rollout_engine=engine, reward_functions=[final_match])
     metrics = trainer.training_step()
     call = calls[0]
     assert len(call["prompts"]) == len(call["final"]) == len(call["ids"]) == 8  # 2 prompts x 4 generations
@@ -149,10 +149,10 @@ def test_readme_dataset_example_runs(tmp_path, monkeypatch):
                                      num_generations=4, max_new_tokens=24, progress=False, train_problems=8)
         model, tok = tiny_model(seed=0)
         engine = GroupEngine(tok, SOURCE)  # scripts right and wrong answers from the source problems' solutions
-        built.append(GRPOTrainer(config, model=model, tokenizer=tok, rollout_engine=engine, **kwargs))
+        built.append(GRPOLoopTrainer(config, model=model, tokenizer=tok, rollout_engine=engine, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(trainers, "GRPOTrainer", tiny_trainer)
+    monkeypatch.setattr(trainers, "GRPOLoopTrainer", tiny_trainer)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     rows = [json.loads(line) for line in open("runs/mine/metrics.jsonl")]
     assert rows[0]["rewards/final_answer"] == pytest.approx(rows[0]["accuracy"])

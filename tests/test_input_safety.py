@@ -14,7 +14,7 @@ from pydistill.trainers.fd.feedback import LeanFeedback, VerifierFeedback, parse
 from pydistill.losses import distillation_loss, group_advantages, grpo_loss
 from pydistill.trainers.rosd.reflection import find_quote, parse_reflection
 from pydistill.tasks import extract_answer, find_first_wrong_step, normalize_number, same_answer
-from pydistill.trainers import GRPOConfig, OPSDConfig
+from pydistill.trainers import GRPOLoopConfig, OPSDConfig
 
 DEGENERATE = "1" * 400
 
@@ -164,7 +164,7 @@ def test_yaml_values_are_parsed_by_field_type(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("learning_rate: 1e-4\nresume: 'false'\nmax_steps: '1e3'\nepsilon_high: null\n"
                       "teacher: ema\n")
-    cfg = load_config(GRPOConfig, str(config), {})
+    cfg = load_config(GRPOLoopConfig, str(config), {})
     assert cfg.learning_rate == 1e-4 and cfg.resume is False and cfg.max_steps == 1000 and cfg.epsilon_high is None
     with pytest.raises(ValueError, match="teacher must be one of 'fixed', 'ema', 'live', got 'frozen'"):
         load_config(OPSDConfig, None, {"teacher": "frozen"})
@@ -177,10 +177,10 @@ def test_trl_field_names_are_accepted(tmp_path):
 
     config = tmp_path / "c.yaml"
     config.write_text("lr_scheduler_type: linear\nsave_steps: 5\n")
-    cfg = load_config(GRPOConfig, str(config), {"save_every": 7})  # a flag wins over the file
+    cfg = load_config(GRPOLoopConfig, str(config), {"save_every": 7})  # a flag wins over the file
     assert cfg.lr_scheduler == "linear" and cfg.save_every == 7
     with pytest.raises(ValueError, match="save_steps .* and save_every are both set"):
-        GRPOConfig.from_dict(dict(save_steps=5, save_every=6))
+        GRPOLoopConfig.from_dict(dict(save_steps=5, save_every=6))
 
 
 def test_data_path_is_a_path_unless_written_as_a_hub_name(tmp_path, monkeypatch):

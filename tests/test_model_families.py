@@ -69,49 +69,131 @@ def test_the_families_differ_from_their_raw_head(family):
     assert float((raw - logits).abs().max()) > 1e-2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_opsd_trainer_distils_the_models_own_distributions(family, tmp_path):
-    """OPSD's loss from the trainer equals forward KL between log-softmax of ``model(...).logits`` in the teacher
-    context (the initial weights) and in the student context, token mean."""
-    from pydistill.trainers import OPSDTrainer
-    from tests.trainer_helpers import TASK, ScriptedEngine, tiny_config
+TEACHER_PROMPTS = [[5, 6, 7, 30, 31], [8, 31, 9]]  # another context for the same completions
+TEMPERATURE = 0.8  # not 1, so that the softcap-then-temperature order is checked too
+
+
+def model_logprobs(model, batch, temperature=1.0) -> torch.Tensor:
+    """log-softmax of ``model(...).logits / temperature`` at each row's response positions, float64 [B, T, V]."""
+    b, t = batch.positions.shape
+    rows = []
+    for row in range(b):
+        length, n = int(batch.attention_mask[row].sum()), int(batch.completion_mask[row].sum())
+        with torch.no_grad():
+            logits = model(batch.input_ids[row:row + 1, :length]).logits[0].double()
+        out = torch.zeros(t, logits.shape[-1], dtype=torch.float64)
+        out[:n] = torch.log_softmax(logits[batch.positions[row, :n]] / temperature, -1)
+        rows.append(out)
+    return torch.stack(rows)
+
+
+def at_targets(logprobs, batch) -> torch.Tensor:
+    return logprobs.gather(2, batch.targets.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+
+
+def forward_kl(teacher_logprobs, student_logprobs, mask) -> torch.Tensor:
+    """KL(teacher || student) per token [B, T], 0 outside ``mask``."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1) * mask
+
+
+def trainer_on(family, method, tmp_path, **overrides):
+    """(trainer, the initial weights' copy, student batch, teacher batch): a bundled trainer on a family model with
+    a head bias, whose weights were moved away from the initial ones after construction (the fixed / EMA teacher
+    keeps them)."""
+    import pydistill.trainers as trainers
+    from tests.trainer_helpers import TASK, ScriptedEngine
 
     model, tok = _family(family)
-    trainer = OPSDTrainer(tiny_config(tmp_path, clip=None, loss_temperature=1.0), model=model, tokenizer=tok,
-                          task=TASK, rollout_engine=ScriptedEngine(tok))
-    teacher = copy.deepcopy(model)  # the fixed teacher: the initial weights
-    with torch.no_grad():  # move the student away from it, so that the divergence is well above float32 noise
+    head = model.get_output_embeddings()  # a head bias too: scaled with the logits, the teacher has its own
+    head.bias = torch.nn.Parameter(torch.randn(head.weight.shape[0]))
+    config_cls, cls = trainers.TRAINERS[method]
+    config = config_cls(model="tiny", lora_r=0, eval_problems=0, output_dir=str(tmp_path / "run"), progress=False,
+                        train_problems=8, **overrides)
+    trainer = cls(config, model=model, tokenizer=tok, task=TASK, rollout_engine=ScriptedEngine(tok))
+    initial = copy.deepcopy(model)
+    with torch.no_grad():  # so that every divergence is well above float32 noise
         torch.manual_seed(1)
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p) * p.std())
-    prepared = trainer.prepare(trainer.train_pool[:2])
-    got = float(trainer.loss(prepared, float(prepared["tokens"])).loss.detach())
-    total, count = 0.0, 0
-    for student, teacher_batch in ((prepared["student"], prepared["teacher"]),):
-        for row in range(student.input_ids.shape[0]):
-            n = int(student.completion_mask[row].sum())
-            logs = []
-            for batch, scorer in ((student, model), (teacher_batch, teacher)):
-                length = int(batch.attention_mask[row].sum())
-                with torch.no_grad():
-                    logits = scorer(batch.input_ids[row:row + 1, :length]).logits[0].double()
-                logs.append(torch.log_softmax(logits[batch.positions[row, :n]], -1))
-            q, p = logs
-            total += float((p.exp() * (p - q)).sum())
-            count += n
-    assert count > 0 and got == pytest.approx(total / count, rel=1e-4)
+    student = build_context_batch(PROMPTS, COMPLETIONS, tok.pad_token_id)
+    teacher = build_context_batch(TEACHER_PROMPTS, COMPLETIONS, tok.pad_token_id)
+    return trainer, initial, student, teacher
 
 
-@pytest.mark.parametrize("method", ["sft", "grpo", "fd", "rosd", "exgrpo"])
-def test_every_trainer_passes_the_models_softcap(method, monkeypatch):
-    """The softcap reaches every op call of every trainer (the scale folds into hidden states and bias)."""
+def close(got, want):
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_scores_the_models_own_log_probs(family, tmp_path):
+    trainer, _, student, _ = trainer_on(family, "sft", tmp_path)
+    out = trainer.loss(dict(batch=student), float(student.completion_mask.sum()))
+    close(out.per_token["logp"], at_targets(model_logprobs(trainer.model, student), student))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grpo_scores_the_models_own_log_probs_and_reference(family, tmp_path):
+    from types import SimpleNamespace
+
+    trainer, initial, student, _ = trainer_on(family, "grpo", tmp_path, beta=0.04, num_generations=2)
+    prepared = dict(groups=SimpleNamespace(student=student, rewards=torch.zeros(2)),
+                    advantages=torch.tensor([1.0, -1.0]))
+    out = trainer.loss(prepared, float(student.completion_mask.sum()))
+    close(out.per_token["logp"], at_targets(model_logprobs(trainer.model, student), student))
+    close(trainer.reference_logp(student, student.completion_mask), at_targets(model_logprobs(initial, student),
+                                                                                student))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampled_token", [False, True])
+def test_opsd_distils_the_models_own_distributions(family, sampled_token, tmp_path):
+    """Forward KL between ``model(...).logits`` in the teacher context (the initial weights) and in the student
+    context, at the loss temperature; the sampled-token variant's advantage is their log-ratio at the tokens."""
+    trainer, initial, student, teacher = trainer_on(family, "opsd", tmp_path, clip=None,
+                                                    loss_temperature=TEMPERATURE, sampled_token=sampled_token)
+    out = trainer.loss(dict(student=student, teacher=teacher), float(student.completion_mask.sum()))
+    q = model_logprobs(trainer.model, student, TEMPERATURE)
+    p = model_logprobs(initial, teacher, TEMPERATURE)
+    if sampled_token:
+        close(out.per_token["advantage"], at_targets(p, teacher) - at_targets(q, student))
+    else:
+        close(out.per_token["divergence"], forward_kl(p, q, student.completion_mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rosd_distils_the_models_own_distributions(family, tmp_path):
+    trainer, initial, student, teacher = trainer_on(family, "rosd", tmp_path, divergence="forward_kl",
+                                                    loss_temperature=TEMPERATURE, num_generations=2)
+    out = trainer.loss(dict(student=student, teacher=teacher, mask=student.completion_mask), 1.0)
+    close(out.per_token["divergence"], forward_kl(model_logprobs(initial, teacher, TEMPERATURE),
+                                                  model_logprobs(trainer.model, student, TEMPERATURE),
+                                                  student.completion_mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fd_distils_the_models_own_distributions(family, tmp_path):
+    """FD's EMA teacher starts at the initial weights; its importance weight reads the sampling policy."""
+    from types import SimpleNamespace
+
+    trainer, initial, student, teacher = trainer_on(family, "fd", tmp_path, divergence="forward_kl",
+                                                    loss_temperature=TEMPERATURE, num_generations=2)
+    prepared = dict(groups=SimpleNamespace(student=student), teacher=teacher, informative=torch.ones(2, dtype=bool))
+    out = trainer.loss(prepared, 1.0)
+    close(out.per_token["divergence"], forward_kl(model_logprobs(initial, teacher, TEMPERATURE),
+                                                  model_logprobs(trainer.model, student, TEMPERATURE),
+                                                  student.completion_mask))
+    hidden = response_hidden_states(trainer.model, student)
+    close(trainer.sampling_logp(hidden, student),
+          at_targets(model_logprobs(trainer.model, student, trainer.config.temperature), student))
+
+
+@pytest.mark.parametrize("method", ["sft", "exgrpo"])
+def test_the_trainers_on_the_old_spellings_pass_the_models_softcap(method):
+    """SFT and ExGRPO still spell the head as ``lm_head_*(self.model)``: the softcap reaches every op call (the
+    scale folds into hidden states and bias)."""
     import inspect
 
-    import pydistill.trainers as trainers
-
-    module = __import__(f"pydistill.trainers.{method}.trainer", fromlist=["x"])
-    source = inspect.getsource(module)
+    source = inspect.getsource(__import__(f"pydistill.trainers.{method}.trainer", fromlist=["x"]))
     calls = source.count("memory_budget_mb=")
     assert calls and source.count("softcap=lm_head_softcap(self.model)") == calls, \
         f"{method}: an op or loss call without the model's softcap"
-    assert trainers.TRAINERS[method]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import pydistill.trainers.checkpoint as ckpt
 from pydistill.models import tiny_model
-from pydistill.trainers import GRPOConfig, GRPOTrainer, OPSDTrainer
+from pydistill.trainers import GRPOLoopConfig, GRPOLoopTrainer, OPSDTrainer
 from pydistill.trainers.checkpoint import CheckpointError, clean_stale, latest_checkpoint
 from pydistill.trainers.core import NonFiniteTraining
 from pydistill.trainers.groups import RewardFunctionError
@@ -33,10 +33,10 @@ def grpo(tmp_path, rewards, **overrides):
                   max_new_tokens=16, eval_problems=0, output_dir=str(tmp_path / "run"), learning_rate=1e-3,
                   progress=False, train_problems=8, max_grad_norm=1.0)
     values.update(overrides)
-    cfg = GRPOConfig(**values)
+    cfg = GRPOLoopConfig(**values)
     model, tok = tiny_model()
     engine = GroupEngine(tok, TASK.problems(cfg.train_split, n=cfg.train_problems, seed=cfg.seed))
-    return GRPOTrainer(cfg, model=model, tokenizer=tok, task=TASK, rollout_engine=engine, reward_functions=rewards)
+    return GRPOLoopTrainer(cfg, model=model, tokenizer=tok, task=TASK, rollout_engine=engine, reward_functions=rewards)
 
 
 def finite(trainer):

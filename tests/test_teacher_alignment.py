@@ -54,11 +54,11 @@ def rosd_trainer(tmp_path, reply=None, **overrides):
 
 ROSD_VARIANTS = [
     dict(),  # the paper's setting: sibling, explanation, suffix
-    dict(privileged="reference"),
+    dict(privileged="solution"),
     dict(privileged="derived_sibling"),
     dict(explanation=False),
     dict(loss_span="whole"),
-    dict(privileged="reference", explanation=False, loss_span="whole"),
+    dict(privileged="solution", explanation=False, loss_span="whole"),
     dict(reflector="model"),
     dict(lora_r=4, lora_alpha=8),  # the fixed teacher is the base model with the adapter disabled
 ]
@@ -80,7 +80,7 @@ def test_rosd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path,
         problem, ids, text = group[i], rollouts.completion_ids[i], rollouts.texts[i]
         # the privileged text: a verified-correct rollout of the same group, or the task's reference solution
         assert i // cfg.num_generations == s // cfg.num_generations and TASK.is_correct(group[s], rollouts.texts[s])
-        shown = problem.solution if cfg.privileged == "reference" else rollouts.texts[s]
+        shown = problem.solution if cfg.privileged == "solution" else rollouts.texts[s]
         if cfg.privileged == "derived_sibling":  # a success of the group other than i that shows its arithmetic
             start = i - i % cfg.num_generations
             cyclic = [start + (s - start + k) % cfg.num_generations for k in range(cfg.num_generations)]
@@ -126,7 +126,7 @@ def test_rosd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path,
 def test_rosd_reference_variant_keeps_the_same_rollouts_and_masks(tmp_path):
     """Only the teacher's text changes with ``privileged``: same kept rollouts, same t*."""
     paper = rosd_trainer(tmp_path / "a").prepare(rosd_trainer(tmp_path / "x").train_pool[:4])
-    reference = rosd_trainer(tmp_path / "b", privileged="reference")
+    reference = rosd_trainer(tmp_path / "b", privileged="solution")
     out = reference.prepare(reference.train_pool[:4])
     assert out["pairs"] == paper["pairs"] and out["t_star"] == paper["t_star"]
     assert torch.equal(out["mask"], paper["mask"])
@@ -145,7 +145,7 @@ FD_VARIANTS = [
     dict(include_sibling=True),
     dict(feedback_content="no_attempt_numbers"),
     dict(feedback_content="no_attempt_numbers", include_sibling=True),
-    dict(feedback_content="reference_solution"),
+    dict(feedback_content="solution"),
     dict(feedback_content="full"),
     dict(feedback="critic"),
     dict(feedback="critic", feedback_content="no_attempt_numbers"),
@@ -156,7 +156,7 @@ FD_VARIANTS = [
 
 
 def expected_feedback(cfg, problem, attempt):
-    if cfg.feedback_content == "reference_solution":
+    if cfg.feedback_content == "solution":
         return f"A correct solution is:\n{problem.solution}"
     if cfg.feedback == "critic":
         text = "Check the product; the total is [answer withheld]."  # FDEngine's critique, answer redacted
@@ -185,7 +185,7 @@ def test_fd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path, o
         informative.append(bool(feedback) or sibling is not None)
         if cfg.feedback_content != "full" and text == WRONG:
             assert "11" not in prompt  # the wrong result never reaches the teacher
-        if cfg.feedback == "verifier" and cfg.feedback_content != "reference_solution":
+        if cfg.feedback == "verifier" and cfg.feedback_content != "solution":
             # feedback and reward agree: nothing to say exactly on the rollouts the verifier rewards
             assert (feedback is None) == bool(groups.correct[i])
     assert torch.equal(groups.student.targets, teacher.targets)

@@ -37,7 +37,7 @@ def test_torch_matches_fp64_reference(div, clip, separate_teacher):
     inputs = make_inputs(separate_teacher=separate_teacher, ignore_rows=(3, 20))
     grads = upstream(37)
     opts = _options(div, clip)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl="torch", **opts)
     _assert_close(got, want, atol=2e-5, what=str(opts))
     assert got[0][3] == 0 and got[1][20] == 0 and got[3][3].abs().sum() == 0
@@ -51,7 +51,7 @@ def test_torch_temperature_softcap_bias_teacher_width(temperature, softcap, bias
     inputs = make_inputs(n=29, width=20, vocab=777, bias=bias, teacher_width=teacher_width, seed=4)
     grads = upstream(29, seed=5)
     opts = _options(div, clip, temperature=temperature, softcap=softcap)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl="torch", **opts)
     _assert_close(got, want, atol=2e-5, what=str(opts))
 
@@ -76,7 +76,7 @@ def test_low_precision_no_worse_than_eager(dtype, div):
     inputs = make_inputs(n=33, width=40, vocab=1111, dtype=dtype, seed=7)
     grads = upstream(33, seed=8)
     opts = _options(div, None)
-    truth = run(token_stats, inputs, grads, impl="reference", **opts)
+    truth = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl="torch", **opts)
 
     assert_no_worse_than_eager(got, run(eager_low_precision, inputs, grads, **opts), truth)
@@ -87,7 +87,7 @@ def test_weight_without_grad_and_upstream_subsets():
     grads = upstream(21)
     grads[1] = torch.zeros(21, dtype=torch.float64)  # entropy unused
     opts = _options(("jsd", 0.5), 0.1)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl="torch", **opts)
     assert got[4] is None
     _assert_close(got, want, atol=2e-5)
@@ -98,7 +98,7 @@ def test_weight_without_grad_and_upstream_subsets():
     g_one = h.grad.clone()
     h.grad = None
     token_stats(h, inputs["weight"], teacher_hidden=inputs["teacher_hidden"], divergence="reverse_kl",
-                impl="reference").divergence.sum().backward()
+                impl="eager").divergence.sum().backward()
     torch.testing.assert_close(g_one, h.grad, atol=2e-5, rtol=1e-4)
 
 
@@ -167,7 +167,7 @@ def test_torch_never_allocates_n_by_v(div):
     # the same tracker sees the eager reference's [N, V] logits, so it can fail
     eager = _LargestAllocation()
     with eager:
-        token_stats(inputs["hidden"], inputs["weight"], targets=inputs["targets"], impl="reference")
+        token_stats(inputs["hidden"], inputs["weight"], targets=inputs["targets"], impl="eager")
     assert eager.largest >= n * vocab
 
 
@@ -180,7 +180,7 @@ def test_hypothesis_shapes_and_options(n, width, vocab, div, beta, clip, tempera
     inputs = make_inputs(n=n, width=width, vocab=vocab, seed=seed, ignore_rows=(0,) if n > 2 else ())
     grads = upstream(n, seed=seed + 1)
     opts = dict(divergence=div, beta=beta, clip=clip, temperature=temperature, softcap=softcap)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl="torch", **opts)
     _assert_close(got, want, atol=3e-5, what=str(opts))
     for t in got[:3]:

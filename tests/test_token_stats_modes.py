@@ -87,7 +87,7 @@ def test_every_mode_matches_fp64_and_the_others(impl, mode, case, record_modes, 
                      shared=not separate and teacher_width is None, triton=impl == "triton")
     got = run(token_stats, inputs, grads, impl=impl, memory_budget_mb=budget, **opts)
     _check_mode(record_modes, mode, active)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     for i, (g, w) in enumerate(zip(got, want)):
         assert _rel(g, w) < 2e-6, (i, _rel(g, w))
     assert got[3][3].abs().sum() == 0 and got[0][20] == 0
@@ -108,7 +108,7 @@ def test_low_precision_modes_no_worse_than_eager(dtype, mode, div, record_modes)
     budget = _budget(mode, n, width, vocab, dtype=dtype, outputs=3 if div else 2, two=div is not None)
     got = run(token_stats, inputs, grads, impl="torch", memory_budget_mb=budget, **opts)
     _check_mode(record_modes, mode, n)
-    truth = run(token_stats, inputs, grads, impl="reference", **opts)
+    truth = run(token_stats, inputs, grads, impl="eager", **opts)
     assert_no_worse_than_eager(got, run(eager_low_precision, inputs, grads, **opts), truth)
 
 
@@ -119,7 +119,7 @@ def test_one_output_declared_and_the_lean_fallback(impl, record_modes):
     inputs = make_inputs(n=23, width=16, vocab=500, seed=41)
     h, w, ht, y = inputs["hidden"], inputs["weight"], inputs["teacher_hidden"], inputs["targets"]
     kw = dict(targets=y, teacher_hidden=ht, divergence="jsd", beta=0.4, clip=0.05, impl=impl)
-    ref = token_stats(h, w, impl="reference", **{k: v for k, v in kw.items() if k != "impl"})
+    ref = token_stats(h, w, impl="eager", **{k: v for k, v in kw.items() if k != "impl"})
     rows = torch.rand(23, generator=torch.Generator().manual_seed(43)) + 0.5  # a per-row upstream gradient
     g_ref = torch.autograd.grad((ref.divergence * rows).sum() + 0.3 * ref.logp.sum(), (h, w), retain_graph=True)
     g_div = torch.autograd.grad((ref.divergence * rows).sum(), (h, w))
@@ -214,7 +214,7 @@ def test_poisoned_buffers_are_written_everywhere(impl, mode, div, poisoned, monk
                          triton=impl == "triton")
     got = run(token_stats, inputs, grads, impl=impl, memory_budget_mb=budget, **opts)
     opts.pop("differentiated", None)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     for g, w in zip(got, want):
         assert torch.isfinite(g).all() and _rel(g, w) < 2e-6
 

@@ -29,7 +29,7 @@ def test_non_contiguous_targets_and_bias(impl):
     assert not inputs["targets"].is_contiguous() and not inputs["bias"].is_contiguous()
     grads = upstream(23)
     opts = dict(divergence="reverse_kl")
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl=impl, **opts)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
@@ -42,7 +42,7 @@ def test_fp16_backward_keeps_tiny_dlogits(impl):
     inputs = make_inputs(n=19, width=24, vocab=2000, dtype=torch.float16, seed=12)
     grads = [g * 1e-7 for g in upstream(19, seed=13)]
     opts = dict(divergence="forward_kl")
-    truth = run(token_stats, inputs, grads, impl="reference", **opts)
+    truth = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl=impl, **opts)
     assert got[3].abs().max() > 0
     assert _rel(got[3], truth[3]) < 2e-2 and _rel(got[4], truth[4]) < 2e-2
@@ -52,7 +52,7 @@ def test_float64_inputs_are_computed_in_float64():
     inputs = make_inputs(n=17, width=12, vocab=500, dtype=torch.float64, seed=14)
     grads = upstream(17, seed=15)
     opts = dict(divergence="jsd", beta=0.3, clip=0.05, temperature=0.8, softcap=5.0)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl="torch", **opts)
     out = token_stats(inputs["hidden"], inputs["weight"], teacher_hidden=inputs["teacher_hidden"],
                       divergence="reverse_kl")
@@ -69,7 +69,7 @@ def test_entropy_never_negative_on_peaked_rows(impl):
         inputs["weight"].mul_(100.0)
     out = token_stats(inputs["hidden"], inputs["weight"], impl=impl)
     assert (out.entropy >= 0).all(), out.entropy.min()
-    truth = token_stats(inputs["hidden"], inputs["weight"], impl="reference").entropy
+    truth = token_stats(inputs["hidden"], inputs["weight"], impl="eager").entropy
     assert (out.entropy - truth).abs().max() < 1e-5
 
 
@@ -95,7 +95,7 @@ def test_tiny_budgets_split_rows_and_vocabulary_with_the_same_result(impl, split
     assert (plan.rows < 41) == split_rows and (plan.group > plan.cols) != split_rows
     grads = upstream(41, seed=19)
     opts = dict(divergence="forward_kl", clip=0.03)
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     got = run(token_stats, inputs, grads, impl=impl, memory_budget_mb=budget_mb, **opts)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
@@ -164,6 +164,6 @@ def test_resident_rows_second_sweep_reuses_the_logits(impl, div, monkeypatch):
     got = run(token_stats, inputs, grads, impl=impl, memory_budget_mb=budget, differentiated=(), **opts)
     forward_gemms = [c for c in calls if c == 2 * plan.rows or c == 2 * (41 - plan.rows)]
     assert forward_gemms == [2 * plan.rows, 2 * (41 - plan.rows)]  # no second sweep
-    want = run(token_stats, inputs, grads, impl="reference", **opts)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5

@@ -7,7 +7,7 @@ import torch
 
 from pydistill import token_stats
 from pydistill.token_stats.config import StatsConfig
-from pydistill.token_stats.reference import reference_topk_divergence
+from pydistill.token_stats.eager import eager_topk_divergence
 
 N, H, V = 9, 13, 301
 
@@ -60,7 +60,7 @@ def test_topk_matches_float64_reference(case, k, tail):
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     cfg = StatsConfig(temperature=case.get("temperature", 1.0), softcap=case.get("softcap"),
                       divergence=case["divergence"], beta=case.get("beta", 0.5), clip=case.get("clip"))
-    want = reference_topk_divergence(h64, w64, cfg, ids, logprobs, tail=tail, bias=bias.double(), active=mask)
+    want = eager_topk_divergence(h64, w64, cfg, ids, logprobs, tail=tail, bias=bias.double(), active=mask)
     log_q = torch.log_softmax(((h64 @ w64.t() + bias.double()) if not cfg.softcap else
                                cfg.softcap * torch.tanh((h64 @ w64.t() + bias.double()) / cfg.softcap))
                               / cfg.temperature, -1)
@@ -81,7 +81,7 @@ def test_topk_16_bit_inputs_compute_in_float32(dtype):
     assert stats.divergence.dtype == torch.float32 and not stats.logp.any()
     grads = torch.autograd.grad(stats.divergence.sum(), (hidden, weight))
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    want = reference_topk_divergence(h64, w64, StatsConfig(divergence="reverse_kl"), ids, logprobs, tail=True)
+    want = eager_topk_divergence(h64, w64, StatsConfig(divergence="reverse_kl"), ids, logprobs, tail=True)
     want_grads = torch.autograd.grad(want.sum(), (h64, w64))
     torch.testing.assert_close(stats.divergence.double(), want, rtol=1e-4, atol=1e-5)
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
@@ -172,7 +172,7 @@ def test_losses_take_a_topk_teacher_per_position():
     ids[1, 3:] = 7  # garbage (repeated ids) outside the mask
     out = distillation_loss(hidden, weight, None, mask, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
                             divergence="reverse_kl", topk_tail=False)
-    want = reference_topk_divergence(hidden.detach().double().view(-1, H), weight.detach().double(),
+    want = eager_topk_divergence(hidden.detach().double().view(-1, H), weight.detach().double(),
                                      StatsConfig(divergence="reverse_kl"), ids.view(-1, k).masked_fill(
                                          ~mask.view(-1, 1), -1), logprobs.view(-1, k), tail=False,
                                      active=mask.view(-1))
@@ -219,7 +219,7 @@ def test_student_support_topk_matches_reference(tail):
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ids = (h64 @ w64.t()).topk(4, dim=1).indices.masked_fill(~mask[:, None], -1)
     teacher_lp = torch.log_softmax(teacher.double() @ w64.detach().t() / 0.9, -1).gather(1, ids.clamp_min(0))
-    want = reference_topk_divergence(h64, w64, StatsConfig(temperature=0.9, divergence="jsd", beta=0.5), ids,
+    want = eager_topk_divergence(h64, w64, StatsConfig(temperature=0.9, divergence="jsd", beta=0.5), ids,
                                      teacher_lp.masked_fill(ids < 0, -math.inf), tail=tail, active=mask)
     torch.testing.assert_close(stats.divergence.double(), want, rtol=2e-5, atol=2e-6)
     for got, ref in zip(grads, torch.autograd.grad(want.sum(), (h64, w64))):

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 import pydistill.evaluation as evaluation_module
 import pydistill.models as models_module
-import pydistill.trainers.core as core_module
 from pydistill import cli
 from pydistill.diversity import distinct_answers, distinct_ngram_ratio, group_diversity, words
 from pydistill.trainers.fd.feedback import FeedbackUnavailable
@@ -24,7 +23,7 @@ from pydistill.plotting import plot_comparison
 from pydistill.prompts import feedback_teacher_messages, student_messages
 from pydistill.tasks import Task
 from pydistill.tasks.base import Problem
-from pydistill.trainers import TRAINERS, FDConfig, FDTrainer, GRPOConfig, GRPOTrainer
+from pydistill.trainers import TRAINERS, FDConfig, FDTrainer, GRPOLoopConfig, GRPOLoopTrainer
 from pydistill.trainers.checkpoint import latest_checkpoint
 from pydistill.trainers.contexts import response_hidden_states
 from pydistill.trainers.rollout import HFRolloutEngine, Rollouts
@@ -168,7 +167,7 @@ def test_missing_lean_binary_fails_at_start_up(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the feedback source was checked")
 
-    monkeypatch.setattr(core_module, "load_model", no_model)
+    monkeypatch.setattr(models_module, "load_model", no_model)
     with pytest.raises(FeedbackUnavailable, match="neither `lean` nor `lake` is on PATH"):
         FDTrainer(fd_config(tmp_path, feedback="lean"))
     with pytest.raises(FeedbackUnavailable, match="was not found"):
@@ -256,7 +255,7 @@ def test_blend_gradient_is_the_weighted_sum_of_fd_and_grpo(tmp_path):
     blend, g_blend = grads_of(trainer.loss)
     trainer.config.distillation_weight = 1.0
     fd, g_fd = grads_of(trainer.loss)  # distillation_loss alone
-    grpo, g_grpo = grads_of(lambda b, n: GRPOTrainer.loss(trainer, b, n))  # grpo_loss alone, same mask
+    grpo, g_grpo = grads_of(lambda b, n: GRPOLoopTrainer.loss(trainer, b, n))  # grpo_loss alone, same mask
     torch.testing.assert_close(blend.loss, w * fd.loss + (1 - w) * grpo.loss, rtol=1e-5, atol=1e-7)
     assert blend.metrics["distillation_loss"] == pytest.approx(float(fd.loss.detach()), rel=1e-5)
     assert blend.metrics["policy_loss"] == pytest.approx(float(grpo.loss.detach()), rel=1e-5)
@@ -378,7 +377,7 @@ def test_grpo_starts_from_the_fd_checkpoint(tmp_path):
     weights = load_file(os.path.join(latest_checkpoint(fd.config.output_dir), "weights.safetensors"))
     model, tok = tiny_model(seed=7)  # another init: only the checkpoint can make it equal
     assert not torch.equal(dict(model.named_parameters())["lm_head.weight"], weights["lm_head.weight"])
-    grpo = GRPOTrainer(_grpo_config(tmp_path, init_from=fd.config.output_dir), model=model, tokenizer=tok,
+    grpo = GRPOLoopTrainer(_grpo_config(tmp_path, init_from=fd.config.output_dir), model=model, tokenizer=tok,
                        task=SevensTask(), rollout_engine=GroupEngine(tok))
     for name, p in grpo.model.named_parameters():
         assert torch.equal(p.detach(), weights[name]), name
@@ -390,11 +389,11 @@ def _grpo_config(tmp_path, **overrides):
                   num_generations=2, max_new_tokens=8, eval_problems=0, output_dir=str(tmp_path / "grpo"),
                   progress=False, train_problems=8)
     values.update(overrides)
-    return GRPOConfig(**values)
+    return GRPOLoopConfig(**values)
 
 
 def test_cli_train_fd_then_grpo_init_from(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(core_module, "load_model", lambda name, **kw: tiny_model(seed=3))
+    monkeypatch.setattr(models_module, "load_model", lambda name, **kw: tiny_model(seed=3))
     common = ["--model", "tiny", "--lora-r", "0", "--max-steps", "1", "--batch-size", "2", "--micro-batch-size",
               "1", "--num-generations", "2", "--max-new-tokens", "6", "--eval-problems", "0", "--train-problems",
               "4", "--progress", "false"]
@@ -406,12 +405,12 @@ def test_cli_train_fd_then_grpo_init_from(tmp_path, monkeypatch, capsys):
 
     started = []
 
-    class Recording(GRPOTrainer):
+    class Recording(GRPOLoopTrainer):
         def train(self):
             started.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
             return {}
 
-    monkeypatch.setitem(TRAINERS, "grpo", (GRPOConfig, Recording))
+    monkeypatch.setitem(TRAINERS, "grpo", (GRPOLoopConfig, Recording))
     assert cli.main(["train", "grpo", *common, "--output-dir", str(tmp_path / "grpo"), "--init-from", fd_dir]) == 0
     for name, value in started[0].items():
         assert torch.equal(value, weights[name]), name

@@ -8,7 +8,7 @@ import torch
 from pydistill.cli import build_parser, load_config
 from pydistill.models import tiny_model
 from pydistill.prompts import render, student_messages
-from pydistill.trainers import GRPOConfig, GRPOTrainer
+from pydistill.trainers import GRPOLoopConfig, GRPOLoopTrainer
 from pydistill.trainers.contexts import lm_head_weight
 from pydistill.trainers.rollout import SamplingSettings
 from tests.trainer_helpers import TASK, GroupEngine, count_op_rows, step_gradients
@@ -23,7 +23,7 @@ def grpo_config(tmp_path, **overrides):
                   max_new_tokens=32, eval_problems=0, output_dir=str(tmp_path / "run"), learning_rate=1e-3,
                   progress=False, train_problems=8, max_grad_norm=1e9)
     values.update(overrides)
-    return GRPOConfig(**values)
+    return GRPOLoopConfig(**values)
 
 
 def make_trainer(tmp_path, seed=0, patterns=GroupEngine.PATTERNS, callables=None, callable_weights=None,
@@ -31,7 +31,7 @@ def make_trainer(tmp_path, seed=0, patterns=GroupEngine.PATTERNS, callables=None
     cfg = grpo_config(tmp_path, **overrides)
     model, tok = tiny_model(seed=seed)
     engine = GroupEngine(tok, TASK.problems(cfg.train_split, n=cfg.train_problems, seed=cfg.seed), patterns)
-    return GRPOTrainer(cfg, model=model, tokenizer=tok, task=TASK, rollout_engine=engine,
+    return GRPOLoopTrainer(cfg, model=model, tokenizer=tok, task=TASK, rollout_engine=engine,
                        reward_functions=callables, reward_weights=callable_weights)
 
 
@@ -241,7 +241,7 @@ def test_named_reward_functions_and_weights(tmp_path):
 ])
 def test_bad_config_fails_fast(overrides, match):
     with pytest.raises(ValueError, match=match):
-        GRPOConfig(**overrides).validate()
+        GRPOLoopConfig(**overrides).validate()
 
 
 def test_init_from_loads_checkpoint_weights(tmp_path):
@@ -281,7 +281,7 @@ def test_cli_parses_grpo_flags():
         "--temperature", "0.9"])
     assert args.method == "grpo"
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "method", "config")}
-    cfg = load_config(GRPOConfig, None, overrides)
+    cfg = load_config(GRPOLoopConfig, None, overrides)
     assert (cfg.loss_type, cfg.num_generations, cfg.epsilon, cfg.epsilon_high, cfg.beta) == \
         ("dr_grpo", 4, 0.1, 0.28, 0.04)
     assert cfg.scale_rewards == "none" and cfg.delta is None and cfg.temperature == 0.9
@@ -290,12 +290,12 @@ def test_cli_parses_grpo_flags():
 
 
 def test_trl_defaults():
-    """Every default GRPOConfig shares with trl.GRPOConfig equals TRL's (the docstring names what differs)."""
+    """Every default GRPOLoopConfig shares with trl.GRPOConfig equals TRL's (the docstring names what differs)."""
     import dataclasses
 
     import trl
 
-    ours, theirs = GRPOConfig(), {f.name: f.default for f in dataclasses.fields(trl.GRPOConfig)}
+    ours, theirs = GRPOLoopConfig(), {f.name: f.default for f in dataclasses.fields(trl.GRPOConfig)}
     same_concept = dict(learning_rate="learning_rate", lr_scheduler="lr_scheduler_type", max_grad_norm="max_grad_norm",
                         max_new_tokens="max_completion_length", seed="seed", num_generations="num_generations",
                         temperature="temperature", top_p="top_p", top_k="top_k", loss_type="loss_type", beta="beta",

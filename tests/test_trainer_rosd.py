@@ -430,7 +430,7 @@ def test_derived_sibling_is_a_checked_derivation_else_the_reference():
     assert shown(6, 4) == "REFERENCE"  # no success of the group derives the answer
     fake.config.privileged = "sibling"
     assert shown(2, 0) == texts[0]
-    fake.config.privileged = "reference"
+    fake.config.privileged = "solution"
     assert shown(2, 3) == "REFERENCE"
     problem.solution = None  # a task without reference solutions keeps the paper's sibling
     fake.config.privileged = "derived_sibling"

@@ -24,13 +24,13 @@ weight = (torch.randn(v, h) / h ** 0.5).requires_grad_()
 teacher = torch.randn(n, h)
 targets = torch.randint(0, v, (n,))
 results = {}
-for impl in ("reference", "torch", "triton"):
+for impl in ("eager", "torch", "triton"):
     stats = token_stats(hidden, weight, targets=targets, teacher_hidden=teacher, divergence="jsd", beta=0.5,
                         impl=impl)
     grads = torch.autograd.grad((stats.logp + stats.entropy + stats.divergence).sum(), (hidden, weight))
     results[impl] = [stats.logp, stats.entropy, stats.divergence, *grads]
 for impl in ("torch", "triton"):
-    for got, want in zip(results[impl], results["reference"]):
+    for got, want in zip(results[impl], results["eager"]):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)
-print(f"wheel check: pydistill-fused {pydistill.__version__} from {site}, impls reference/torch/triton agree "
+print(f"wheel check: pydistill-fused {pydistill.__version__} from {site}, impls eager/torch/triton agree "
       f"(python {sys.version.split()[0]}, torch {torch.__version__})")

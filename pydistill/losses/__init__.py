@@ -9,7 +9,7 @@ from .distillation import DistillationLoss, distillation_loss, sampled_token_dis
 from .masks import first_error_mask
 from .nll import NLLLoss, nll_loss
 from .output import LossOutput
-from .packing import PackedRows, pack_rows, unpack_rows
+from ..boundary import PackedRows, pack_rows, unpack_rows
 from .policy_gradient import LOSS_TYPES, GRPOLoss, grpo_loss
 from .reductions import REDUCTIONS
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from .output import LossOutput, masked_mean
 from .reductions import check_num_items, reduce_tokens
-from .stats import DEFAULT_MEMORY_BUDGET_MB, op_options, sequence_token_stats
+from ..boundary import op_options, sequence_token_stats
+from ..token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
 from .validation import check_nonnegative, check_per_token, check_positive, check_sequence_layout, check_unit
 
 

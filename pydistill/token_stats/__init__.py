@@ -4,7 +4,7 @@ The whole op lives in this package: :func:`token_stats` (the public function and
 (:mod:`.loop`), the per-chunk folds in torch (:mod:`.folds`; their Triton spelling is the top-level
 ``kernels/folds.py``, shipped as ``pydistill.kernels.folds``), the fast mode's gradient basis (:mod:`.fast`) and the
 autograd node that splits rows between the modes (:mod:`.modes`), a teacher given as top-k log-probs
-(:mod:`.topk`), the options (:mod:`.config`) and the float64 eager reference (:mod:`.reference`).
+(:mod:`.topk`), the options (:mod:`.config`) and the eager float64 spelling every test compares with (:mod:`.eager`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from . import loop
 from .modes import _TokenStatsFunction
 from .config import DIVERGENCES, StatsConfig
 
-IMPLS = ("auto", "triton", "torch", "chunked", "reference")  # "chunked": the former name of "torch"
+IMPLS = ("auto", "triton", "torch", "eager")
 
 
 class TokenStats(NamedTuple):
@@ -122,9 +122,10 @@ def token_stats(
     topk_tail: bool = True,
     support_topk: Optional[int] = None,
 ) -> TokenStats:
-    """Per-token logp, entropy and teacher-student divergence, never materializing the [N, V] logits.
+    """Equivalent to statistics of ``log_softmax(cap(h W^T + b) / T)`` row by row, without materializing [N, V].
 
-    Logits of each context: ``z = cap(h @ W.T + b) / temperature`` with ``cap(x) = softcap * tanh(x / softcap)``
+    Per row: the log-probability of ``targets``, the entropy and the divergence to the teacher. Logits of each
+    context: ``z = cap(h @ W.T + b) / temperature`` with ``cap(x) = softcap * tanh(x / softcap)``
     when ``softcap`` is set (the model's cap on its raw logits, then the sampling temperature). Student
     ``q = softmax(z_s)``, teacher ``p = softmax(z_t)``. All math runs in float32 (float64 for float64 inputs);
     logits are never rounded to a 16-bit dtype. The work is a loop over vocabulary chunks (and row blocks):
@@ -159,8 +160,8 @@ def token_stats(
             out before any GEMM: they cost nothing, give 0 in every output and receive zero gradient.
         ignore_index: the inactive-row marker in ``targets``.
         impl: how the per-chunk folds run, the chunk loop being the same: ``"auto"`` (Triton on CUDA, torch
-            elsewhere), ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (``"chunked"``
-            is its former name), or ``"reference"`` (eager float64, materializes [N, V]; for tests).
+            elsewhere), ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"``, or
+            ``"eager"`` (float64, materializes [N, V]; for tests; ``"reference"`` is its former name).
         teacher_topk_ids, teacher_topk_logprobs: a teacher given as its top-k log-probs instead of
             ``teacher_hidden`` (served by vLLM or cached): [N, k] token ids in [0, V) (distinct within a row, any
             order; -1 pads a row with fewer than k) and their log-probs (<= 0; the row's mass at most 1 + 1e-3).
@@ -212,8 +213,14 @@ def token_stats(
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     _check_bias("bias", bias, vocab, "weight", device)
+    if impl == "reference":
+        from .._deprecated import warn_once
+
+        warn_once("impl='reference'", "impl='eager'")
+        impl = "eager"
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        renamed = " ('chunked' is now called 'torch')" if impl == "chunked" else ""
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}{renamed}")
     if not (_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if softcap is not None and not (_number(softcap) and softcap > 0):
@@ -295,8 +302,6 @@ def token_stats(
     differentiated = _resolve_differentiated(differentiated, cfg)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         differentiated = ()  # no backward will come: forming a basis would only cost
-    if impl == "chunked":
-        impl = "torch"
     if impl == "auto":
         impl = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -320,12 +325,12 @@ def token_stats(
             hidden, weight, teacher_topk_ids, teacher_topk_logprobs, tail=topk_tail, targets=targets, bias=bias,
             cfg=cfg, mask=mask, ignore_index=ignore_index, impl=impl, memory_budget_mb=memory_budget_mb,
             differentiated=differentiated, lean_op=token_stats))
-    if impl == "reference":
-        from .reference import reference_token_stats
+    if impl == "eager":
+        from .eager import eager_token_stats
 
-        outs = reference_token_stats(hidden, weight, cfg, bias=bias, teacher_hidden=teacher_hidden,
-                                     teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-                                     targets=targets, active=active)
+        outs = eager_token_stats(hidden, weight, cfg, bias=bias, teacher_hidden=teacher_hidden,
+                                 teacher_weight=teacher_weight, teacher_bias=teacher_bias, targets=targets,
+                                 active=active)
         return TokenStats(*(o.to(loop.compute_dtype(hidden.dtype)) for o in outs))
 
     if active is None or bool(active.all()):

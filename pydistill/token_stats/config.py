@@ -1,4 +1,4 @@
-"""The options of the core op, shared by the chunk loop, both spellings of the folds and the reference.
+"""The options of the core op, shared by the chunk loop, both spellings of the folds and the eager one.
 
 Kept in a module of its own so that the folds depend on it and not on each other.
 """

@@ -1,6 +1,6 @@
 """The per-chunk folds of the core op, spelled in torch (CPU and any device without Triton).
 
-``pydistill/kernels/folds.py`` spells the same three functions as Triton kernels, with the same arguments and
+The top-level ``kernels/folds.py`` (shipped as ``pydistill.kernels.folds``) spells the same three functions as Triton kernels, with the same arguments and
 the same math (the torch spelling groups terms to save passes over a chunk); the chunk loop (:mod:`.loop`)
 calls whichever one the device takes.
 Each fold receives one GEMM output chunk, ``[R, C]`` raw logits ``x = h W[c0:c1]^T + b`` in the compute dtype

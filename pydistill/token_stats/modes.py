@@ -71,7 +71,7 @@ class _TokenStatsFunction(torch.autograd.Function):
     def _backward(ctx, g_logp, g_entropy, g_div):
         if torch.is_grad_enabled():  # create_graph=True: the sweep's gradients are not themselves differentiable
             raise RuntimeError("token_stats is differentiable once: second derivatives (create_graph=True, "
-                               "double backward) are not supported; use impl='reference' for them")
+                               "double backward) are not supported; use impl='eager' for them")
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         basis, ctx.basis = getattr(ctx, "basis", None), None  # freed on return; a retained graph's second backward runs lean
         if not (need_hidden or need_weight):

@@ -6,7 +6,7 @@ from .config import TrainConfig
 from .core import Trainer
 from .exgrpo import ExGRPOConfig, ExGRPOTrainer
 from .fd import FDConfig, FDTrainer
-from .grpo import GRPOConfig, GRPOTrainer
+from .grpo import RENAMED, GRPOLoopConfig, GRPOLoopTrainer
 from .opsd import OPSDConfig, OPSDTrainer
 from .rosd import ROSDConfig, ROSDTrainer
 from .sft import SFTConfig, SFTTrainer
@@ -14,12 +14,18 @@ from .sft import SFTConfig, SFTTrainer
 TRAINERS = {
     "exgrpo": (ExGRPOConfig, ExGRPOTrainer),
     "fd": (FDConfig, FDTrainer),
-    "grpo": (GRPOConfig, GRPOTrainer),
+    "grpo": (GRPOLoopConfig, GRPOLoopTrainer),
     "opsd": (OPSDConfig, OPSDTrainer),
     "rosd": (ROSDConfig, ROSDTrainer),
     "sft": (SFTConfig, SFTTrainer),
 }
 
-__all__ = ["ExGRPOConfig", "ExGRPOTrainer", "FDConfig", "FDTrainer", "GRPOConfig", "GRPOTrainer", "OPSDConfig",
+__all__ = ["ExGRPOConfig", "ExGRPOTrainer", "FDConfig", "FDTrainer", "GRPOLoopConfig", "GRPOLoopTrainer", "OPSDConfig",
            "OPSDTrainer", "ROSDConfig", "ROSDTrainer", "SFTConfig",
            "SFTTrainer", "TRAINERS", "TrainConfig", "Trainer"]
+
+
+def __getattr__(name):
+    from .._deprecated import renamed
+
+    return renamed(__name__, name, RENAMED, globals())

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..boundary import unwrap
+
 TRACKERS = ("tensorboard", "wandb")
 REPORT_TO = ("none", "all") + TRACKERS
 
@@ -101,12 +103,33 @@ def finish_trackers(accelerator):
         tracker.finish()
 
 
+def policy_model(config, model, tokenizer, device, precision):
+    """(model, tokenizer) to train: the given model (LoRA applied when the config asks for it) or the configured
+    one loaded, in the training dtype, with ``init_from``'s weights and gradient checkpointing."""
+    from ..models import LoraSettings, apply_lora, load_model
+    from .checkpoint import load_weights, resolve_checkpoint
+
+    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora_r else None
+    if model is None:
+        try:
+            model, tokenizer = load_model(config.model, lora=lora, device=device, dtype=precision.load_dtype)
+        except OSError as exc:  # transformers' "not a local folder and not a valid model identifier ..."
+            raise ValueError(f"model {config.model!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    elif lora is not None and not hasattr(model, "disable_adapter"):
+        model = apply_lora(model, lora)
+    if precision.load_dtype is not None:
+        model.to(precision.load_dtype)  # fp32 master weights for AdamW (a no-op for a model loaded so)
+    if config.init_from:
+        load_weights(model, resolve_checkpoint(config.init_from))
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
+
+
 def enable_gradient_checkpointing(model):
     """Recompute each decoder layer's activations in backward (transformers' non-reentrant checkpointing, which
     needs no input gradients, so it works under LoRA's frozen embeddings)."""
-    from .contexts import causal_lm
-
-    lm = causal_lm(model)
+    lm = unwrap(model)
     if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from ..models import EMBEDDED_DEFAULT
 from ..token_stats.config import DIVERGENCES
 from ..token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
 from .checkpoint import resolve_checkpoint
@@ -19,7 +20,7 @@ ALIASES = {"lr_scheduler_type": "lr_scheduler", "save_steps": "save_every"}
 @dataclass
 class TrainConfig:
     # model and data
-    model: str = option("SmolLM2-135M-Instruct", "model: hub name or local folder (the embedded default needs no "
+    model: str = option(EMBEDDED_DEFAULT, "model: hub name or local folder (the embedded default needs no "
                         "network)")
     init_from: Optional[str] = option(None, "a run folder or checkpoint whose trained weights start this run (FD -> "
                                       "GRPO)")
@@ -74,8 +75,9 @@ class TrainConfig:
     max_nonfinite_steps: int = option(3, "end the run after this many optimizer steps in a row with a non-finite "
                                       "loss or gradient norm (each is skipped)")
     max_reward_failures: int = option(20, "end the run after this many failed reward-function calls")
-    impl: Literal["auto", "triton", "torch", "chunked", "reference"] = option(
-        "auto", "the fused op's folds: triton (CUDA), torch, auto (triton on CUDA), chunked (torch's former name)")
+    impl: Literal["auto", "triton", "torch", "eager", "reference"] = option(
+        "auto", "the fused op's folds: triton (CUDA), torch, auto (triton on CUDA), eager (float64 logits, for "
+        "tests; reference is its former name)")
     memory_budget_mb: float = option(
         DEFAULT_MEMORY_BUDGET_MB, "the fused op's speed/memory knob: extra MB per loss call; the default (about "
         "TRL's own head at N=8192, V=151936) holds the gradient formed in the forward (4 GEMM passes instead of 6); "

@@ -1,12 +1,13 @@
-"""Student and teacher contexts that score the same rollout tokens, and the hidden states at those tokens."""
+"""Student and teacher contexts that score the same rollout tokens; the trainers' spellings of the model boundary
+(:mod:`pydistill.boundary`) on them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..model_head import logit_scale, softcap, unwrap
+from ..boundary import Head, ResponseHiddenStates, hidden_states, read_head, unwrap
 
 
 @dataclass
@@ -53,53 +54,36 @@ def causal_lm(model):
 
 
 def lm_head_weight(model) -> torch.Tensor:
-    return causal_lm(model).get_output_embeddings().weight
+    return read_head(model).weight
 
 
 def lm_head_bias(model):
     """The head's bias times the model's logit scale (the scale folds into the op's inputs), or None."""
-    bias = getattr(causal_lm(model).get_output_embeddings(), "bias", None)
-    scale = logit_scale(causal_lm(model).config)
-    return bias if bias is None or scale == 1.0 else bias * scale
+    return read_head(model).bias
 
 
 def lm_head_softcap(model):
     """The model's final-logit softcap, to pass to every op call on its hidden states (None for most)."""
-    return softcap(causal_lm(model).config)
+    return read_head(model).softcap
+
+
+def teacher_head(teacher) -> Optional[Head]:
+    """The head of a teacher that holds its own weights (a frozen or EMA copy); None when it reads the student's
+    (one W read serves both contexts)."""
+    return None if teacher is None or teacher.copy is None else read_head(teacher.copy)
+
+
+def head_options(head: Head, teacher: Optional[Head] = None) -> dict:
+    """The head keyword arguments of a fused loss on ``head`` (and a teacher context on ``teacher``'s)."""
+    options = dict(bias=head.bias, softcap=head.softcap)
+    if teacher is not None:
+        options.update(teacher_weight=teacher.weight, teacher_bias=teacher.bias)
+    return options
 
 
 def response_hidden_states(model, batch: ContextBatch) -> torch.Tensor:
-    """Last-layer hidden states [B, T, H] (after the final norm) at the positions that predict the completion
-    tokens. Runs the decoder body only: the lm_head, and so any [B, T, V] logits, is never called."""
+    """The op's input [B, T, H] at the positions that predict the completion tokens (:func:`pydistill.boundary.
+    hidden_states`); through ``model``'s own forward when it is the accelerate-wrapped :class:`ResponseHiddenStates`."""
     if isinstance(model, ResponseHiddenStates) or isinstance(getattr(model, "module", None), ResponseHiddenStates):
         return model(batch.input_ids, batch.attention_mask, batch.positions)
-    return ResponseHiddenStates(model)(batch.input_ids, batch.attention_mask, batch.positions)
-
-
-class ResponseHiddenStates(torch.nn.Module):
-    """The decoder body as a module whose forward returns the response hidden states.
-
-    This is what the trainer hands to accelerate: DDP's gradient synchronisation hooks into a wrapped module's
-    forward, and the fused loss needs the body's output, not the model's logits. The lm_head weight stays a
-    parameter of the wrapped module (it receives its gradient through the fused op in the same backward).
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        # accelerate's FSDP auto-wrap reads the decoder layer classes to shard one by one from here
-        self._no_split_modules = getattr(causal_lm(model), "_no_split_modules", None)
-
-    def tie_weights(self):
-        """accelerate's FSDP preparation re-ties tied embeddings after sharding through this method."""
-        causal_lm(self.model).tie_weights()
-
-    def forward(self, input_ids, attention_mask, positions):
-        body = causal_lm(self.model).get_decoder()
-        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        # Under bf16 autocast the body may return bf16 while the head stays fp32: the fused op needs one dtype.
-        hidden = hidden.to(lm_head_weight(self.model).dtype)
-        scale = logit_scale(causal_lm(self.model).config)  # the model's logit multiplier, folded into h
-        return hidden if scale == 1.0 else hidden * scale
+    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.positions)

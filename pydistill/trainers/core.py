@@ -24,18 +24,17 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from ..models import LoraSettings, load_model
 from ..tasks import task_from_config
 from . import run_folder
-from .accel import (enable_gradient_checkpointing, finish_trackers, init_trackers, log_to_trackers,
-                    make_accelerator, root_view, start_sharded, uses_sharded_parameters)
-from .checkpoint import (NonFiniteWeights, clean_stale, export_pretrained, gather_training_state, latest_checkpoint,
-                         load_checkpoint, load_weights, resolve_checkpoint, rng_state, save_checkpoint)
+from .accel import (finish_trackers, init_trackers, log_to_trackers, make_accelerator, policy_model, root_view,
+                    start_sharded, uses_sharded_parameters)
+from .checkpoint import (NonFiniteWeights, export_pretrained, gather_training_state, latest_checkpoint,
+                         load_checkpoint, rng_state, save_checkpoint)
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .progress import TrainProgress
 from .rollout import HFRolloutEngine, SamplingSettings
-from .contexts import ResponseHiddenStates
+from ..boundary import ResponseHiddenStates
 from .held_out import HeldOutEvaluation
 from .teacher import Teacher
 
@@ -54,8 +53,6 @@ class Trainer(HeldOutEvaluation, abc.ABC):
     """Base trainer; see the module docstring for what a method adds."""
 
     def __init__(self, config: TrainConfig, model=None, tokenizer=None, rollout_engine=None, task=None):
-        from transformers import get_scheduler
-
         self.config = config.validate()
         set_seed(config.seed)  # python, numpy and torch (every CUDA device too)
         # Trackers (report_to) and precision: a full fine-tune on CUDA keeps fp32 weights under bf16 autocast.
@@ -65,39 +62,15 @@ class Trainer(HeldOutEvaluation, abc.ABC):
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
                              f"{config.micro_batch_size} x {self.world} processes")
         self.is_main = self.accelerator.is_main_process
-        # The run folder before any model is loaded: every process checks it (so that all of them stop), then
-        # the main one takes its lock and tidies it.
-        self._lock = None
-        run_folder.check_reusable(config.output_dir, config.resume, config.overwrite)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            self._lock = run_folder.acquire(config.output_dir)
-            try:
-                if config.overwrite:
-                    run_folder.clear(config.output_dir)
-                clean_stale(config.output_dir)
-            except BaseException:
-                self.close()
-                raise
-        self.accelerator.wait_for_everyone()
-        lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora_r else None
-        if model is None:
-            try:
-                model, tokenizer = load_model(config.model, lora=lora, device=self.accelerator.device,
-                                              dtype=precision.load_dtype)
-            except OSError as exc:  # transformers' "not a local folder and not a valid model identifier ..."
-                raise ValueError(f"model {config.model!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
-        elif lora is not None and not hasattr(model, "disable_adapter"):
-            from ..models import apply_lora
+        self._lock = None  # for close() and __del__ should the claim fail
+        self._lock = run_folder.claim(config, self.accelerator)  # before any model is loaded
+        model, self.tokenizer = policy_model(config, model, tokenizer, self.accelerator.device, precision)
+        self._load_problems(task)
+        self._prepare_training(model, rollout_engine)
+        self._start_run()
 
-            model = apply_lora(model, lora)
-        if precision.load_dtype is not None:
-            model.to(precision.load_dtype)  # fp32 master weights for AdamW (a no-op for a model loaded so)
-        if config.init_from:
-            load_weights(model, resolve_checkpoint(config.init_from))
-        if config.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        self.tokenizer = tokenizer
+    def _load_problems(self, task):
+        config = self.config
         self.task = task or task_from_config(config)
         self.train_pool = self.task.problems(config.train_split, n=config.train_problems, seed=config.seed)
         if not self.train_pool:
@@ -108,6 +81,12 @@ class Trainer(HeldOutEvaluation, abc.ABC):
         if config.eval_problems and not self.eval_set:  # else accuracy 0.0 over no problems, logged as a result
             raise ValueError(f"eval_problems {config.eval_problems} asks for held-out problems, but the "
                              f"{config.eval_split!r} split of task {self.task.name!r} has no problems")
+
+    def _prepare_training(self, model, rollout_engine):
+        """Optimizer, schedule, teacher, the accelerate-wrapped policy and the rollout engine."""
+        from transformers import get_scheduler
+
+        config = self.config
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
@@ -126,11 +105,15 @@ class Trainer(HeldOutEvaluation, abc.ABC):
                 raise ValueError(f"{self.method} does not run under FSDP: its processes generate different numbers "
                                  "of batches, and sharded forwards must run in lock step (use DDP)")
             start_sharded(self.policy, self.accelerator.device)
-        self.engine = rollout_engine or HFRolloutEngine(self.model, tokenizer,
+        self.engine = rollout_engine or HFRolloutEngine(self.model, self.tokenizer,
                                                         batch_size=config.micro_batch_size * config.num_generations,
                                                         synced_gpus=self.sharded)
         self.sampling = SamplingSettings(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                                          config.num_generations)
+
+    def _start_run(self):
+        """The step counters, the metrics log and trackers, and the resumed state with ``resume``."""
+        config = self.config
         self.step, self.data_position, self.train_seconds, self.generated_tokens = 0, 0, 0.0, 0
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
         self._saved_step, self._step_snapshot = None, None

@@ -29,10 +29,6 @@ class GroupBatch:
     correct: torch.Tensor  # [B*G] bool: the task's verifier accepts the completion
     group_size: int
 
-    def groups(self) -> torch.Tensor:
-        """[B, G] rewards."""
-        return self.rewards.reshape(-1, self.group_size)
-
 
 class RewardFunctionError(RuntimeError):
     """A reward function failed more often than ``max_reward_failures`` allows."""

@@ -133,3 +133,24 @@ def truncate_metrics(path: str, step: int):
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def claim(config, accelerator):
+    """Check the run folder on every process (so that all of them stop on a bad one), then take its lock and tidy
+    it on the main one. Returns the lock (None on the other processes), for :func:`release`."""
+    from .checkpoint import clean_stale
+
+    check_reusable(config.output_dir, config.resume, config.overwrite)
+    accelerator.wait_for_everyone()
+    lock = None
+    if accelerator.is_main_process:
+        lock = acquire(config.output_dir)
+        try:
+            if config.overwrite:
+                clear(config.output_dir)
+            clean_stale(config.output_dir)
+        except BaseException:
+            release(lock)
+            raise
+    accelerator.wait_for_everyone()
+    return lock

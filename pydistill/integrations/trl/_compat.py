@@ -6,6 +6,8 @@ import logging
 import os
 import warnings
 
+from ...boundary import unwrap
+
 TESTED_TRL = (">=1.16", "<1.17")  # keep in step with setup.py's `trl` extra
 # The command that installs a tested TRL (quoted: `>` and `<` are shell redirections).
 INSTALL_TESTED_TRL = "pip install 'trl>=1.16,<1.17'"
@@ -99,7 +101,7 @@ def check_not_zero3(trainer) -> None:
 
 def check_text_peft(model) -> None:
     """Adapters must leave the positions and the lm_head alone: the op reads the head's weight directly."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)  # PEFT's injected layers stay in the base model it returns
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is not None and hasattr(head, "base_layer"):
         raise ValueError("peft_config: target_modules includes the lm_head; pydistill's fused op reads the head's "

@@ -8,8 +8,9 @@ divided by ``num_items_in_batch`` when the trainer passes it, by their count oth
 TRL's inputs, masks and normalization and swaps only the divergence computation:
 
 - ``DistillationTrainer``: its protected ``_compute_loss`` (run inside the student wrapper's forward, so DDP and
-  FSDP behave as in TRL) takes the student and teacher hidden states from TRL's own ``_get_last_hidden_state`` and
-  hands them, with both heads, to the fused op; at TRL's ``temperature``, with each model's logit scale.
+  FSDP behave as in TRL) runs both decoder bodies (the teacher's through TRL's forward redirection, as TRL does)
+  and hands their hidden states, with both heads, to the fused op; at TRL's ``temperature``, with each model's
+  logit scale.
 - ``GKDTrainer`` (``trl.experimental.gkd``): ``compute_loss`` runs both models' decoder bodies only (through
   their wrappers) instead of their full-logits forward; TRL's GKD divides neither model's logits by the
   temperature in its loss, and neither does this.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ...token_stats import token_stats
+from ...boundary import head_token_stats, hidden_states, read_head
 from . import _head
 from ._compat import announce, check_hook, check_not_zero3, check_text_peft, check_trl_version
 
@@ -37,7 +38,7 @@ def check_distillation(trainer, student, teacher) -> None:
     if teacher is None:
         raise ValueError("teacher_model: pydistill's distillation integration needs a local teacher model "
                          "(server-side teachers keep TRL's own loss)")
-    s_cap, t_cap = _head.softcap(_head.unwrap(student).config), _head.softcap(_head.unwrap(teacher).config)
+    s_cap, t_cap = read_head(student).softcap, read_head(teacher).softcap
     if s_cap != t_cap:
         raise ValueError(f"final_logit_softcapping: student {s_cap} and teacher {t_cap} differ; pydistill's op "
                          "applies one softcap to both contexts")
@@ -51,28 +52,15 @@ def jsd_op(beta) -> str:
 
 def fused_divergence(student_hidden, student_model, teacher_hidden, teacher_model, mask, *, beta, temperature,
                      num_items_in_batch, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB):
-    """(loss, entropy sum, valid-token count) of TRL's distillation losses from [B, K, H] hidden states."""
-    weight, bias = _head.head_parameters(student_model)
-    teacher_weight, teacher_bias = _head.head_parameters(teacher_model)
-    shared = teacher_weight is weight  # one model, two contexts: one GEMM per tile serves both
-    hidden = student_hidden.to(device=weight.device, dtype=weight.dtype)
-    t_hidden = teacher_hidden.to(device=weight.device, dtype=teacher_weight.dtype)
-    s_scale, t_scale = _head.logit_scale(student_model.config), _head.logit_scale(teacher_model.config)
-    if s_scale != 1.0:
-        hidden, bias = hidden * s_scale, None if bias is None else bias * s_scale
-    if t_scale != 1.0:
-        t_hidden = t_hidden * t_scale
-        teacher_bias = None if teacher_bias is None else teacher_bias * t_scale
-    b, k, width = hidden.shape
-    valid = mask.to(weight.device).reshape(-1) != 0
-    with torch.autocast(weight.device.type, enabled=False):
-        stats = token_stats(hidden.reshape(b * k, width), weight, bias=bias,
-                            teacher_hidden=t_hidden.reshape(b * k, -1),
-                            teacher_weight=None if shared else teacher_weight.detach(),
-                            teacher_bias=None if shared else teacher_bias,
-                            divergence="jsd", beta=float(beta), temperature=float(temperature),
-                            softcap=_head.softcap(student_model.config), mask=valid,
-                            memory_budget_mb=memory_budget_mb, differentiated=("divergence",))
+    """(loss, entropy sum, valid-token count) of TRL's distillation losses from [B, K, H] hidden states
+    (:func:`pydistill.boundary.hidden_states` of each model)."""
+    head, teacher_head = read_head(student_model), read_head(teacher_model)
+    valid = mask.to(head.weight.device) != 0
+    stats = head_token_stats(head, student_hidden, valid, teacher_head=teacher_head,
+                             teacher_hidden=teacher_hidden.to(device=head.weight.device,
+                                                              dtype=teacher_head.weight.dtype),
+                             divergence="jsd", beta=float(beta), temperature=float(temperature),
+                             memory_budget_mb=memory_budget_mb, differentiated=("divergence",))
     count = valid.sum()
     total = stats.divergence.sum()
     if num_items_in_batch is None:
@@ -92,11 +80,11 @@ def _distillation_compute_loss(self, unwrapped_student, inputs, num_items_in_bat
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
     keep = inputs["completion_ids"].size(1)
-    student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, keep)
+    student_hidden = hidden_states(unwrapped_student, input_ids, attention_mask, keep)
     self.teacher_model.eval()
     unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
     with torch.no_grad():
-        teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+        teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, hidden_states,
                                                    unwrapped_teacher, input_ids, attention_mask, keep)
     return fused_divergence(student_hidden, _head.unwrap(unwrapped_student), teacher_hidden,
                             _head.unwrap(unwrapped_teacher), mask, beta=self.beta, temperature=self.temperature,
@@ -130,8 +118,6 @@ def make_distillation_trainer():
     import trl
 
     check_hook(trl.DistillationTrainer, "_compute_loss", ("unwrapped_student", "inputs", "num_items_in_batch"))
-    check_hook(trl.DistillationTrainer, "_get_last_hidden_state",
-               ("unwrapped_model", "input_ids", "attention_mask", "logits_to_keep"))
 
     class DistillationTrainer(trl.DistillationTrainer):
         """``trl.DistillationTrainer`` with the same constructor, whose divergence comes from pydistill's fused

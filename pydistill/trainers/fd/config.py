@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..._deprecated import warn_once
 from ..config import LOSS_TEMPERATURE_HELP, check_divergence, check_loss_temperature
 from ..fields import Literal, option
-from ..grpo.config import GRPOConfig
+from ..grpo.config import GRPOLoopConfig
 
 
 @dataclass
-class FDConfig(GRPOConfig):
+class FDConfig(GRPOLoopConfig):
     """GRPO's options (they drive the GRPO half of a blend) plus Feedback Distillation's own.
 
     ``num_generations`` = 8 trajectories per prompt, as GRPO: diversity is measured within a group, a sibling
@@ -33,12 +34,11 @@ class FDConfig(GRPOConfig):
     # critic or Lean, whose feedback has no known right values, it means "full") the
     # right value of every error and none of the attempt's numbers (the wrong step corrected, the right final
     # answer); "no_attempt_numbers" without any number the attempt introduced (the verifier then states only
-    # the corrected step, other sources are redacted); "reference_solution": the task's reference solution
-    # replaces the source's feedback (OPSD's privileged text in FD's teacher context).
-    feedback_content: Literal["full", "corrections", "no_attempt_numbers", "reference_solution"] = option(
+    # the corrected step, other sources are redacted); "solution": the task's worked solution replaces the
+    # source's feedback (OPSD's privileged text in FD's teacher context; "reference_solution" is its former name).
+    feedback_content: Literal["full", "corrections", "no_attempt_numbers", "solution", "reference_solution"] = option(
         "corrections", "what of the feedback the teacher reads: full, corrections (verifier: right values only; "
-        "other sources: as written), "
-        "no_attempt_numbers or reference_solution")
+        "other sources: as written), no_attempt_numbers or solution (the task's worked solution)")
     critic_model: Optional[str] = option(None, "a second HF model (name/path) as critic; None: the student itself")
     critic_temperature: float = option(0.3, "the critic samples at a low temperature")
     critic_max_new_tokens: int = 128
@@ -78,6 +78,9 @@ class FDConfig(GRPOConfig):
 
     def validate(self):
         super().validate()
+        if self.feedback_content == "reference_solution":  # "reference" means the KL's reference model only
+            warn_once("feedback_content='reference_solution'", "feedback_content='solution'")
+            self.feedback_content = "solution"
         if self.critic_model is not None and self.feedback != "critic":
             raise ValueError(f"critic_model is only used with feedback='critic', got feedback={self.feedback!r}")
         if not self.critic_temperature > 0:

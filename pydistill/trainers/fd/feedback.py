@@ -7,7 +7,7 @@ Every source is a callable ``source(prompt, attempt, reference) -> str | None`` 
   have, and whether the final answer is right (``quote_attempt=False``: without repeating the attempt's wrong
   numbers).
 - :class:`AttemptNumbersWithheld`: wraps any source and withholds the numbers only the attempt introduced.
-- :class:`ReferenceSolutionFeedback`: the task's reference solution as the feedback.
+- :class:`SolutionFeedback`: the task's worked solution as the feedback.
 - :class:`ModelFeedback`: a critic model (a second model, or the student itself) prompted to critique the
   attempt without giving away the final answer; any leaked reference answer is redacted.
 - :class:`LeanFeedback`: writes the attempt to a .lean file, runs a local ``lean`` (or ``lake env lean``) with
@@ -164,16 +164,16 @@ class AttemptNumbersWithheld:
         return [without_attempt_numbers(r, a, p) for r, (p, a, _) in zip(replies, items)]
 
 
-class ReferenceSolutionFeedback:
-    """The task's reference solution as the feedback (OPSD's privileged text inside Feedback Distillation's
-    teacher context). ``solutions`` maps each question to its reference solution; the attempt is not read."""
+class SolutionFeedback:
+    """The task's worked solution as the feedback (OPSD's privileged text inside Feedback Distillation's
+    teacher context). ``solutions`` maps each question to its worked solution; the attempt is not read."""
 
     def __init__(self, solutions: dict):
         self.solutions = dict(solutions)
 
     def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
         if prompt not in self.solutions:
-            raise KeyError(f"no reference solution for the question {prompt[:60]!r}")
+            raise KeyError(f"no worked solution for the question {prompt[:60]!r}")
         return f"A correct solution is:\n{self.solutions[prompt]}"
 
 
@@ -332,3 +332,9 @@ def _kill_group(process, wait: bool = True):
             process.communicate(timeout=5)
         except (subprocess.TimeoutExpired, ValueError):
             pass
+
+
+def __getattr__(name):
+    from ..._deprecated import renamed
+
+    return renamed(__name__, name, {"ReferenceSolutionFeedback": "SolutionFeedback"}, globals())

@@ -9,20 +9,20 @@ import torch
 
 from ...losses import blended_loss, distillation_loss
 from ...prompts import feedback_teacher_messages, render
-from ...token_stats import token_stats
+from ...boundary import head_token_stats, read_head
 from ..config import loss_temperature
-from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
+from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..groups import sample_groups
-from ..grpo.trainer import GRPOTrainer
+from ..grpo.trainer import GRPOLoopTrainer
 from ..rollout import HFRolloutEngine, SamplingSettings
 from .config import FDConfig
-from .feedback import (AttemptNumbersWithheld, FeedbackStats, LeanFeedback, ModelFeedback, ReferenceSolutionFeedback,
+from .feedback import (AttemptNumbersWithheld, FeedbackStats, LeanFeedback, ModelFeedback, SolutionFeedback,
                        VerifierFeedback, collect_feedback)
 
 logger = logging.getLogger(__name__)
 
 
-class FDTrainer(GRPOTrainer):
+class FDTrainer(GRPOLoopTrainer):
     method = "fd"
 
     @property
@@ -35,7 +35,7 @@ class FDTrainer(GRPOTrainer):
         ``batch(items)`` method) that replaces the configured one."""
         config.validate()
         self.feedback_source = feedback_source
-        lean = config.feedback == "lean" and config.feedback_content != "reference_solution"
+        lean = config.feedback == "lean" and config.feedback_content != "solution"
         if feedback_source is None and lean:
             # Before any model is loaded: no Lean binary fails at start-up with a message that says so.
             command = shlex.split(config.lean_command) if config.lean_command else None
@@ -43,8 +43,8 @@ class FDTrainer(GRPOTrainer):
                                                 header=config.lean_header, memory_mb=config.lean_memory_mb)
         super().__init__(config, *args, **kwargs)
         content = config.feedback_content
-        if content == "reference_solution":  # replaces any source: the teacher reads the reference instead
-            self.feedback_source = ReferenceSolutionFeedback({p.question: p.solution for p in self.train_pool})
+        if content == "solution":  # replaces any source: the teacher reads the worked solution instead
+            self.feedback_source = SolutionFeedback({p.question: p.solution for p in self.train_pool})
         elif self.feedback_source is None and config.feedback == "verifier":
             self.feedback_source = VerifierFeedback(quote_attempt=content == "full",
                                                     state_answer=content == "corrections")
@@ -144,40 +144,34 @@ class FDTrainer(GRPOTrainer):
         """log q_T(y_t) [B, T]: the sampled tokens under the student at the sampling temperature (the policy
         the rollouts came from), for the importance weight min(pi(y_t) / q_T(y_t), importance_clip)."""
         with torch.no_grad():
-            b, t, width = hidden.shape
-            mask = student.completion_mask
-            targets = torch.where(mask, student.targets, torch.full_like(student.targets, -100)).reshape(-1)
-            return token_stats(hidden.detach().reshape(b * t, width), lm_head_weight(self.model), targets=targets,
-                               bias=lm_head_bias(self.model), temperature=self.config.temperature,
-                               mask=mask.reshape(-1), impl=self.config.impl,
-                               memory_budget_mb=self.config.memory_budget_mb,
-                               softcap=lm_head_softcap(self.model)).logp.reshape(b, t)
+            return head_token_stats(read_head(self.model), hidden.detach(), student.completion_mask,
+                                    targets=student.targets, temperature=self.config.temperature,
+                                    impl=self.config.impl, memory_budget_mb=self.config.memory_budget_mb).logp
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
         student, teacher = prepared["groups"].student, prepared["teacher"]
         hidden = response_hidden_states(self.policy, student)
         teacher_hidden = self.teacher.hidden_states(teacher)
-        teacher_weight = self.teacher.lm_head_weight()
-        teacher_bias = lm_head_bias(self.teacher.copy) if teacher_weight is not None else None
+        head, t_head = read_head(self.model), teacher_head(self.teacher)
         if cfg.teacher_temperature != 1:
             # logits / tau exactly: the teacher's side is a constant, so its hidden states (and bias) are scaled
             teacher_hidden = teacher_hidden / cfg.teacher_temperature
-            if teacher_weight is None and lm_head_bias(self.model) is not None:  # a shared head with a bias
-                teacher_weight, teacher_bias = lm_head_weight(self.model).detach(), lm_head_bias(self.model).detach()
-            if teacher_bias is not None:
-                teacher_bias = teacher_bias / cfg.teacher_temperature
-        distill = dict(teacher_weight=teacher_weight, teacher_bias=teacher_bias, divergence=cfg.divergence,
-                       beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg))
+            if t_head is None and head.bias is not None:  # a shared head with a bias: the teacher's own copy
+                t_head = head._replace(weight=head.weight.detach(), bias=head.bias.detach())
+            if t_head is not None and t_head.bias is not None:
+                t_head = t_head._replace(bias=t_head.bias / cfg.teacher_temperature)
+        distill = dict(divergence=cfg.divergence, beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg),
+                       teacher_weight=None if t_head is None else t_head.weight,
+                       teacher_bias=None if t_head is None else t_head.bias)
         if cfg.distillation_weight == 1:
             old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
-            return distillation_loss(hidden, lm_head_weight(self.model), teacher_hidden, self.trained_mask(prepared),
+            return distillation_loss(hidden, head.weight, teacher_hidden, self.trained_mask(prepared),
                                      targets=student.targets if cfg.importance_clip else None, old_logp=old_logp,
                                      importance_clip=cfg.importance_clip, entropy_coef=cfg.entropy_coef,
-                                     bias=lm_head_bias(self.model), num_items_in_batch=num_items_in_batch,
-                                     impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
-                                     softcap=lm_head_softcap(self.model), **distill)
+                                     num_items_in_batch=num_items_in_batch, impl=cfg.impl,
+                                     memory_budget_mb=cfg.memory_budget_mb, **head_options(head), **distill)
         options = self.policy_loss_options(prepared, num_items_in_batch)
-        return blended_loss(hidden, lm_head_weight(self.model), teacher_hidden, options.pop("targets"),
+        return blended_loss(hidden, head.weight, teacher_hidden, options.pop("targets"),
                             options.pop("advantages"), options.pop("mask"),
                             distillation_weight=cfg.distillation_weight, **distill, **options)

@@ -7,7 +7,15 @@ model (the initial weights: the LoRA adapter disabled, or a frozen copy) when ``
 zero-spread groups have advantage 0: with ``beta`` = 0 and no entropy bonus their loss is exactly 0, so their
 tokens are left out of the op (no FLOPs) while still counting in the normalization.
 """
-from .config import GRPOConfig
-from .trainer import GRPOTrainer
+from .config import GRPOLoopConfig
+from .trainer import GRPOLoopTrainer
 
-__all__ = ["GRPOConfig", "GRPOTrainer"]
+__all__ = ["GRPOLoopConfig", "GRPOLoopTrainer"]
+
+RENAMED = {"GRPOConfig": "GRPOLoopConfig", "GRPOTrainer": "GRPOLoopTrainer"}  # so as not to share TRL's names
+
+
+def __getattr__(name):
+    from ..._deprecated import renamed
+
+    return renamed(__name__, name, RENAMED, globals())

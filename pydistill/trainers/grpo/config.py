@@ -16,7 +16,7 @@ def _trl_default(name: str, default, help: str):
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOLoopConfig(TrainConfig):
     """TRL's names and defaults (``trl.GRPOConfig`` of trl 1.16) where TRL has them: learning rate 1e-6, a
     linear schedule, gradient clipping at 1.0, 512 new tokens, seed 42, no LoRA, 8 generations, temperature
     1.0, the DAPO loss, beta 0. What differs, and why: ``batch_size`` counts prompts per optimizer step across
@@ -69,3 +69,6 @@ class GRPOConfig(TrainConfig):
         if not self.entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
         return self
+
+
+GRPOConfig = GRPOLoopConfig  # the former name, still imported by trainers.exgrpo.config

@@ -9,17 +9,17 @@ import torch
 
 from ...diversity import group_diversity
 from ...losses import grpo_loss
-from ...token_stats import token_stats
-from ..contexts import lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
+from ...boundary import head_token_stats, read_head
+from ..contexts import response_hidden_states, teacher_head
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups, step_advantages
-from .config import GRPOConfig
+from .config import GRPOLoopConfig
 
 
-class GRPOTrainer(Trainer):
+class GRPOLoopTrainer(Trainer):
     method = "grpo"
 
-    def __init__(self, config: GRPOConfig, *args, reward_functions: Optional[Sequence] = None,
+    def __init__(self, config: GRPOLoopConfig, *args, reward_functions: Optional[Sequence] = None,
                  reward_weights: Optional[Sequence[float]] = None, **kwargs):
         """``reward_functions``: callables that replace the config's named ones (with ``reward_weights``), with
         TRL's signature ``(prompts, completions, **kwargs) -> list[float]`` (kwargs: the dataset's other
@@ -67,27 +67,20 @@ class GRPOTrainer(Trainer):
     def reference_logp(self, student, mask) -> torch.Tensor:
         """log pi_ref(y_t) [B, T] of the initial weights, for the k3 KL term."""
         with torch.no_grad():
-            hidden = self.teacher.hidden_states(student)
-            weight = self.teacher.lm_head_weight()
-            b, t, width = hidden.shape
-            targets = torch.where(mask, student.targets, torch.full_like(student.targets, -100)).reshape(-1)
-            return token_stats(hidden.reshape(b * t, width), lm_head_weight(self.model) if weight is None else weight,
-                               targets=targets, bias=lm_head_bias(self.model), mask=mask.reshape(-1),
-                               impl=self.config.impl,
-                               memory_budget_mb=self.config.memory_budget_mb,
-                               softcap=lm_head_softcap(self.model)).logp.reshape(b, t)
+            head = teacher_head(self.teacher) or read_head(self.model)
+            return head_token_stats(head, self.teacher.hidden_states(student), mask, targets=student.targets,
+                                    impl=self.config.impl, memory_budget_mb=self.config.memory_budget_mb).logp
 
     def policy_loss_options(self, prepared: dict, num_items_in_batch: float) -> dict:
         """The keyword arguments of the fused policy-gradient loss for one micro-batch."""
-        cfg, student = self.config, prepared["groups"].student
+        cfg, student, head = self.config, prepared["groups"].student, read_head(self.model)
         mask = self.trained_mask(prepared)
         return dict(targets=student.targets, advantages=prepared["advantages"].to(self.accelerator.device),
                     mask=mask, ref_logp=self.reference_logp(student, mask) if cfg.beta > 0 else None,
                     epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
                     importance_sampling_level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
                     max_completion_length=cfg.max_new_tokens, num_items_in_batch=num_items_in_batch,
-                    bias=lm_head_bias(self.model), impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
-                    softcap=lm_head_softcap(self.model))
+                    bias=head.bias, softcap=head.softcap, impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb)
 
     def sequence_share(self, prepared: dict) -> float:
         """This micro-batch's share of the global batch's sequences. The "grpo" and "dr_grpo" losses average
@@ -101,6 +94,6 @@ class GRPOTrainer(Trainer):
         cfg = self.config
         options = self.policy_loss_options(prepared, num_items_in_batch)
         hidden = response_hidden_states(self.policy, prepared["groups"].student)
-        out = grpo_loss(hidden, lm_head_weight(self.model), options.pop("targets"), options.pop("advantages"),
+        out = grpo_loss(hidden, read_head(self.model).weight, options.pop("targets"), options.pop("advantages"),
                         options.pop("mask"), beta=cfg.beta, entropy_coef=cfg.entropy_coef, **options)
         return out._replace(loss=out.loss * self.sequence_share(prepared))

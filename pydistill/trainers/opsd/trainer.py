@@ -7,23 +7,22 @@ import torch
 
 from ...losses import distillation_loss, sampled_token_distillation_loss
 from ...prompts import opsd_teacher_messages, render, student_messages
-from ...token_stats import token_stats
-from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
+from ...boundary import Head, head_token_stats, read_head
+from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..config import loss_temperature
 from ..core import Trainer
 from ..teacher import ServedTeacher
 
 
 class ScoredContexts(NamedTuple):
-    """What every spelling of the OPSD loss reads: both context batches, their last hidden states and the
-    heads (``teacher_weight`` None: the teacher shares the student's head)."""
+    """What every spelling of the OPSD loss reads: both context batches, their hidden states and the heads
+    (``teacher_head`` None: the teacher reads the student's head)."""
     student: object
     teacher: object
     hidden: torch.Tensor
     teacher_hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    teacher_weight: Optional[torch.Tensor]
+    head: Head
+    teacher_head: Optional[Head]
 
 
 class OPSDTrainer(Trainer):
@@ -61,40 +60,28 @@ class OPSDTrainer(Trainer):
     def scored_contexts(self, prepared: dict) -> ScoredContexts:
         student, teacher = prepared["student"], prepared["teacher"]
         return ScoredContexts(student, teacher, response_hidden_states(self.policy, student),
-                              self.teacher.hidden_states(teacher), lm_head_weight(self.model),
-                              lm_head_bias(self.model), self.teacher.lm_head_weight())
+                              self.teacher.hidden_states(teacher), read_head(self.model), teacher_head(self.teacher))
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
+        options = dict(temperature=loss_temperature(cfg), num_items_in_batch=num_items_in_batch, impl=cfg.impl,
+                       memory_budget_mb=cfg.memory_budget_mb)
         served = self.teacher_on_server()
         if served is not None:
-            student = prepared["student"]
+            student, head = prepared["student"], read_head(self.model)
             ids, logprobs = served.topk(prepared["teacher"])
-            return distillation_loss(response_hidden_states(self.policy, student), lm_head_weight(self.model), None,
+            return distillation_loss(response_hidden_states(self.policy, student), head.weight, None,
                                      student.completion_mask, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
-                                     divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip,
-                                     temperature=loss_temperature(cfg), bias=lm_head_bias(self.model),
-                                     num_items_in_batch=num_items_in_batch, impl=cfg.impl,
-                                     memory_budget_mb=cfg.memory_budget_mb, softcap=lm_head_softcap(self.model))
-        student, teacher, hidden, teacher_hidden, weight, bias, teacher_weight = self.scored_contexts(prepared)
+                                     divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, **head_options(head),
+                                     **options)
+        student, teacher, hidden, teacher_hidden, head, t_head = self.scored_contexts(prepared)
         if cfg.sampled_token:
             with torch.no_grad():
-                b, t, _ = teacher_hidden.shape
-                flat_targets = torch.where(teacher.completion_mask, teacher.targets,
-                                           torch.full_like(teacher.targets, -100)).reshape(-1)
-                teacher_logp = token_stats(teacher_hidden.reshape(b * t, -1),
-                                           weight if teacher_weight is None else teacher_weight,
-                                           targets=flat_targets, bias=bias, temperature=loss_temperature(cfg),
-                                           impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
-                                           softcap=lm_head_softcap(self.model)).logp.reshape(b, t)
-            return sampled_token_distillation_loss(hidden, weight, student.targets, teacher_logp,
-                                                   student.completion_mask, temperature=loss_temperature(cfg),
-                                                   bias=bias, num_items_in_batch=num_items_in_batch, impl=cfg.impl,
-                                                   memory_budget_mb=cfg.memory_budget_mb,
-                                                   softcap=lm_head_softcap(self.model))
-        return distillation_loss(hidden, weight, teacher_hidden, student.completion_mask,
-                                 teacher_weight=teacher_weight, divergence=cfg.divergence, beta=cfg.beta,
-                                 clip=cfg.clip, temperature=loss_temperature(cfg), bias=bias,
-                                 teacher_bias=bias if teacher_weight is not None else None,
-                                 num_items_in_batch=num_items_in_batch, impl=cfg.impl,
-                                 memory_budget_mb=cfg.memory_budget_mb, softcap=lm_head_softcap(self.model))
+                teacher_logp = head_token_stats(t_head or head, teacher_hidden, teacher.completion_mask,
+                                                targets=teacher.targets, temperature=options["temperature"],
+                                                impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb).logp
+            return sampled_token_distillation_loss(hidden, head.weight, student.targets, teacher_logp,
+                                                   student.completion_mask, **head_options(head), **options)
+        return distillation_loss(hidden, head.weight, teacher_hidden, student.completion_mask,
+                                 divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip,
+                                 **head_options(head, t_head), **options)

@@ -33,7 +33,7 @@ Paper defaults: G = 8, JSD beta 0.5, importance clip 2, fixed teacher, lr 1e-5 w
 
 What the teacher is shown as the correct solution (``privileged``): the paper's sibling; ``"derived_sibling"``,
 a correct sibling that derives the answer in checked arithmetic (never the rollout itself), else the task's
-reference solution; or ``"reference"``, always the reference solution. Which rollouts are kept does not change.
+worked solution; or ``"solution"``, always the worked solution. Which rollouts are kept does not change.
 (A bare "The answer is 12." is correct for the verifier but derives nothing: ``derived_sibling`` never shows one.)
 The step-check reflector's explanations, like the model reflector's instruction, do not state the final answer.
 Measured on SmolLM2-135M (benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis"): at the paper's setting, with

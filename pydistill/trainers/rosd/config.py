@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..._deprecated import warn_once
 from ..config import LOSS_TEMPERATURE_HELP, TrainConfig, check_divergence, check_loss_temperature
 from ..fields import Literal, option
 
@@ -30,11 +31,12 @@ class ROSDConfig(TrainConfig):
     reflection_max_new_tokens: int = 256
     # ``privileged``: what the teacher (and a model reflector) is shown as the correct solution: the paper's
     # correct sibling rollout ("sibling"), a correct sibling that derives the answer in checked arithmetic, else
-    # the reference solution ("derived_sibling"), or the task's reference solution ("reference", OPSD's
-    # privileged text). The group selection is the same for all three: only the teacher's text differs.
-    privileged: Literal["sibling", "derived_sibling", "reference"] = option(
+    # the worked solution ("derived_sibling"), or the task's worked solution ("solution", OPSD's privileged
+    # text; "reference" is its former name). The group selection is the same for all three: only the teacher's
+    # text differs.
+    privileged: Literal["sibling", "derived_sibling", "solution", "reference"] = option(
         "sibling", "the correct solution the teacher is shown: sibling | derived_sibling (a sibling that shows "
-                   "its arithmetic, else the reference) | reference")
+                   "its arithmetic, else the worked solution) | solution (the task's worked solution)")
     explanation: bool = option(True, "put the reflection's explanation in the teacher context")
     distill_correct_rollouts: bool = option(True, "distill correct rollouts too (the authors' default)")
     loss_span: Literal["suffix", "whole"] = option(
@@ -46,6 +48,9 @@ class ROSDConfig(TrainConfig):
 
     def validate(self):
         super().validate()
+        if self.privileged == "reference":  # "reference" means the KL's reference model only
+            warn_once("privileged='reference'", "privileged='solution'")
+            self.privileged = "solution"
         check_divergence(self.divergence, self.beta, self.clip)
         if self.support_topk is not None and (isinstance(self.support_topk, bool) or self.support_topk < 1):
             raise ValueError(f"support_topk must be a positive integer or None, got {self.support_topk!r}")

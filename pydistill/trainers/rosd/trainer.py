@@ -8,7 +8,8 @@ import torch
 from ...losses import distillation_loss, first_error_mask
 from ...prompts import render, rosd_teacher_messages
 from ...tasks import derives_answer
-from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
+from ...boundary import read_head
+from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..config import loss_temperature
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups
@@ -153,11 +154,11 @@ class ROSDTrainer(Trainer):
 
     def privileged_text(self, problem, index: int, sibling, texts: list, correct: torch.Tensor):
         """The correct solution the teacher context of rollout ``index`` shows (``privileged``): its sibling, the
-        reference, or (``derived_sibling``) the first success of its group, from the sibling on and never the
-        rollout itself, that derives the answer in checked arithmetic, else the reference when the task has one.
+        worked solution, or (``derived_sibling``) the first success of its group, from the sibling on and never the
+        rollout itself, that derives the answer in checked arithmetic, else the worked solution when the task has one.
         None (no solution section) for a sole success under "sibling": never the rollout itself."""
         mode = self.config.privileged
-        if mode == "reference":
+        if mode == "solution":
             return problem.solution
         if sibling is None and mode == "sibling":
             return None
@@ -196,16 +197,14 @@ class ROSDTrainer(Trainer):
         cfg = self.config
         student, teacher, mask = prepared["student"], prepared["teacher"], prepared["mask"]
         hidden = response_hidden_states(self.policy, student)
-        weight, bias = lm_head_weight(self.model), lm_head_bias(self.model)
+        head = read_head(self.model)
         if teacher is None:  # nothing to distill: no row reaches the op, the loss is an exact 0
-            teacher_hidden, teacher_weight = hidden.detach(), None
+            teacher_hidden, t_head = hidden.detach(), None
         else:
-            teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher), self.teacher.lm_head_weight()
-        return distillation_loss(hidden, weight, teacher_hidden, mask, teacher_weight=teacher_weight,
-                                 divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, bias=bias,
-                                 temperature=loss_temperature(cfg),
-                                 teacher_bias=bias if teacher_weight is not None else None,
-                                 targets=student.targets, importance_clip=cfg.importance_clip,
+            teacher_hidden, t_head = self.teacher.hidden_states(teacher), teacher_head(self.teacher)
+        return distillation_loss(hidden, head.weight, teacher_hidden, mask, divergence=cfg.divergence, beta=cfg.beta,
+                                 clip=cfg.clip, temperature=loss_temperature(cfg), targets=student.targets,
+                                 importance_clip=cfg.importance_clip,
                                  support_topk=cfg.support_topk if teacher is not None else None,
                                  num_items_in_batch=num_items_in_batch, impl=cfg.impl,
-                                 memory_budget_mb=cfg.memory_budget_mb, softcap=lm_head_softcap(self.model))
+                                 memory_budget_mb=cfg.memory_budget_mb, **head_options(head, t_head))
