@@ -135,7 +135,8 @@ class ExGRPOTrainer(Trainer):
         hidden = response_hidden_states(self.policy, batch)
         return nll_loss(hidden, lm_head_weight(self.model), batch.targets, batch.completion_mask,
                         num_items_in_batch=num_items_in_batch, memory_budget_mb=self.config.memory_budget_mb,
-                        **self.head_options())
+                        softcap=lm_head_softcap(self.model), bias=lm_head_bias(self.model),
+                        impl=self.config.impl)
 
     def sft_training_step(self) -> dict:
         """One optimizer step of the warm-up over ``sft_batch_size`` examples, through the core's
@@ -314,16 +315,13 @@ class ExGRPOTrainer(Trainer):
             grpo[:rollouts] &= (prepared["advantages"] != 0).to(grpo.device).unsqueeze(1)
         return grpo, sft
 
-    def head_options(self) -> dict:
-        model = self.model
-        return dict(bias=lm_head_bias(model), softcap=lm_head_softcap(model), impl=self.config.impl)
-
     def reference_logp(self, batch: ContextBatch, mask: torch.Tensor) -> torch.Tensor:
         """log pi_ref of the masked tokens [B, T], under the stage-2 reference weights."""
         with torch.no_grad(), self.teacher.weights():
             hidden = response_hidden_states(self.model, batch)
             scored = nll_loss(hidden, lm_head_weight(self.model), batch.targets, mask,
-                              memory_budget_mb=self.config.memory_budget_mb, **self.head_options())
+                              memory_budget_mb=self.config.memory_budget_mb, softcap=lm_head_softcap(self.model),
+                              bias=lm_head_bias(self.model), impl=self.config.impl)
         return scored.per_token["logp"]
 
     def loss(self, prepared: dict, num_items_in_batch: float):
@@ -344,7 +342,8 @@ class ExGRPOTrainer(Trainer):
                         delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
                         loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens * (cfg.num_probes + 1),
                         num_items_in_batch=num_items_in_batch, entropy_coef=cfg.entropy_coef,
-                        memory_budget_mb=budgets[0], **self.head_options())
+                        memory_budget_mb=budgets[0], softcap=lm_head_softcap(self.model),
+                        bias=lm_head_bias(self.model), impl=cfg.impl)
         policy = out.loss
         if cfg.loss_type in ("grpo", "dr_grpo"):  # sequence means: weigh by this micro-batch's share of rollouts
             policy = policy * n / (cfg.batch_size * 2 * cfg.num_generations)
@@ -352,7 +351,9 @@ class ExGRPOTrainer(Trainer):
         loss = policy
         if cfg.sft_coef > 0:
             sft = nll_loss(hidden[teacher], weight, batch.targets[teacher], sft_mask[teacher],
-                           num_items_in_batch=prepared["sft_items"], memory_budget_mb=budgets[1], **self.head_options())
+                           num_items_in_batch=prepared["sft_items"], memory_budget_mb=budgets[1],
+                           softcap=lm_head_softcap(self.model), bias=lm_head_bias(self.model),
+                           impl=self.config.impl)
             loss = loss + cfg.sft_coef * sft.loss
             metrics.update(sft_loss=float(sft.loss.detach()), sft_nll=sft.metrics["nll"])
         return LossOutput(loss, metrics, out.per_token)
