@@ -36,7 +36,6 @@ import torch
 
 from pydistill import token_stats
 from pydistill.losses import distillation_loss, grpo_loss
-from pydistill.losses.policy_gradient import policy_gradient_per_token, reduce_policy_loss
 from pydistill.token_stats.eager import eager_token_stats
 from pydistill.token_stats.config import DIVERGENCES, StatsConfig
 
@@ -279,13 +278,13 @@ def grpo_op(impl: str):
                 return _backward(out[0] if isinstance(out, tuple) else out)
         elif impl == "eager":
             cfg = StatsConfig(has_targets=True)
-            mask = torch.ones(b, t, dtype=torch.bool, device=x.hidden.device)
             advantages = x.advantages.unsqueeze(1).expand(b, t)
 
-            def step():
-                logp, entropy, _ = eager_token_stats(x.hidden, x.weight, cfg, targets=x.targets, dtype=None)
-                per_token, _ = policy_gradient_per_token(logp.view(b, t), entropy.view(b, t), advantages, mask)
-                return _backward(reduce_policy_loss(per_token, mask, "dapo"))
+            def step():  # the plain loss: the clipped surrogate on the sampled tokens' logp, token mean
+                logp, _, _ = eager_token_stats(x.hidden, x.weight, cfg, targets=x.targets, dtype=None)
+                ratio = torch.exp(logp.view(b, t) - logp.view(b, t).detach())
+                per_token = -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+                return _backward(per_token.mean())
         else:
             def step():
                 return _backward(grpo_loss(x.hidden.view(b, t, width), x.weight, targets, x.advantages,

@@ -29,8 +29,7 @@ import time
 import torch
 
 from benchmarks.measure import device_name, is_oom, peak_rss_mb, reset_peak_rss, rss_mb, set_memory_cap, versions
-from pydistill.losses.output import LossOutput, masked_mean
-from pydistill.losses.reductions import reduce_tokens
+from pydistill.losses import LossOutput
 from pydistill.trainers.config import loss_temperature
 from pydistill.token_stats.eager import eager_token_stats
 from pydistill.token_stats.config import StatsConfig
@@ -120,8 +119,10 @@ class EagerLossOPSD(FixedRolloutOPSD):
             teacher_bias=teacher_head.bias, dtype=None)
         mask = student.completion_mask
         div, entropy = div.view(b, t), entropy.view(b, t)
-        loss = reduce_tokens(div, mask, "token_mean", num_items_in_batch)
-        metrics = dict(divergence=masked_mean(div.detach(), mask), entropy=masked_mean(entropy.detach(), mask),
+        div, entropy = torch.where(mask, div, 0.0), torch.where(mask, entropy, 0.0)
+        loss = div.sum() / num_items_in_batch  # token mean over the step's global token count
+        tokens = max(int(mask.sum()), 1)
+        metrics = dict(divergence=float(div.detach().sum()) / tokens, entropy=float(entropy.detach().sum()) / tokens,
                        tokens=int(mask.sum()))
         return LossOutput(loss, metrics, dict(divergence=div.detach(), entropy=entropy.detach()))
 

@@ -187,16 +187,19 @@ def test_exgrpo_config_reaches_the_loss(tmp_path, monkeypatch):
     from pydistill.trainers.exgrpo import StageReference
     from tests.test_trainer_exgrpo import make_trainer as exgrpo_trainer
 
-    per_token = record(monkeypatch, exgrpo_module, "policy_gradient_per_token")
-    reduce = record(monkeypatch, exgrpo_module, "reduce_policy_loss")
+    policy = record(monkeypatch, exgrpo_module, "grpo_loss")
+    sft = record(monkeypatch, exgrpo_module, "nll_loss")
     trainer = exgrpo_trainer(tmp_path, beta=0.2, sft_coef=0.5, epsilon=0.1, epsilon_high=0.3, delta=2.0,
                              entropy_coef=0.01, loss_type="bnpo")
     trainer.teacher = StageReference(trainer.model)  # what train() does when stage 2 starts
     prepared = trainer.prepare(trainer.train_pool)
     trainer.finalize_batch([prepared])
     out = trainer.loss(prepared, float(prepared["tokens"]))
-    kwargs = per_token[0][1]
+    assert len(policy) == 1  # the public loss, once per micro-batch
+    kwargs = policy[0][1]
     assert (kwargs["beta"], kwargs["epsilon_low"], kwargs["epsilon_high"]) == (0.2, 0.1, 0.3)
-    assert (kwargs["delta"], kwargs["entropy_coef"]) == (2.0, 0.01) and kwargs["ref_logp"] is not None
-    assert reduce[0][0][2] == "bnpo"
+    assert (kwargs["delta"], kwargs["entropy_coef"], kwargs["loss_type"]) == (2.0, 0.01, "bnpo")
+    assert kwargs["ref_logp"] is not None and kwargs["num_items_in_batch"] == float(prepared["tokens"])
+    # the reference's log-probs and the auxiliary SFT term: nll_loss over the teacher dialogues' rows
+    assert [call[1].get("num_items_in_batch") for call in sft] == [None, prepared["sft_items"]]
     assert float(out.loss) == pytest.approx(out.metrics["policy_loss"] + 0.5 * out.metrics["sft_loss"], rel=1e-5)

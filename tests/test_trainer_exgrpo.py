@@ -232,6 +232,60 @@ def test_sft_step_matches_eager(tmp_path):
         torch.testing.assert_close(p.grad.double(), grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_both_stages_step_through_the_cores_autocast_and_model_view(tmp_path, monkeypatch):
+    """The SFT warm-up and the GRPO stage run their losses inside the core's optimizer step: under the
+    accelerator's autocast (bf16 for a full fine-tune on CUDA) and the model view (whole FSDP2 parameters)."""
+    import contextlib
+
+    trainer = make_trainer(tmp_path, max_steps=1, sft_steps=1, save_every=0)
+    open_contexts, seen = set(), {}
+
+    def tracked(name):
+        @contextlib.contextmanager
+        def context(*args, **kwargs):
+            open_contexts.add(name)
+            try:
+                yield
+            finally:
+                open_contexts.discard(name)
+        return context
+
+    monkeypatch.setattr(trainer.accelerator, "autocast", tracked("autocast"))
+    monkeypatch.setattr(trainer, "root_view", tracked("model view"))
+    def recorded(stage, real):
+        def loss(*args):
+            seen.setdefault(stage, set(open_contexts))  # what is open around the stage's first loss
+            return real(*args)
+        return loss
+
+    for stage in ("sft_loss", "loss"):
+        monkeypatch.setattr(trainer, stage, recorded(stage, getattr(trainer, stage)))
+    trainer.train()
+    assert seen == {"sft_loss": {"autocast", "model view"}, "loss": {"autocast", "model view"}}
+
+
+def test_an_sft_step_without_tokens_leaves_the_weights(tmp_path, monkeypatch):
+    """The core's empty-step guard covers the warm-up: AdamW's momentum from a previous step must not move the
+    weights on a step with no trained token."""
+    trainer = make_trainer(tmp_path, stage="sft", sft_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    first = trainer.sft_training_step()
+    assert first["sft/tokens"] > 0 and any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    real = trainer.sft_batch
+
+    def no_trained_token(examples):
+        batch = real(examples)
+        batch.completion_mask.zero_()
+        return batch
+
+    monkeypatch.setattr(trainer, "sft_batch", no_trained_token)
+    after_first = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    empty = trainer.sft_training_step()
+    assert empty["sft/tokens"] == 0 and empty["sft/loss"] == 0.0
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, after_first[name]), name
+
+
 # ----- stage 2: dialogues -----------------------------------------------------------------------------------
 def test_dialogue_rollouts_turns_prefixes_and_masks(tmp_path):
     trainer = make_trainer(tmp_path)

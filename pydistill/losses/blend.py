@@ -6,12 +6,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .distillation import distillation_per_token
+from .distillation import distillation_term
 from .output import LossOutput, masked_mean
-from .policy_gradient import check_policy_options, policy_gradient_per_token, policy_metrics, reduce_policy_loss
-from .reductions import reduce_tokens
-from .stats import DEFAULT_MEMORY_BUDGET_MB, op_options, sequence_token_stats
-from .validation import check_per_token, check_positive, check_sequence_layout
+from .policy_gradient import check_policy_inputs, check_policy_options, policy_gradient_term
+from ..boundary import op_options, sequence_token_stats
+from ..token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
+from .validation import check_positive, check_sequence_layout
 
 
 def blended_loss(
@@ -51,14 +51,17 @@ def blended_loss(
     """``w * distillation + (1 - w) * policy gradient`` from a single call of the core op.
 
     The op returns the sampled tokens' logp, the entropy and the teacher-student divergence in one sweep, so
-    the blend costs what either loss costs alone. The distillation part is :func:`distillation_loss`'s
-    token-mean (divided by ``num_items_in_batch`` when given); the policy part is :func:`grpo_loss` with
-    ``loss_type`` (its KL coefficient is ``kl_beta`` here, since ``beta`` is the JSD's). ``w`` =
-    ``distillation_weight`` in [0, 1]; its gradient is exactly the weighted sum of the two losses' gradients.
+    the blend costs what either loss costs alone. The two parts are the same terms the two losses apply to
+    their own op call: the distillation part is :func:`distillation_loss`'s token-mean (divided by
+    ``num_items_in_batch`` when given), the policy part :func:`grpo_loss` with ``loss_type`` (its KL
+    coefficient is ``kl_beta`` here, since ``beta`` is the JSD's). ``w`` = ``distillation_weight`` in [0, 1];
+    its gradient is exactly the weighted sum of the two losses' gradients, and w = 0 / 1 give exactly
+    :func:`grpo_loss` / :func:`distillation_loss`. No entropy bonus (it would be a third differentiated output).
     The teacher is ``teacher_hidden`` or, with ``teacher_hidden=None``, ``teacher_topk_ids`` /
     ``teacher_topk_logprobs`` [B, T, k] (see :func:`distillation_loss`).
     Two outputs carry gradient (logp and the divergence) with per-token weights not known in the forward, so
-    the fast mode keeps two gradient bases: it needs twice the ``memory_budget_mb`` of either loss alone.
+    the fast mode keeps two gradient bases: it needs twice the ``memory_budget_mb`` of either loss alone (at
+    w = 0 or 1 one output, one basis).
     """
     b, t, mask = check_sequence_layout(hidden, mask)
     if not (isinstance(distillation_weight, (int, float)) and 0.0 <= distillation_weight <= 1.0):
@@ -66,28 +69,29 @@ def blended_loss(
     check_positive("clip (tau)", clip)
     check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, kl_beta,
                          max_completion_length, num_items_in_batch)
-    advantages = check_per_token("advantages", advantages, b, t, allow_sequence=True)
-    old_logp = check_per_token("old_logp", old_logp, b, t)
-    if kl_beta and ref_logp is None:
-        raise ValueError("ref_logp [B, T] is required when kl_beta > 0")
-    ref_logp = check_per_token("ref_logp", ref_logp, b, t)
+    advantages, old_logp, ref_logp = check_policy_inputs(advantages, old_logp, ref_logp, b, t, kl_beta, "kl_beta")
+    live = ("logp",) * (distillation_weight < 1) + ("divergence",) * (distillation_weight > 0)
     logp, entropy, div = sequence_token_stats(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
                      softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
                      support_topk=support_topk, memory_budget_mb=memory_budget_mb,
-                     differentiated=("logp", "divergence")))
-    distill_tokens, _ = distillation_per_token(div, logp)
-    distill = reduce_tokens(distill_tokens, mask, "token_mean", num_items_in_batch)
-    pg_tokens, stats = policy_gradient_per_token(
-        logp, entropy, advantages.to(logp), mask, old_logp=old_logp, ref_logp=ref_logp, beta=kl_beta,
+                     differentiated=live))
+    distill, _ = distillation_term(div, logp, entropy, mask, num_items_in_batch=num_items_in_batch)
+    policy, metrics = policy_gradient_term(
+        logp, entropy, advantages, mask, loss_type=loss_type, old_logp=old_logp, ref_logp=ref_logp, beta=kl_beta,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        importance_sampling_level=importance_sampling_level)
-    policy = reduce_policy_loss(pg_tokens, mask, loss_type, max_completion_length=max_completion_length,
-                                num_items_in_batch=num_items_in_batch)
-    loss = distillation_weight * distill + (1.0 - distillation_weight) * policy
-    metrics = policy_metrics(stats, logp, entropy, mask)
+        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch)
+    # A term of weight 0 is left out of the loss and of the differentiated outputs: one gradient basis instead
+    # of two in the fast mode, and w = 0 / 1 are the two losses exactly (a basis pair rounds dW differently).
+    if distillation_weight == 0:
+        loss = policy
+    elif distillation_weight == 1:
+        loss = distill
+    else:
+        loss = distillation_weight * distill + (1.0 - distillation_weight) * policy
     metrics.update(divergence=masked_mean(div.detach(), mask), distillation_loss=float(distill.detach()),
                    policy_loss=float(policy.detach()))
     return LossOutput(loss, metrics, dict(logp=logp.detach(), entropy=entropy.detach(), divergence=div.detach()))

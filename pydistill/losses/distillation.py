@@ -30,6 +30,23 @@ def distillation_per_token(divergence: torch.Tensor, logp: Optional[torch.Tensor
     return per_token, weight
 
 
+def distillation_term(divergence: torch.Tensor, logp: Optional[torch.Tensor], entropy: torch.Tensor,
+                      mask: torch.Tensor, *, old_logp=None, importance_clip: Optional[float] = None,
+                      token_weights=None, entropy_coef: float = 0.0, reduction: str = "token_mean",
+                      num_items_in_batch: Optional[float] = None):
+    """(loss, importance weight) of the distillation from [B, T] statistics of the op: the weighted per-token
+    divergence reduced by ``reduction``, then ``- entropy_coef * H`` with H the mean entropy over the masked
+    tokens (TRL's entropy bonus: over ``num_items_in_batch`` with ``"token_mean"``, as the divergence).
+    :func:`distillation_loss` and :func:`pydistill.losses.blended_loss` both are this term over one op call."""
+    per_token, iw = distillation_per_token(divergence, logp, old_logp=old_logp, importance_clip=importance_clip,
+                                           token_weights=token_weights)
+    loss = reduce_tokens(per_token, mask, reduction, num_items_in_batch)
+    if entropy_coef:
+        count = num_items_in_batch if reduction == "token_mean" else None
+        loss = loss - entropy_coef * reduce_tokens(entropy, mask, "token_mean", count)
+    return loss, iw
+
+
 def distillation_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -86,7 +103,9 @@ def distillation_loss(
         targets, old_logp, importance_clip: with ``importance_clip`` set, the sampled token ids ``targets``
             [B, T] give logp_t and each token is weighted by the detached ``min(exp(logp_t - old_logp_t),
             importance_clip)``; without ``old_logp`` (on-policy) that weight is 1.
-        entropy_coef: subtract ``entropy_coef * entropy`` per token (an entropy bonus; 0 disables).
+        entropy_coef: TRL's meaning (``GRPOConfig.entropy_coef``): ``loss = L_distill - entropy_coef * H``, H the
+            mean entropy (nats) over the masked tokens, subtracted after ``reduction`` (over
+            ``num_items_in_batch`` with ``"token_mean"``). >= 0: a positive value rewards entropy; 0 off.
         reduction: ``"token_mean"`` (default; divides by ``num_items_in_batch`` when given, for gradient
             accumulation), ``"sequence_mean"`` or ``"sum"``.
         impl: the core op's backend.
@@ -114,11 +133,9 @@ def distillation_loss(
                      softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
                      support_topk=support_topk, memory_budget_mb=memory_budget_mb,
                      differentiated=("entropy", "divergence") if entropy_coef else ("divergence",)))
-    per_token, iw = distillation_per_token(div, logp if targets is not None else None, old_logp=old_logp,
-                                           importance_clip=importance_clip, token_weights=token_weights)
-    if entropy_coef:
-        per_token = per_token - entropy_coef * entropy
-    loss = reduce_tokens(per_token, mask, reduction, num_items_in_batch)
+    loss, iw = distillation_term(div, logp if targets is not None else None, entropy, mask, old_logp=old_logp,
+                                 importance_clip=importance_clip, token_weights=token_weights,
+                                 entropy_coef=entropy_coef, reduction=reduction, num_items_in_batch=num_items_in_batch)
     metrics = dict(divergence=masked_mean(div.detach(), mask), entropy=masked_mean(entropy.detach(), mask),
                    importance_weight=masked_mean(iw, mask), tokens=int(mask.sum()))
     return LossOutput(loss, metrics, dict(divergence=div.detach(), entropy=entropy.detach()))

@@ -7,25 +7,24 @@ import torch
 from torch import nn
 
 from .output import LossOutput, masked_mean
-from .reductions import check_num_items
-from .stats import DEFAULT_MEMORY_BUDGET_MB, op_options, sequence_token_stats
+from .reductions import check_num_items, reduce_tokens
+from ..boundary import op_options, sequence_token_stats
+from ..token_stats.loop import DEFAULT_MEMORY_BUDGET_MB
 from .validation import check_nonnegative, check_per_token, check_positive, check_sequence_layout
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
-def policy_gradient_per_token(logp, entropy, advantages, mask, *, old_logp=None, ref_logp=None, beta=0.0,
-                              epsilon_low=0.2, epsilon_high=None, delta=None, importance_sampling_level="token",
-                              entropy_coef=0.0):
+def policy_gradient_per_token(logp, advantages, mask, *, old_logp=None, ref_logp=None, beta=0.0, epsilon_low=0.2,
+                              epsilon_high=None, delta=None, importance_sampling_level="token"):
     """Per-token clipped-surrogate loss [B, T] and the detached statistics behind it.
 
     ratio w = exp(logp - old_logp) per token, or for ``"sequence"`` level (GSPO) exp of the masked mean of the
     log-ratio over each sequence; L = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A), with w first capped at
     ``delta`` when given (two-sided clipping); plus ``beta`` times the k3 estimate of KL(pi || ref)
-    exp(ref - logp) - (ref - logp) - 1; minus ``entropy_coef`` times the entropy, per token (a per-token
-    bonus, normalized with the policy term; :func:`grpo_loss` instead applies TRL's bonus, see
-    :func:`entropy_bonus`).
+    exp(ref - logp) - (ref - logp) - 1. No entropy term: that is applied after the reduction
+    (:func:`policy_gradient_term`).
     """
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     old = logp.detach() if old_logp is None else old_logp.to(logp)
@@ -43,13 +42,39 @@ def policy_gradient_per_token(logp, entropy, advantages, mask, *, old_logp=None,
         gap = torch.where(mask, ref_logp.to(logp) - logp, torch.zeros_like(logp))
         kl = torch.exp(gap) - gap - 1.0
         per_token = per_token + beta * kl
-    if entropy_coef:
-        per_token = per_token - entropy_coef * entropy
     with torch.no_grad():
         low = (ratio < 1.0 - epsilon_low) & (advantages < 0) & mask
         high = (ratio > 1.0 + eps_high) & (advantages > 0) & mask
     stats = dict(ratio=ratio.detach(), clipped_low=low, clipped_high=high, kl=None if kl is None else kl.detach())
     return per_token, stats
+
+
+def policy_gradient_term(logp, entropy, advantages, mask, *, loss_type: str, old_logp=None, ref_logp=None,
+                         beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: Optional[float] = None,
+                         delta: Optional[float] = None, importance_sampling_level: str = "token",
+                         max_completion_length: Optional[int] = None, num_items_in_batch: Optional[float] = None,
+                         entropy_coef: float = 0.0):
+    """(loss, metrics) of the policy gradient from [B, T] statistics of the op: the per-token clipped surrogate
+    (+ KL), the loss type's reduction, then ``- entropy_coef * H`` (TRL's bonus, :func:`entropy_bonus`).
+    :func:`grpo_loss` and :func:`pydistill.losses.blended_loss` both are this term over one op call."""
+    per_token, stats = policy_gradient_per_token(
+        logp, advantages.to(logp), mask, old_logp=old_logp, ref_logp=ref_logp, beta=beta, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level)
+    loss = reduce_policy_loss(per_token, mask, loss_type, max_completion_length=max_completion_length,
+                              num_items_in_batch=num_items_in_batch)
+    if entropy_coef:
+        loss = loss - entropy_coef * entropy_bonus(entropy, mask, loss_type, num_items_in_batch=num_items_in_batch)
+    return loss, policy_metrics(stats, logp, entropy, mask)
+
+
+def check_policy_inputs(advantages, old_logp, ref_logp, b: int, t: int, kl_coef: float, kl_name: str = "beta"):
+    """The per-token inputs of the policy term as [B, T] (advantages may be per sequence [B]); ``ref_logp`` is
+    required when the KL coefficient (named ``kl_name`` in the caller's signature) is > 0."""
+    advantages = check_per_token("advantages", advantages, b, t, allow_sequence=True)
+    old_logp = check_per_token("old_logp", old_logp, b, t)
+    if kl_coef and ref_logp is None:
+        raise ValueError(f"ref_logp [B, T] is required when {kl_name} > 0")
+    return advantages, old_logp, check_per_token("ref_logp", ref_logp, b, t)
 
 
 def reduce_policy_loss(per_token, mask, loss_type: str, *, max_completion_length: Optional[int] = None,
@@ -77,10 +102,8 @@ def entropy_bonus(entropy, mask, loss_type: str, *, num_items_in_batch: Optional
     token counts); for grpo and dr_grpo, whose micro-batch losses the caller rescales by its share of the batch,
     this call's own tokens.
     """
-    masked = torch.where(mask, entropy, torch.zeros_like(entropy))
-    if loss_type in ("bnpo", "dapo") and num_items_in_batch is not None:
-        return masked.sum() / float(num_items_in_batch)
-    return masked.sum() / mask.sum().clamp_min(1)
+    token_normalized = loss_type in ("bnpo", "dapo")
+    return reduce_tokens(entropy, mask, "token_mean", num_items_in_batch if token_normalized else None)
 
 
 def check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
@@ -151,8 +174,9 @@ def grpo_loss(
             the accumulation steps (for TRL's exactly, leave ``num_items_in_batch`` unset and divide the loss by
             the steps yourself, or use :mod:`pydistill.integrations.trl`); ``"dr_grpo"`` token sum / (B *
             ``max_completion_length``, default T).
-        entropy_coef: TRL's entropy bonus: ``entropy_coef`` times the masked mean entropy is subtracted after the
-            loss type's normalization (:func:`entropy_bonus`), for every loss type.
+        entropy_coef: TRL's meaning (``GRPOConfig.entropy_coef``): ``loss = L_policy - entropy_coef * H``, H the
+            mean entropy (nats) over the masked tokens, subtracted after the loss type's normalization and never
+            rescaled by it (:func:`entropy_bonus`). >= 0: a positive value rewards entropy (exploration); 0 off.
         memory_budget_mb: the op's speed/memory knob (:func:`pydistill.token_stats`).
 
     Returns:
@@ -163,26 +187,18 @@ def grpo_loss(
     check_policy_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                          max_completion_length, num_items_in_batch)
     check_nonnegative("entropy_coef", entropy_coef, optional=False)
-    advantages = check_per_token("advantages", advantages, b, t, allow_sequence=True)
-    old_logp = check_per_token("old_logp", old_logp, b, t)
-    if beta and ref_logp is None:
-        raise ValueError("ref_logp [B, T] is required when beta > 0")
-    ref_logp = check_per_token("ref_logp", ref_logp, b, t)
+    advantages, old_logp, ref_logp = check_policy_inputs(advantages, old_logp, ref_logp, b, t, beta)
     logp, entropy, _ = sequence_token_stats(hidden, weight, mask, targets=targets,
                                             **op_options(bias=bias, temperature=temperature, softcap=softcap,
                                                          impl=impl, memory_budget_mb=memory_budget_mb,
                                                          differentiated=("logp", "entropy") if entropy_coef
                                                          else ("logp",)))
-    advantages = advantages.to(logp)
-    per_token, stats = policy_gradient_per_token(
-        logp, entropy, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, beta=beta, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level)
-    loss = reduce_policy_loss(per_token, mask, loss_type, max_completion_length=max_completion_length,
-                              num_items_in_batch=num_items_in_batch)
-    if entropy_coef:
-        loss = loss - entropy_coef * entropy_bonus(entropy, mask, loss_type, num_items_in_batch=num_items_in_batch)
-    return LossOutput(loss, policy_metrics(stats, logp, entropy, mask), dict(logp=logp.detach(),
-                                                                             entropy=entropy.detach()))
+    loss, metrics = policy_gradient_term(
+        logp, entropy, advantages, mask, loss_type=loss_type, old_logp=old_logp, ref_logp=ref_logp, beta=beta,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, entropy_coef=entropy_coef)
+    return LossOutput(loss, metrics, dict(logp=logp.detach(), entropy=entropy.detach()))
 
 
 def policy_metrics(stats, logp, entropy, mask) -> dict:

@@ -181,6 +181,27 @@ class Trainer(HeldOutEvaluation, abc.ABC):
             prepared = [self.prepare(problems) for problems in micro]
         self.finalize_batch(prepared)
         generated = time.perf_counter()
+        metrics = self.optimizer_step(prepared, self.loss, self.optimizer, self.scheduler, f"step {self.step + 1}")
+        if self.teacher is not None and not metrics["nonfinite_skipped"]:
+            self.teacher.update()
+        elapsed = time.perf_counter() - started
+        generated_tokens = sum(p.get("generated_tokens", p["tokens"]) for p in prepared)
+        self.generated_tokens += generated_tokens
+        num_items = metrics["trained_tokens"]
+        metrics.update(learning_rate=self.scheduler.get_last_lr()[0], step_seconds=elapsed,
+                       rollout_seconds=generated - started,
+                       tokens_per_second=(generated_tokens + num_items / self.world) / max(elapsed, 1e-9),
+                       peak_memory_mb=peak_memory_mb(), generated_tokens_total=self.generated_tokens,
+                       nonfinite_skipped_total=self.nonfinite_steps)
+        health = getattr(getattr(self, "reward", None), "health", None)
+        if health is not None:
+            metrics.update(health.as_metrics())
+        return metrics
+
+    def optimizer_step(self, prepared: list, loss, optimizer, scheduler, where: str) -> dict:
+        """The gradient half of a step, shared by every training stage (ExGRPO's SFT warm-up too): each micro-batch's
+        ``loss(prepared, num_items)`` backward under autocast and the model view, clipping, the non-finite and
+        empty-step guards, the schedule. Returns the losses' mean metrics, loss, grad_norm, trained_tokens, ..."""
         # Global token count: every token of the optimizer step weighs the same, whatever its micro-batch.
         tokens = torch.tensor(float(sum(p["tokens"] for p in prepared)), device=self.accelerator.device)
         num_items = float(self.accelerator.reduce(tokens, reduction="sum")) if self.world > 1 else float(tokens)
@@ -189,7 +210,7 @@ class Trainer(HeldOutEvaluation, abc.ABC):
         for i, batch in enumerate(prepared):
             context = self.accelerator.no_sync(self.policy) if i < len(prepared) - 1 else contextlib.nullcontext()
             with context, self.accelerator.autocast(), self.root_view():
-                out = self.loss(batch, max(num_items, 1.0))
+                out = loss(batch, max(num_items, 1.0))
                 # DDP averages gradients over processes; the loss is already normalized globally.
                 self.accelerator.backward(out.loss * self.world)
             total += float(out.loss.detach())
@@ -197,33 +218,20 @@ class Trainer(HeldOutEvaluation, abc.ABC):
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
             for k, v in batch.get("metrics", {}).items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(prepared)
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         skipped = self.nonfinite_update(total, grad_norm)
         # A step without any trained token (ROSD dropping every group) carries no signal, yet AdamW's momentum
         # alone would move every weight: no update then either.
         if not skipped and num_items > 0:
-            self.optimizer.step()
+            optimizer.step()
         self._step_snapshot["updated"] = True
         with warnings.catch_warnings():  # the schedule follows the step count, updated or not
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.teacher is not None and not skipped:
-            self.teacher.update()
-        self.check_nonfinite_streak(total, grad_norm, f"step {self.step + 1}")
-        elapsed = time.perf_counter() - started
-        generated_tokens = sum(p.get("generated_tokens", p["tokens"]) for p in prepared)
-        self.generated_tokens += generated_tokens
-        metrics.update(loss=total, grad_norm=float(grad_norm), learning_rate=self.scheduler.get_last_lr()[0],
-                       step_seconds=elapsed, rollout_seconds=generated - started,
-                       tokens_per_second=(generated_tokens + num_items / self.world) / max(elapsed, 1e-9),
-                       peak_memory_mb=peak_memory_mb(), trained_tokens=num_items,
-                       generated_tokens_total=self.generated_tokens, nonfinite_skipped=int(skipped),
-                       nonfinite_skipped_total=self.nonfinite_steps)
-        health = getattr(getattr(self, "reward", None), "health", None)
-        if health is not None:
-            metrics.update(health.as_metrics())
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.check_nonfinite_streak(total, grad_norm, where)
+        metrics.update(loss=total, grad_norm=float(grad_norm), trained_tokens=num_items, nonfinite_skipped=int(skipped))
         return metrics
 
     def nonfinite_update(self, total: float, grad_norm) -> bool:

@@ -10,6 +10,9 @@ softcap) straight from the hidden states and the lm_head weight. Every loss type
 is then TRL's own code, so the loss is TRL's to float32 rounding, and no [B, T, V] logits exist. The head
 always runs in float32 with autocast off: under ``bf16=True`` autocast, TRL's CPU path rounds the logits to
 bfloat16, so there the two differ by bf16 rounding (this path being the closer one to float32 logits).
+``entropy_coef`` is TRL's own, applied by TRL to these entropies: ``loss = L_policy - entropy_coef * H``, H the
+mean entropy over the completion tokens after the loss type's normalization (a positive value rewards entropy),
+the meaning it has in every pydistill loss and trainer config.
 
 Refused at construction, with the field named: MoE load-balancing losses (``router_aux_loss_coef``), DeepSpeed
 ZeRO-3, prompt-learning PEFT adapters; at the first step: multimodal inputs (``pixel_values`` and co.).

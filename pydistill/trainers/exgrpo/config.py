@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..fields import Literal, option
-from ..grpo.config import GRPOConfig
+from ..grpo.config import GRPOLoopConfig
 from .explanatory_inversion import EI_RULES, RULES_BY_NAME
 
 
 @dataclass
-class ExGRPOConfig(GRPOConfig):
+class ExGRPOConfig(GRPOLoopConfig):
     """GRPO's fields (clipping, loss_type, scale_rewards, beta, ...) plus ExGRPO's. Note the names: GRPO's
     ``delta`` stays the two-sided clipping cap; the DSU bonus is ``dsu_delta``. ``teacher`` (the core's
     teacher kind) must stay "fixed": the KL reference is the policy at the start of stage 2."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from ...evaluation import generate_completions
-from ...models import load_model
+from ...models import EMBEDDED_DEFAULT, load_model
 from ...prompts import render
 from ...tasks import extract_answer, same_answer
 from .config import parse_rules
@@ -99,7 +99,7 @@ def refuse_generation(prompts):
 
 
 def ei_generate(task: str, *, split: str = "train", n: int = 64, seed: int = 0, data_path: Optional[str] = None,
-                teacher: str = "SmolLM2-135M-Instruct", student: Optional[str] = None, cache: str,
+                teacher: str = EMBEDDED_DEFAULT, student: Optional[str] = None, cache: str,
                 filters: bool = True, min_solved_fraction: float = 0.2, rules: str = "all",
                 max_new_tokens: int = 256, batch_size: int = 16) -> FilterReport:
     """`pydistill ei generate`: stage 0 alone, into ``cache`` (the trainer reuses it with the same task, split,

@@ -2,7 +2,6 @@
 the auxiliary SFT loss (see the package docstring)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -12,15 +11,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...losses import LossOutput, nll_loss
-from ...losses.output import masked_mean
-from ...losses.policy_gradient import policy_gradient_per_token, policy_metrics, reduce_policy_loss
-from ...losses.reductions import reduce_tokens
-from ...losses.stats import op_options, sequence_token_stats
+from ...losses import LossOutput, grpo_loss, nll_loss
 from ...rewards import dialogue_structure_bonus
 from .. import run_folder
 from ..checkpoint import clean_stale, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from ..contexts import ContextBatch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
+from ...boundary import read_head
+from ..contexts import ContextBatch, head_options, response_hidden_states
 from ..core import Trainer
 from ..groups import reward_function, step_advantages
 from ..metrics import MetricsLog
@@ -137,49 +133,37 @@ class ExGRPOTrainer(Trainer):
         return self.sft_optimizer
 
     def sft_loss(self, batch: ContextBatch, num_items_in_batch: float):
-        hidden = response_hidden_states(self.policy, batch)
-        return nll_loss(hidden, lm_head_weight(self.model), batch.targets, batch.completion_mask,
-                        num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=self.config.impl,
-                        memory_budget_mb=self.config.memory_budget_mb, softcap=lm_head_softcap(self.model))
+        hidden, head = response_hidden_states(self.policy, batch), read_head(self.model)
+        return nll_loss(hidden, head.weight, batch.targets, batch.completion_mask,
+                        num_items_in_batch=num_items_in_batch, memory_budget_mb=self.config.memory_budget_mb,
+                        impl=self.config.impl, **head_options(head))
 
     def sft_training_step(self) -> dict:
-        """One optimizer step of the warm-up over ``sft_batch_size`` examples (global token normalization)."""
+        """One optimizer step of the warm-up over ``sft_batch_size`` examples, through the core's
+        :meth:`~pydistill.trainers.core.Trainer.optimizer_step` (global token normalization, autocast, the model
+        view, the non-finite and empty-step guards) with the warm-up's own optimizer and schedule."""
         cfg, optimizer = self.config, self._sft_optimizer()
-        self._sft_snapshot = dict(sft_position=self.sft_position, rng=rng_state(), updated=False)
+        # What an emergency checkpoint of the warm-up records if this step dies before its update.
+        self._step_snapshot = dict(sft_position=self.sft_position, rng=rng_state(), updated=False)
         pool = self.sft_examples
         examples = [pool[(self.sft_position + i) % len(pool)] for i in range(cfg.sft_batch_size)]
         self.sft_position += cfg.sft_batch_size
         mine = examples[self.accelerator.process_index::self.world]
-        batches = [self.sft_batch(mine[i:i + cfg.micro_batch_size]) for i in range(0, len(mine),
-                                                                                   cfg.micro_batch_size)]
-        tokens = torch.tensor(float(sum(int(b.completion_mask.sum()) for b in batches)), device=self.accelerator.device)
-        num_items = float(self.accelerator.reduce(tokens, reduction="sum")) if self.world > 1 else float(tokens)
-        self.model.train()
-        total, nll = 0.0, 0.0
-        for i, batch in enumerate(batches):
-            context = self.accelerator.no_sync(self.policy) if i < len(batches) - 1 else contextlib.nullcontext()
-            with context:
-                out = self.sft_loss(batch, max(num_items, 1.0))
-                self.accelerator.backward(out.loss * self.world)
-            total += float(out.loss.detach())
-            nll += out.metrics["nll"] / len(batches)
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        skipped = self.nonfinite_update(total, grad_norm)  # the core's guard: no NaN reaches the weights
-        if not skipped:
-            optimizer.step()
-        self._sft_snapshot["updated"] = True
-        self.sft_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.check_nonfinite_streak(total, grad_norm, f"SFT step {self.sft_step + 1}")
-        return {"sft/loss": total, "sft/nll": nll, "sft/grad_norm": float(grad_norm), "sft/tokens": num_items,
-                "sft/nonfinite_skipped": int(skipped)}
+        prepared = []
+        for i in range(0, len(mine), cfg.micro_batch_size):
+            batch = self.sft_batch(mine[i:i + cfg.micro_batch_size])
+            prepared.append(dict(batch=batch, tokens=int(batch.completion_mask.sum())))
+        out = self.optimizer_step(prepared, lambda p, num_items: self.sft_loss(p["batch"], num_items), optimizer,
+                                  self.sft_scheduler, f"SFT step {self.sft_step + 1}")
+        return {"sft/loss": out["loss"], "sft/nll": out["nll"], "sft/grad_norm": out["grad_norm"],
+                "sft/tokens": out["trained_tokens"], "sft/nonfinite_skipped": out["nonfinite_skipped"]}
 
     def train_sft(self) -> dict:
         cfg, last = self.config, {}
         while self.sft_step < cfg.sft_steps:
             last = self.sft_training_step()
             self.sft_step += 1
-            self._sft_snapshot = None
+            self._step_snapshot = None
             if self.is_main:
                 self.sft_log.log(self.sft_step, last)
             if self.sft_step == cfg.sft_steps or (cfg.save_every and self.sft_step % cfg.save_every == 0):
@@ -236,7 +220,7 @@ class ExGRPOTrainer(Trainer):
     def _emergency_save(self, exc: BaseException):
         if not getattr(self, "_in_sft", False):
             return super()._emergency_save(exc)
-        snapshot = getattr(self, "_sft_snapshot", None)
+        snapshot = self._step_snapshot
         if self.world > 1 or not self.is_main or snapshot is None or self.sft_optimizer is None:
             return None
         rng = None
@@ -334,47 +318,42 @@ class ExGRPOTrainer(Trainer):
     def reference_logp(self, batch: ContextBatch, mask: torch.Tensor) -> torch.Tensor:
         """log pi_ref of the masked tokens [B, T], under the stage-2 reference weights."""
         with torch.no_grad(), self.teacher.weights():
-            hidden = response_hidden_states(self.model, batch)
-            logp, _, _ = sequence_token_stats(hidden, lm_head_weight(self.model), mask, targets=batch.targets,
-                                              **op_options(bias=lm_head_bias(self.model), impl=self.config.impl,
-                                              memory_budget_mb=self.config.memory_budget_mb,
-                                              softcap=lm_head_softcap(self.model)))
-        return logp
+            hidden, head = response_hidden_states(self.model, batch), read_head(self.model)  # the reference's head
+            scored = nll_loss(hidden, head.weight, batch.targets, mask, memory_budget_mb=self.config.memory_budget_mb,
+                              impl=self.config.impl, **head_options(head))
+        return scored.per_token["logp"]
 
     def loss(self, prepared: dict, num_items_in_batch: float):
-        """GRPO clipped surrogate (+ beta k3 KL) on the rollouts' reply tokens + sft_coef * NLL of the teacher
-        dialogues' reply tokens, from one call of the fused op over the union of both masks."""
+        """:func:`~pydistill.losses.grpo_loss` (clipped surrogate, + beta k3 KL, - TRL's entropy bonus) on the
+        rollouts' reply tokens + sft_coef * :func:`~pydistill.losses.nll_loss` of the teacher dialogues' reply
+        tokens, both from one forward of the policy over every row."""
         cfg, batch, n = self.config, prepared["batch"], prepared["rollout_rows"]
         grpo_mask, sft_mask = self.trained_masks(prepared)
-        rollouts = slice(0, n)
+        rollouts, teacher = slice(0, n), slice(n, None)
         ref_logp = self.reference_logp(context_rows(batch, rollouts), grpo_mask[rollouts]) if cfg.beta > 0 else None
         hidden = response_hidden_states(self.policy, batch)
-        logp, entropy, _ = sequence_token_stats(hidden, lm_head_weight(self.model), grpo_mask | sft_mask,
-                                                targets=batch.targets,
-                                                **op_options(bias=lm_head_bias(self.model), impl=cfg.impl,
-                                                memory_budget_mb=cfg.memory_budget_mb,
-                                                softcap=lm_head_softcap(self.model)))
-        mask = grpo_mask[rollouts]
-        advantages = prepared["advantages"].to(logp).unsqueeze(1).expand_as(logp[rollouts])
-        per_token, stats = policy_gradient_per_token(
-            logp[rollouts], entropy[rollouts], advantages, mask, ref_logp=ref_logp, beta=cfg.beta,
-            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-            importance_sampling_level=cfg.importance_sampling_level, entropy_coef=cfg.entropy_coef)
-        policy = reduce_policy_loss(per_token, mask, cfg.loss_type,
-                                    max_completion_length=cfg.max_new_tokens * (cfg.num_probes + 1),
-                                    num_items_in_batch=num_items_in_batch)
+        head = read_head(self.model)
+        # Both gradient bases live until the backward: the op's budget is shared in proportion to the tokens.
+        counts = (int(grpo_mask.sum()), int(sft_mask.sum()))
+        budgets = [cfg.memory_budget_mb * max(c, 1) / max(sum(counts), 1) for c in counts]
+        out = grpo_loss(hidden[rollouts], head.weight, batch.targets[rollouts], prepared["advantages"], grpo_mask[rollouts],
+                        ref_logp=ref_logp, beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                        delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
+                        loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens * (cfg.num_probes + 1),
+                        num_items_in_batch=num_items_in_batch, entropy_coef=cfg.entropy_coef,
+                        memory_budget_mb=budgets[0], impl=cfg.impl, **head_options(head))
+        policy = out.loss
         if cfg.loss_type in ("grpo", "dr_grpo"):  # sequence means: weigh by this micro-batch's share of rollouts
             policy = policy * n / (cfg.batch_size * 2 * cfg.num_generations)
-        metrics = policy_metrics(stats, logp[rollouts], entropy[rollouts], mask)
-        metrics["policy_loss"] = float(policy.detach())
+        metrics = dict(out.metrics, policy_loss=float(policy.detach()))
         loss = policy
         if cfg.sft_coef > 0:
-            teacher = slice(n, None)
-            sft = reduce_tokens(-logp[teacher], sft_mask[teacher], "token_mean", prepared["sft_items"])
-            loss = loss + cfg.sft_coef * sft
-            metrics.update(sft_loss=float(sft.detach()), sft_nll=masked_mean(-logp[teacher].detach(),
-                                                                              sft_mask[teacher]))
-        return LossOutput(loss, metrics, dict(logp=logp.detach(), entropy=entropy.detach()))
+            sft = nll_loss(hidden[teacher], head.weight, batch.targets[teacher], sft_mask[teacher],
+                           num_items_in_batch=prepared["sft_items"], memory_budget_mb=budgets[1],
+                           impl=self.config.impl, **head_options(head))
+            loss = loss + cfg.sft_coef * sft.loss
+            metrics.update(sft_loss=float(sft.loss.detach()), sft_nll=sft.metrics["nll"])
+        return LossOutput(loss, metrics, out.per_token)
 
     def trainer_state(self) -> dict:
         return dict(super().trainer_state(), sft_step=self.sft_step)

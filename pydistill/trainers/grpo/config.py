@@ -46,7 +46,8 @@ class GRPOLoopConfig(TrainConfig):
         "group", "advantage scaling: group std, batch std or none (Dr. GRPO)")
     reward_functions: str = option("accuracy", "comma-separated: accuracy, format")
     reward_weights: Optional[str] = option(None, "comma-separated weights, one per reward function")
-    entropy_coef: float = 0.0
+    entropy_coef: float = option(0.0, "TRL's entropy bonus: loss - entropy_coef * mean token entropy, after the "
+                                      "loss type's normalization (>= 0; positive rewards entropy)")
     skip_zero_advantage: bool = option(True, "leave zero-advantage rollouts out of the op when their loss is 0")
     output_dir: str = "runs/grpo"
 
@@ -69,6 +70,3 @@ class GRPOLoopConfig(TrainConfig):
         if not self.entropy_coef >= 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
         return self
-
-
-GRPOConfig = GRPOLoopConfig  # the former name, still imported by trainers.exgrpo.config
