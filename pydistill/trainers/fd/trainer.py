@@ -15,6 +15,7 @@ from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_he
 from ..groups import sample_groups
 from ..grpo.trainer import GRPOTrainer
 from ..rollout import HFRolloutEngine, SamplingSettings
+from ..teacher import served_teacher
 from .config import FDConfig
 from .feedback import (AttemptNumbersWithheld, FeedbackStats, LeanFeedback, ModelFeedback, ReferenceSolutionFeedback,
                        VerifierFeedback, collect_feedback)
@@ -69,7 +70,7 @@ class FDTrainer(GRPOTrainer):
                              render=lambda text: render(tokenizer, [{"role": "user", "content": text}]))
 
     def uses_teacher(self) -> bool:
-        return True
+        return self.config.teacher_url is None  # a served teacher holds no weights here
 
     # ----- rollouts, feedback, teacher contexts ----------------------------------------------------------
     def prepare(self, problems: list) -> dict:
@@ -157,10 +158,17 @@ class FDTrainer(GRPOTrainer):
         cfg = self.config
         student, teacher = prepared["groups"].student, prepared["teacher"]
         hidden = response_hidden_states(self.policy, student)
-        teacher_hidden = self.teacher.hidden_states(teacher)
-        teacher_weight = self.teacher.lm_head_weight()
-        teacher_bias = lm_head_bias(self.teacher.copy) if teacher_weight is not None else None
-        if cfg.teacher_temperature != 1:
+        # a served teacher divides its logits by both temperatures, as the local one below
+        served = served_teacher(self, loss_temperature(cfg) * cfg.teacher_temperature)
+        teacher_hidden = teacher_weight = teacher_bias = None
+        topk = {}
+        if served is not None:  # the same feedback-conditioned context, scored by the server
+            topk["teacher_topk_ids"], topk["teacher_topk_logprobs"] = served.topk(teacher)
+        else:
+            teacher_hidden = self.teacher.hidden_states(teacher)
+            teacher_weight = self.teacher.lm_head_weight()
+            teacher_bias = lm_head_bias(self.teacher.copy) if teacher_weight is not None else None
+        if cfg.teacher_temperature != 1 and served is None:
             # logits / tau exactly: the teacher's side is a constant, so its hidden states (and bias) are scaled
             teacher_hidden = teacher_hidden / cfg.teacher_temperature
             if teacher_weight is None and lm_head_bias(self.model) is not None:  # a shared head with a bias
@@ -168,7 +176,7 @@ class FDTrainer(GRPOTrainer):
             if teacher_bias is not None:
                 teacher_bias = teacher_bias / cfg.teacher_temperature
         distill = dict(teacher_weight=teacher_weight, teacher_bias=teacher_bias, divergence=cfg.divergence,
-                       beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg))
+                       beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg), **topk)
         if cfg.distillation_weight == 1:
             old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
             return distillation_loss(hidden, lm_head_weight(self.model), teacher_hidden, self.trained_mask(prepared),

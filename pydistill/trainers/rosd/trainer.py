@@ -13,6 +13,7 @@ from ..config import loss_temperature
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups
 from ..rollout import SamplingSettings
+from ..teacher import served_teacher
 from .config import ROSDConfig
 from .reflection import ModelReflector, StepCheckReflector, first_error_token_index
 
@@ -72,6 +73,9 @@ class ROSDTrainer(Trainer):
         # ROSD's binary verifier reward
         self.reward = reward_function(self.task, "accuracy", max_failures=self.config.max_reward_failures)
         self.reflector = reflector or self._default_reflector()
+
+    def uses_teacher(self) -> bool:
+        return self.config.teacher_url is None  # a served teacher holds no weights here
 
     def _default_reflector(self):
         cfg = self.config
@@ -197,11 +201,15 @@ class ROSDTrainer(Trainer):
         student, teacher, mask = prepared["student"], prepared["teacher"], prepared["mask"]
         hidden = response_hidden_states(self.policy, student)
         weight, bias = lm_head_weight(self.model), lm_head_bias(self.model)
+        served, topk = served_teacher(self, loss_temperature(cfg)), {}
         if teacher is None:  # nothing to distill: no row reaches the op, the loss is an exact 0
             teacher_hidden, teacher_weight = hidden.detach(), None
+        elif served is not None:  # the same teacher context, scored by the server: its top-k and a tail
+            teacher_hidden, teacher_weight = None, None
+            topk["teacher_topk_ids"], topk["teacher_topk_logprobs"] = served.topk(teacher)
         else:
             teacher_hidden, teacher_weight = self.teacher.hidden_states(teacher), self.teacher.lm_head_weight()
-        return distillation_loss(hidden, weight, teacher_hidden, mask, teacher_weight=teacher_weight,
+        return distillation_loss(hidden, weight, teacher_hidden, mask, teacher_weight=teacher_weight, **topk,
                                  divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, bias=bias,
                                  temperature=loss_temperature(cfg),
                                  teacher_bias=bias if teacher_weight is not None else None,
