@@ -2,6 +2,7 @@
 FD's feedback) is what the loopback server scores, and its top-k reaches the loss. With k = V the served top-k
 covers the vocabulary, so the loss equals the local fixed teacher's (the tail bucket floored at ~1e-7)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -66,6 +67,9 @@ def test_fd_served_teacher_scores_the_feedback_context(tmp_path, weight):
         assert served.teacher is None
         got = served.loss(prepared, float(prepared["tokens"]))
         sent, bodies = served_contexts(server, tok)
+        served.train()  # a whole step with no local teacher: no EMA update, no teacher state in the checkpoint
+        assert [r["step"] for r in map(json.loads, open(tmp_path / "served" / "fd" / "metrics.jsonl"))
+                if "step" in r] == [1]
     assert sent == context_rows(prepared["teacher"], tok)
     assert all(b["temperature"] == pytest.approx(0.9 * 0.7) for b in bodies)  # both temperatures, as locally
     feedback = [f for f in prepared["feedback"] if f]
