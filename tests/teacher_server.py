@@ -60,6 +60,8 @@ class TeacherServer:
 
             def do_GET(self):
                 owner._record(self.path, None)
+                if self.path == "/health":  # TRL's VLLMClient waits for this before its first request
+                    return self._send(200, b"{}")
                 if self.path == "/v1/models":
                     return self._send(200, json.dumps({"object": "list", "data": [{"id": owner.name}]}).encode())
                 self._send(404, b'{"error": "not found"}')

@@ -97,9 +97,42 @@ class ServedTeacher:
         return stack_topk(pairs, length=batch.targets.shape[1], device=batch.targets.device)
 
 
+# The options of a served teacher, shared by the trainers that take one (ROSD, FD).
+TEACHER_URL_HELP = ("a teacher on a vLLM-compatible server (http://host:port): its top-k log-probs of each rollout "
+                    "under the method's teacher context replace the local teacher (needs teacher='fixed')")
+TEACHER_TOP_K_HELP = "with teacher_url: the teacher's top-k tokens per position (plus a tail)"
+TEACHER_SERVED_MODEL_HELP = "with teacher_url: the served model's name (default: the server's first)"
+
+
+def check_served_teacher_options(cfg) -> None:
+    """One line for a bad ``teacher_url`` / ``teacher_top_k``, or a teacher kind that a server cannot follow."""
+    if cfg.teacher_url is not None:
+        if not (isinstance(cfg.teacher_url, str) and cfg.teacher_url.startswith(("http://", "https://"))):
+            raise ValueError(f"teacher_url must be an http:// or https:// address, got {cfg.teacher_url!r}")
+        if cfg.teacher != "fixed":  # the server's weights are whatever it loaded: nothing here updates them
+            raise ValueError(f"teacher_url serves fixed weights, but teacher={cfg.teacher!r} changes during "
+                             "training: use teacher='fixed' with teacher_url, or a local teacher")
+    if isinstance(cfg.teacher_top_k, bool) or not isinstance(cfg.teacher_top_k, int) or cfg.teacher_top_k < 1:
+        raise ValueError(f"teacher_top_k must be an integer >= 1, got {cfg.teacher_top_k!r}")
+
+
+def served_teacher(trainer, temperature: float):
+    """The trainer's :class:`ServedTeacher` for ``config.teacher_url`` (built on first use), or None when the
+    teacher is local. ``temperature``: the one the server divides the teacher's logits by."""
+    cfg = trainer.config
+    if cfg.teacher_url is None:
+        return None
+    served = getattr(trainer, "_served_teacher", None)
+    if served is None:
+        served = trainer._served_teacher = ServedTeacher(cfg.teacher_url, cfg.teacher_top_k,
+                                                         model=cfg.teacher_served_model, temperature=temperature)
+    return served
+
+
 def causal_lm_wrapper(model):
     """The model without a DDP wrapper (peft wrapper kept: it owns disable_adapter)."""
     return getattr(model, "module", model)
 
 
-__all__ = ["ServedTeacher", "Teacher", "causal_lm", "causal_lm_wrapper"]
+__all__ = ["ServedTeacher", "Teacher", "causal_lm", "causal_lm_wrapper", "check_served_teacher_options",
+           "served_teacher"]

@@ -17,29 +17,45 @@ the teacher's log-probs taken there, without [B, K, V] logits; ``"sampled_token"
 each sequence's mean over its loss mask (SDPO: ``self_distillation_mask``; SDFT: the first
 ``num_loss_tokens_to_skip`` tokens left out); SDPO blends ``(1 - w) * policy + w * distillation`` with
 ``distillation_weight`` w and its grpo/bnpo/dr_grpo/dapo policy term; the total is divided by the accumulation
-steps. Refused at construction, with the field named: ``use_teacher_server``.
+steps.
+
+With ``use_teacher_server=True`` (TRL: a live teacher on the vLLM generation server, ``distillation_weight=1``)
+TRL's own client asks the server for the teacher context's top-k log-probs after TRL's weight sync; the student
+side stays fused: ``"topk_logits"`` is the divergence over the teacher's k ids (plus the tail bucket with
+``distillation_add_tail``, else renormalized over them) through the op's top-k teacher inputs, ``"sampled_token"``
+takes the served log-prob of each sampled token.
+
+The per-token pieces are pydistill's public loss pieces: :func:`pydistill.losses.distillation.
+distillation_per_token` (the importance weight) and :func:`pydistill.losses.policy_gradient.
+policy_gradient_per_token` / ``reduce_policy_loss`` (SDPO's policy term).
 """
 from __future__ import annotations
 
 import torch
 
+from ...losses.distillation import distillation_per_token
+from ...losses.policy_gradient import policy_gradient_per_token, reduce_policy_loss
 from . import _head
 from ._compat import announce, check_hook, check_not_zero3, check_text_peft, check_trl_version
 
 HOOKS = ("_get_teacher_context_for_self_distillation", "_log_self_distillation_metric")
+# TRL's clamp of the importance log-ratio before its exp
+IS_LOG_RATIO_BOUND = 20.0
 
 
 def check_self_distillation(trainer) -> None:
     args = trainer.args
-    if getattr(args, "use_teacher_server", False):
-        raise ValueError("use_teacher_server: teacher log-probs from a vLLM server are not computed by pydistill's "
-                         "fused op; use a local teacher (use_teacher_server=False)")
     if args.distillation_mode not in ("full_logits", "sampled_token", "topk_logits"):
         raise ValueError(f"distillation_mode={args.distillation_mode!r}: pydistill's fused op computes "
                          "'full_logits', 'topk_logits' and 'sampled_token'")
     if args.distillation_mode == "sampled_token" and args.distillation_alpha != 1.0:
         raise ValueError(f"distillation_alpha must be 1.0 (reverse KL) with distillation_mode='sampled_token', "
                          f"got {args.distillation_alpha}")
+    if getattr(args, "use_teacher_server", False):
+        check_hook(type(trainer), "_get_teacher_token_logprobs_from_server", ("inputs", "logits_to_keep"))
+        if getattr(trainer, "teacher_client", None) is None or getattr(trainer, "vllm_generation", None) is None:
+            raise ValueError("use_teacher_server: this TRL trainer built no teacher_client / vllm_generation; "
+                             "pydistill's server path uses TRL's own (use_vllm=True, vllm_mode='server')")
     check_not_zero3(trainer)
     check_text_peft(trainer.model)
     for model in (trainer.model, trainer.teacher_model):
@@ -48,10 +64,12 @@ def check_self_distillation(trainer) -> None:
 
 def self_distillation_op(args) -> str:
     if args.distillation_mode == "sampled_token":
-        return "sampled-token log-probs of both contexts"
-    from .distillation import jsd_op
+        what = "sampled-token log-probs of both contexts"
+    else:
+        from .distillation import jsd_op
 
-    return jsd_op(args.distillation_alpha)
+        what = jsd_op(args.distillation_alpha)
+    return what + (" (teacher top-k from the vLLM server)" if getattr(args, "use_teacher_server", False) else "")
 
 
 def _loss_mask(trainer, inputs):
@@ -67,39 +85,49 @@ def _loss_mask(trainer, inputs):
 
 
 def _policy_loss(trainer, inputs, logp):
-    """SDPO's clipped-surrogate term from the fused log-probs (its grpo / bnpo / dr_grpo / dapo reductions)."""
-    mask = inputs["completion_mask"]
-    old = inputs.get("old_per_token_logps")
-    old = logp.detach() if old is None else old
+    """SDPO's clipped-surrogate term (grpo / bnpo / dr_grpo / dapo) from the fused log-probs."""
+    mask = inputs["completion_mask"].bool()
     advantages = inputs["advantages"]
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    log_ratio = logp - old
-    if trainer.importance_sampling_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    ratio = torch.exp(log_ratio)
-    clipped = ratio.clamp(1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
-    per_token = -torch.minimum(ratio * advantages, clipped * advantages) * mask
-    loss_type = trainer.loss_type
-    if loss_type == "grpo":
-        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type in ("bnpo", "dapo"):  # SDPO normalizes both by the micro-batch's token count
-        loss = per_token.sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (per_token.size(0) * trainer.max_completion_length)
-    else:
-        raise ValueError(f"loss_type={loss_type!r}: SDPO's policy term takes grpo, bnpo, dr_grpo or dapo")
+    per_token, _ = policy_gradient_per_token(logp, None, advantages, mask, old_logp=inputs.get("old_per_token_logps"),
+                                             epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high,
+                                             importance_sampling_level=trainer.importance_sampling_level)
+    if trainer.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"loss_type={trainer.loss_type!r}: SDPO's policy term takes grpo, bnpo, dr_grpo or dapo")
+    # SDPO normalizes bnpo and dapo by the micro-batch's own token count (no num_items_in_batch)
+    loss = reduce_policy_loss(per_token, mask, trainer.loss_type, max_completion_length=trainer.max_completion_length)
     mode = "train" if trainer.model.training else "eval"
     trainer._metrics[mode]["self_distillation/policy_loss"].append(
         trainer.accelerator.gather(loss.detach()).mean().item())
     return loss
 
 
+def _served_teacher(self, inputs, keep, labels, loss_mask):
+    """TRL's weight sync and server request, then the served teacher as the op's top-k inputs ([B, K, k] ids
+    with -1 padding and log-probs) and the sampled tokens' served log-probs [B, K] (0 outside the loss mask)."""
+    if self.state.global_step != self._last_loaded_step:  # buffered batches outlive a step: re-sync first
+        self.vllm_generation.sync_weights()
+        self.accelerator.wait_for_everyone()  # every rank scores against the fully pushed weights
+        self._last_loaded_step = self.state.global_step
+    served = self._get_teacher_token_logprobs_from_server(inputs, keep)
+    required = loss_mask.bool()
+    actual = served["actual_logprobs"]
+    if bool((required & ~torch.isfinite(actual)).any()):
+        raise ValueError("use_teacher_server: the teacher server returned no log-prob for a completion token inside "
+                         "the loss mask")
+    lps = served["topk_logprobs"]
+    scored = (labels != -100).unsqueeze(-1) & torch.isfinite(lps)
+    ids = served["topk_token_ids"].long().masked_fill(~scored, -1)
+    return ids, lps.masked_fill(~scored, float("-inf")), torch.where(required, actual, torch.zeros_like(actual))
+
+
 def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-    """Drop-in for SDPOTrainer / SDFTTrainer ``compute_loss`` with a local teacher."""
+    """Drop-in for SDPOTrainer / SDFTTrainer ``compute_loss`` with a local or a served teacher."""
     if return_outputs:
         raise ValueError("return_outputs: pydistill's self-distillation loss builds no logits to return")
     args = self.args
     weight = getattr(args, "distillation_weight", 1.0)
+    served = getattr(args, "use_teacher_server", False)
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     keep = completion_ids.size(1)
     ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
@@ -110,48 +138,67 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     mode = "train" if self.model.training else "eval"
     if weight == 0.0:
         loss = _policy_loss(self, inputs, model(input_ids=ids, attention_mask=attention, pydistill=request).logp)
+        return loss / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
+    loss_mask = _loss_mask(self, inputs)
+    topk = args.distillation_mode == "topk_logits"
+    full = args.distillation_mode == "full_logits" or topk
+    divergence = dict(divergence="jsd", beta=float(args.distillation_alpha),
+                      # the policy part (weight < 1) differentiates logp beside the divergence
+                      differentiated=("logp", "divergence") if weight < 1.0 else ("divergence",))
+    if served:  # TRL allows it with a live teacher, weight 1 and 'topk_logits' / 'sampled_token' only
+        topk_ids, topk_lps, teacher_logp = _served_teacher(self, inputs, keep, labels, loss_mask)
+        if topk:
+            request.update(divergence, teacher_topk_ids=topk_ids, teacher_topk_logprobs=topk_lps,
+                           topk_tail=bool(args.distillation_add_tail))
+        stats = model(input_ids=ids, attention_mask=attention, pydistill=request)
+        gap = ((stats.logp.detach() - teacher_logp).abs() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        self._metrics[mode]["self_distillation/server_logprob_abs_diff"].append(
+            self.accelerator.gather(gap).mean().item())
     else:
         with torch.no_grad(), self._get_teacher_context_for_self_distillation():
             teacher_hidden = self.teacher_model(input_ids=inputs["teacher_input_ids"],
                                                 attention_mask=inputs["teacher_attention_mask"],
                                                 pydistill=dict(keep=keep, hidden_only=True))
         student, teacher = _head.unwrap(model), _head.unwrap(self.teacher_model)
-        full = args.distillation_mode in ("full_logits", "topk_logits")
         if full:
             teacher_weight, teacher_bias = _head.head_parameters(teacher)
             shared = teacher_weight is _head.head_parameters(student)[0]  # one model: one GEMM for both contexts
-            request.update(teacher_hidden=teacher_hidden, divergence="jsd", beta=float(args.distillation_alpha),
+            request.update(divergence, teacher_hidden=teacher_hidden,
                            teacher_weight=None if shared else teacher_weight.detach(),
-                           teacher_bias=None if shared else teacher_bias,
-                           # the policy part (weight < 1) differentiates logp beside the divergence
-                           differentiated=("logp", "divergence") if weight < 1.0 else ("divergence",))
-            if args.distillation_mode == "topk_logits":
+                           teacher_bias=None if shared else teacher_bias)
+            if topk:  # the student's own top-k support, the teacher's log-probs there
                 request.update(support_topk=int(args.distillation_topk), topk_tail=bool(args.distillation_add_tail))
         stats = model(input_ids=ids, attention_mask=attention, pydistill=request)
-        if full:
-            per_token = stats.divergence
-        else:
+        if not full:
             with torch.no_grad():
                 teacher_logp = _head.head_stats(teacher, teacher_hidden, labels, temperature=self.temperature).logp
-            per_token = (stats.logp - teacher_logp).detach() * stats.logp
-        old = inputs.get("old_per_token_logps")
-        if args.distillation_is_clip is not None and old is not None:
-            log_ratio = (stats.logp - old).detach().clamp(min=-20.0, max=20.0)
-            ratio = torch.exp(log_ratio).clamp(max=args.distillation_is_clip)
-            per_token = per_token * ratio
-        loss_mask = _loss_mask(self, inputs)
-        if loss_mask.sum() == 0:
-            self._log_self_distillation_metric(mode, 0.0)
-            distillation = stats.logp.sum() * 0.0  # stays on the graph: zero gradients, not a stopped backward
-        else:
-            masked = per_token * loss_mask
-            distillation = (masked.sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
-            token_mean = masked.sum() / loss_mask.sum().clamp(min=1.0)
-            self._log_self_distillation_metric(mode, self.accelerator.gather(token_mean.detach()).mean().item())
-        loss = distillation
-        if weight < 1.0:
-            loss = (1 - weight) * _policy_loss(self, inputs, stats.logp) + weight * distillation
+    if full:
+        per_token = stats.divergence
+    else:  # sampled_token, reverse KL: stopgrad(logp_s - logp_t) * logp_s
+        per_token = (stats.logp - teacher_logp).detach() * stats.logp
+    old = inputs.get("old_per_token_logps")
+    if args.distillation_is_clip is not None and old is not None:
+        # TRL clamps the log-ratio at -20 from below before its exp (the clip bounds it above)
+        old = torch.minimum(old, stats.logp.detach() + IS_LOG_RATIO_BOUND)
+        per_token, _ = distillation_per_token(per_token, stats.logp, old_logp=old,
+                                              importance_clip=float(args.distillation_is_clip))
+    distillation = _sequence_mean(self, mode, per_token, loss_mask, stats.logp)
+    loss = distillation
+    if weight < 1.0:
+        loss = (1 - weight) * _policy_loss(self, inputs, stats.logp) + weight * distillation
     return loss / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
+
+
+def _sequence_mean(self, mode, per_token, loss_mask, logp):
+    """TRL's reduction: each sequence's mean over its loss mask, averaged over every sequence (those the mask
+    empties count as 0); an empty mask gives 0 on the graph (zero gradients, not a stopped backward)."""
+    if loss_mask.sum() == 0:
+        self._log_self_distillation_metric(mode, 0.0)
+        return logp.sum() * 0.0
+    masked = per_token * loss_mask
+    token_mean = masked.sum() / loss_mask.sum().clamp(min=1.0)
+    self._log_self_distillation_metric(mode, self.accelerator.gather(token_mean.detach()).mean().item())
+    return (masked.sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
 
 
 def _make(base):

@@ -9,6 +9,7 @@ from ..._deprecated import warn_once
 from ..config import LOSS_TEMPERATURE_HELP, check_divergence, check_loss_temperature
 from ..fields import Literal, option
 from ..grpo.config import GRPOLoopConfig
+from ..teacher import TEACHER_SERVED_MODEL_HELP, TEACHER_TOP_K_HELP, TEACHER_URL_HELP, check_served_teacher_options
 
 
 @dataclass
@@ -73,6 +74,10 @@ class FDConfig(GRPOLoopConfig):
     importance_clip: Optional[float] = option(None, "weight tokens by min(pi(y) / q_T(y), c), q_T: the sampling "
                                                     "policy")
     distillation_weight: float = option(1.0, "1: pure FD; < 1: w * FD + (1 - w) * GRPO in one pass")
+    # the feedback-conditioned context scored by a server (a fixed teacher: not FD's default EMA)
+    teacher_url: Optional[str] = option(None, TEACHER_URL_HELP)
+    teacher_top_k: int = option(20, TEACHER_TOP_K_HELP)
+    teacher_served_model: Optional[str] = option(None, TEACHER_SERVED_MODEL_HELP)
     eval_samples: int = option(8, "sampled completions per held-out problem: eval/pass@{1,2,4,8}")
     output_dir: str = "runs/fd"
 
@@ -91,6 +96,7 @@ class FDConfig(GRPOLoopConfig):
             raise ValueError(f"lean_timeout must be > 0 seconds, got {self.lean_timeout}")
         check_divergence(self.divergence, self.jsd_beta, self.clip)
         check_loss_temperature(self.loss_temperature)
+        check_served_teacher_options(self)
         if not self.teacher_temperature > 0:
             raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if not (isinstance(self.distillation_weight, (int, float)) and 0 <= self.distillation_weight <= 1):

@@ -15,6 +15,7 @@ from ..contexts import build_context_batch, head_options, response_hidden_states
 from ..groups import sample_groups
 from ..grpo.trainer import GRPOLoopTrainer
 from ..rollout import HFRolloutEngine, SamplingSettings
+from ..teacher import served_teacher
 from .config import FDConfig
 from .feedback import (AttemptNumbersWithheld, FeedbackStats, LeanFeedback, ModelFeedback, SolutionFeedback,
                        VerifierFeedback, collect_feedback)
@@ -69,7 +70,7 @@ class FDTrainer(GRPOLoopTrainer):
                              render=lambda text: render(tokenizer, [{"role": "user", "content": text}]))
 
     def uses_teacher(self) -> bool:
-        return True
+        return self.config.teacher_url is None  # a served teacher holds no weights here
 
     # ----- rollouts, feedback, teacher contexts ----------------------------------------------------------
     def prepare(self, problems: list) -> dict:
@@ -152,9 +153,15 @@ class FDTrainer(GRPOLoopTrainer):
         cfg = self.config
         student, teacher = prepared["groups"].student, prepared["teacher"]
         hidden = response_hidden_states(self.policy, student)
-        teacher_hidden = self.teacher.hidden_states(teacher)
-        head, t_head = read_head(self.model), teacher_head(self.teacher)
-        if cfg.teacher_temperature != 1:
+        # a served teacher divides its logits by both temperatures, as the local one below
+        served = served_teacher(self, loss_temperature(cfg) * cfg.teacher_temperature)
+        teacher_hidden, t_head, topk = None, None, {}
+        if served is not None:  # the same feedback-conditioned context, scored by the server
+            topk["teacher_topk_ids"], topk["teacher_topk_logprobs"] = served.topk(teacher)
+        else:
+            teacher_hidden, t_head = self.teacher.hidden_states(teacher), teacher_head(self.teacher)
+        head = read_head(self.model)
+        if cfg.teacher_temperature != 1 and served is None:
             # logits / tau exactly: the teacher's side is a constant, so its hidden states (and bias) are scaled
             teacher_hidden = teacher_hidden / cfg.teacher_temperature
             if t_head is None and head.bias is not None:  # a shared head with a bias: the teacher's own copy
@@ -163,7 +170,7 @@ class FDTrainer(GRPOLoopTrainer):
                 t_head = t_head._replace(bias=t_head.bias / cfg.teacher_temperature)
         distill = dict(divergence=cfg.divergence, beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg),
                        teacher_weight=None if t_head is None else t_head.weight,
-                       teacher_bias=None if t_head is None else t_head.bias)
+                       teacher_bias=None if t_head is None else t_head.bias, **topk)
         if cfg.distillation_weight == 1:
             old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
             return distillation_loss(hidden, head.weight, teacher_hidden, self.trained_mask(prepared),

@@ -7,6 +7,7 @@ from typing import Optional
 from ..._deprecated import warn_once
 from ..config import LOSS_TEMPERATURE_HELP, TrainConfig, check_divergence, check_loss_temperature
 from ..fields import Literal, option
+from ..teacher import TEACHER_SERVED_MODEL_HELP, TEACHER_TOP_K_HELP, TEACHER_URL_HELP, check_served_teacher_options
 
 
 @dataclass
@@ -44,6 +45,10 @@ class ROSDConfig(TrainConfig):
     support_topk: Optional[int] = option(
         None, "distil over the student's k most likely tokens plus a tail bucket (the original code: 100); "
               "None: the full vocabulary")
+    # the teacher context (sibling / reference and reflection) scored by a server instead of the local teacher
+    teacher_url: Optional[str] = option(None, TEACHER_URL_HELP)
+    teacher_top_k: int = option(20, TEACHER_TOP_K_HELP)
+    teacher_served_model: Optional[str] = option(None, TEACHER_SERVED_MODEL_HELP)
     output_dir: str = "runs/rosd"
 
     def validate(self):
@@ -55,6 +60,10 @@ class ROSDConfig(TrainConfig):
         if self.support_topk is not None and (isinstance(self.support_topk, bool) or self.support_topk < 1):
             raise ValueError(f"support_topk must be a positive integer or None, got {self.support_topk!r}")
         check_loss_temperature(self.loss_temperature)
+        check_served_teacher_options(self)
+        if self.teacher_url is not None and self.support_topk is not None:
+            raise ValueError("support_topk (the student's top-k) and teacher_url (the served teacher's top-k) each "
+                             "pick the support: use one or the other")
         if self.importance_clip is not None and not self.importance_clip > 0:
             raise ValueError(f"importance_clip must be > 0 or None, got {self.importance_clip}")
         if not self.reflection_temperature > 0:

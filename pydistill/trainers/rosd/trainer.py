@@ -14,6 +14,7 @@ from ..config import loss_temperature
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups
 from ..rollout import SamplingSettings
+from ..teacher import served_teacher
 from .config import ROSDConfig
 from .reflection import ModelReflector, StepCheckReflector, first_error_token_index
 
@@ -73,6 +74,9 @@ class ROSDTrainer(Trainer):
         # ROSD's binary verifier reward
         self.reward = reward_function(self.task, "accuracy", max_failures=self.config.max_reward_failures)
         self.reflector = reflector or self._default_reflector()
+
+    def uses_teacher(self) -> bool:
+        return self.config.teacher_url is None  # a served teacher holds no weights here
 
     def _default_reflector(self):
         cfg = self.config
@@ -198,13 +202,17 @@ class ROSDTrainer(Trainer):
         student, teacher, mask = prepared["student"], prepared["teacher"], prepared["mask"]
         hidden = response_hidden_states(self.policy, student)
         head = read_head(self.model)
+        served, topk = served_teacher(self, loss_temperature(cfg)), {}
         if teacher is None:  # nothing to distill: no row reaches the op, the loss is an exact 0
             teacher_hidden, t_head = hidden.detach(), None
+        elif served is not None:  # the same teacher context, scored by the server: its top-k and a tail
+            teacher_hidden, t_head = None, None
+            topk["teacher_topk_ids"], topk["teacher_topk_logprobs"] = served.topk(teacher)
         else:
             teacher_hidden, t_head = self.teacher.hidden_states(teacher), teacher_head(self.teacher)
         return distillation_loss(hidden, head.weight, teacher_hidden, mask, divergence=cfg.divergence, beta=cfg.beta,
                                  clip=cfg.clip, temperature=loss_temperature(cfg), targets=student.targets,
-                                 importance_clip=cfg.importance_clip,
+                                 importance_clip=cfg.importance_clip, **topk,
                                  support_topk=cfg.support_topk if teacher is not None else None,
                                  num_items_in_batch=num_items_in_batch, impl=cfg.impl,
                                  memory_budget_mb=cfg.memory_budget_mb, **head_options(head, t_head))
