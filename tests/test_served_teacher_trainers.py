@@ -9,7 +9,7 @@ import torch
 
 from pydistill.cli import build_parser, load_config
 from pydistill.models import tiny_model
-from pydistill.trainers import FDConfig, ROSDConfig
+from pydistill.trainers import FDConfig, OPSDConfig, ROSDConfig
 from pydistill.trainers.contexts import lm_head_weight
 from tests.teacher_server import TeacherServer
 from tests.test_trainer_fd import make_trainer as make_fd
@@ -113,7 +113,9 @@ def test_served_top_k_reaches_the_loss(tmp_path):
     (ROSDConfig, dict(teacher_url="http://127.0.0.1:1", support_topk=5), "use one or the other"),
     (ROSDConfig, dict(teacher_url="127.0.0.1:8000"), "teacher_url must be an http:// or https:// address"),
     (FDConfig, dict(teacher_top_k=0), "teacher_top_k must be an integer >= 1"),
-], ids=["fd-ema", "rosd-live", "rosd-support-topk", "rosd-no-scheme", "fd-top-k"])
+    (OPSDConfig, dict(teacher_url="http://127.0.0.1:1", teacher="ema"), "but teacher='ema' changes"),
+    (OPSDConfig, dict(teacher_url="http://127.0.0.1:1", sampled_token=True), "use one or the other"),
+], ids=["fd-ema", "rosd-live", "rosd-support-topk", "rosd-no-scheme", "fd-top-k", "opsd-ema", "opsd-sampled"])
 def test_served_teacher_settings_are_checked(config_cls, overrides, match):
     with pytest.raises(ValueError, match=match):
         config_cls(model="tiny", **overrides).validate()

@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..config import LOSS_TEMPERATURE_HELP, TrainConfig, check_divergence, check_loss_temperature
 from ..fields import Literal, option
+from ..teacher import TEACHER_SERVED_MODEL_HELP, TEACHER_TOP_K_HELP, TEACHER_URL_HELP, check_served_teacher_options
 
 
 @dataclass
@@ -21,25 +22,18 @@ class OPSDConfig(TrainConfig):
     sampled_token: bool = option(False, "the sampled-token variant: advantage = logp_teacher(y) - logp_student(y)")
     # A teacher served elsewhere (vLLM, or any server answering OpenAI-style completions with prompt_logprobs):
     # it scores each rollout under the teacher context (the reference solution) and the divergence runs over its
-    # top-k tokens plus a tail bucket. Its model is whatever the server holds, so `teacher` (fixed/ema/live) and
-    # the teacher head do not apply.
-    teacher_url: Optional[str] = option(None, "a teacher on a vLLM-compatible server (http://host:port): its "
-                                              "top-k log-probs replace the local teacher")
-    teacher_top_k: int = option(20, "with teacher_url: the teacher's top-k tokens per position (plus a tail)")
-    teacher_served_model: Optional[str] = option(None, "with teacher_url: the served model's name (default: the "
-                                                       "server's first)")
+    # top-k tokens plus a tail bucket. Its weights are whatever the server loaded: only teacher="fixed" applies.
+    teacher_url: Optional[str] = option(None, TEACHER_URL_HELP)
+    teacher_top_k: int = option(20, TEACHER_TOP_K_HELP)
+    teacher_served_model: Optional[str] = option(None, TEACHER_SERVED_MODEL_HELP)
     output_dir: str = "runs/opsd"
 
     def validate(self):
         super().validate()
         check_divergence(self.divergence, self.beta, self.clip)
         check_loss_temperature(self.loss_temperature)
-        if self.teacher_url is not None:
-            if not (isinstance(self.teacher_url, str) and self.teacher_url.startswith(("http://", "https://"))):
-                raise ValueError(f"teacher_url must be an http:// or https:// address, got {self.teacher_url!r}")
-            if self.sampled_token:
-                raise ValueError("teacher_url gives the teacher's top-k distribution; sampled_token needs its "
-                                 "log-prob of each sampled token: use one or the other")
-        if isinstance(self.teacher_top_k, bool) or not isinstance(self.teacher_top_k, int) or self.teacher_top_k < 1:
-            raise ValueError(f"teacher_top_k must be an integer >= 1, got {self.teacher_top_k!r}")
+        check_served_teacher_options(self)
+        if self.teacher_url is not None and self.sampled_token:
+            raise ValueError("teacher_url gives the teacher's top-k distribution; sampled_token needs its "
+                             "log-prob of each sampled token: use one or the other")
         return self

@@ -11,7 +11,7 @@ from ...boundary import Head, head_token_stats, read_head
 from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..config import loss_temperature
 from ..core import Trainer
-from ..teacher import ServedTeacher
+from ..teacher import served_teacher
 
 
 class ScoredContexts(NamedTuple):
@@ -30,16 +30,6 @@ class OPSDTrainer(Trainer):
 
     def uses_teacher(self) -> bool:
         return self.config.teacher_url is None  # a served teacher holds no weights here
-
-    def teacher_on_server(self):
-        """The served teacher of ``teacher_url`` (built on first use), or None for the local one."""
-        cfg = self.config
-        if cfg.teacher_url is None:
-            return None
-        if getattr(self, "_served", None) is None:
-            self._served = ServedTeacher(cfg.teacher_url, cfg.teacher_top_k, model=cfg.teacher_served_model,
-                                         temperature=loss_temperature(cfg))
-        return self._served
 
     def prepare(self, problems: list) -> dict:
         tok, n = self.tokenizer, self.config.num_generations
@@ -66,7 +56,7 @@ class OPSDTrainer(Trainer):
         cfg = self.config
         options = dict(temperature=loss_temperature(cfg), num_items_in_batch=num_items_in_batch, impl=cfg.impl,
                        memory_budget_mb=cfg.memory_budget_mb)
-        served = self.teacher_on_server()
+        served = served_teacher(self, loss_temperature(self.config))
         if served is not None:
             student, head = prepared["student"], read_head(self.model)
             ids, logprobs = served.topk(prepared["teacher"])
