@@ -18,7 +18,6 @@ filter would drop per row (the sum of the skipped entries' magnitudes, its error
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -28,7 +27,6 @@ TILES = ((16, 256), (64, 256), (128, 128), (128, 256), (256, 1024))
 def tile_shares(grad, threshold: float, tiles=TILES) -> dict:
     """Per tile shape 'RxC': the share of tiles of ``grad`` [N, V] whose entries are all below ``threshold``
     (edge tiles count as tiles), and the largest per-row sum of |grad| over the skipped tiles."""
-    import torch
     import torch.nn.functional as F
 
     small = grad.abs() < threshold
@@ -69,6 +67,7 @@ def measure(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from benchmarks.measure import save_run
     from benchmarks.topk_teacher import rollout_arguments
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.gradient_sparsity", description=__doc__,
@@ -77,12 +76,7 @@ def main(argv=None) -> int:
     rollout_arguments(p)
     args = p.parse_args(argv)
     started = time.time()
-    result = measure(args)
-    result.update(seconds=time.time() - started, command="python -m benchmarks.gradient_sparsity " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save_run(measure(args), "benchmarks.gradient_sparsity", argv, started, args.out)
     return 0
 
 

@@ -80,6 +80,17 @@ def versions() -> dict:
     return out
 
 
+def save_run(result: dict, module: str, argv, started: float, out=None) -> dict:
+    """Stamp ``result`` with its wall time and the command that made it (``python -m <module> ...``) and write it
+    to ``out`` as JSON when given; returns ``result``."""
+    result.update(seconds=round(time.time() - started, 1),
+                  command=f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True

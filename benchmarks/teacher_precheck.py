@@ -157,6 +157,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.temperature > 0:
         raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
+    from benchmarks.measure import save_run
     from pydistill.models import load_model
     from pydistill.tasks import get_task
 
@@ -166,17 +167,13 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model)
     result = measure(model, tokenizer, task, problems, args.generations, args.max_new_tokens, args.answer_tokens,
                      args.temperature, args.seed)
-    result.update(seconds=round(time.time() - started, 1), command="python -m benchmarks.teacher_precheck " +
-                  " ".join(argv if argv is not None else sys.argv[1:]))
+    save_run(result, "benchmarks.teacher_precheck", argv, started, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "contexts"}))
     print(f"{'context':16s} {'n':>4s} {'accuracy':>9s} {'student':>8s} {'lift':>7s}")
     for name, c in result["contexts"].items():
         extra = f"  french {c['french_share']:.2f} vs student {c['student_french_share']:.2f}" if "french_share" in c \
             else ""
         print(f"{name:16s} {c['n']:4d} {c['accuracy']:9.3f} {c['student_accuracy']:8.3f} {c['lift']:+7.1f}{extra}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
     return 0
 
 

@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", nargs="+", default=list(CONTEXTS), choices=CONTEXTS)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    from benchmarks.measure import save_run
     from pydistill.models import load_model
     from pydistill.tasks import get_task
 
@@ -222,15 +223,11 @@ def main(argv=None) -> int:
     problems = task.problems(args.split, n=args.problems, seed=args.seed)
     result = measure(model, tokenizer, task, problems, args.generations, args.max_new_tokens, args.temperature,
                      args.seed, args.contexts)
-    result.update(seconds=time.time() - started, command="python -m benchmarks.teacher_signal " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
+    save_run(result, "benchmarks.teacher_signal", argv, started, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "contexts"}))
     for name, c in result.get("contexts", {}).items():
         print(f"{name:32s} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in c.items()))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
     return 0
 
 

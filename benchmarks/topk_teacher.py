@@ -157,6 +157,8 @@ def rollout_arguments(p) -> None:
 
 
 def main(argv=None) -> int:
+    from benchmarks.measure import save_run
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.topk_teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["cost", "gap", "one"])
@@ -172,11 +174,7 @@ def main(argv=None) -> int:
         return 0
     started = time.time()
     result = dict(part=args.part, records=cost(args)) if args.part == "cost" else dict(part="gap", **gap(args))
-    result.update(seconds=time.time() - started, command="python -m benchmarks.topk_teacher " + " ".join(
-        argv if argv is not None else sys.argv[1:]))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save_run(result, "benchmarks.topk_teacher", argv, started, args.out)
     return 0
 
 
