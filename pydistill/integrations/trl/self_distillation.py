@@ -89,7 +89,7 @@ def _policy_loss(trainer, inputs, logp):
     mask = inputs["completion_mask"].bool()
     advantages = inputs["advantages"]
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    per_token, _ = policy_gradient_per_token(logp, None, advantages, mask, old_logp=inputs.get("old_per_token_logps"),
+    per_token, _ = policy_gradient_per_token(logp, advantages, mask, old_logp=inputs.get("old_per_token_logps"),
                                              epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high,
                                              importance_sampling_level=trainer.importance_sampling_level)
     if trainer.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
