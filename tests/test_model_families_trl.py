@@ -75,7 +75,8 @@ def test_distillation_trainer_distils_the_models_own_distributions(family):
                               _forward_redirection=lambda wrapper, original, method, *args: method(*args))
     inputs, ids, attention = _inputs(tok.pad_token_id)
     loss, _, count = _distillation_compute_loss(trainer, student, inputs, None)
-    kl = _kl(_completion_logprobs(teacher, ids, attention, 4, 0.8), _completion_logprobs(student, ids, attention, 4, 0.8))
+    kl = _kl(_completion_logprobs(teacher, ids, attention, 4, 0.8),
+             _completion_logprobs(student, ids, attention, 4, 0.8))
     want = kl[COMPLETION_MASK.bool()].mean()
     assert int(count) == int(COMPLETION_MASK.sum()) and float(want) > 1e-3
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)

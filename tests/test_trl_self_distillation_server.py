@@ -48,7 +48,8 @@ def run_served(kind, trainer_cls, tmp_path, monkeypatch, forbid_logits=False, **
     monkeypatch.setattr(ScriptedServerGeneration, "served", served)
     with TeacherServer(served, tokenizer) as server:
         losses, grads, trainer = run_self_distillation(
-            kind, trainer_cls, tmp_path, forbid_logits=forbid_logits, use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url,
+            kind, trainer_cls, tmp_path, forbid_logits=forbid_logits, use_vllm=True, vllm_mode="server",
+            vllm_server_base_url=server.url,
             use_teacher_server=True, teacher_model_kind="live", **options)
         scored = [body for path, body in server.requests if path == "/v1/completions"]
     assert trainer.vllm_generation.syncs >= 2 and len(scored) >= 2

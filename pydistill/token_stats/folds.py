@@ -1,8 +1,8 @@
 """The per-chunk folds of the core op, spelled in torch (CPU and any device without Triton).
 
-The top-level ``kernels/folds.py`` (shipped as ``pydistill.kernels.folds``) spells the same three functions as Triton kernels, with the same arguments and
-the same math (the torch spelling groups terms to save passes over a chunk); the chunk loop (:mod:`.loop`)
-calls whichever one the device takes.
+The top-level ``kernels/folds.py`` (shipped as ``pydistill.kernels.folds``) spells the same three functions as
+Triton kernels, with the same arguments and the same math (the torch spelling groups terms to save passes over a
+chunk); the chunk loop (:mod:`.loop`) calls whichever one the device takes.
 Each fold receives one GEMM output chunk, ``[R, C]`` raw logits ``x = h W[c0:c1]^T + b`` in the compute dtype
 (float32, float64 for float64 inputs), and turns it into per-row statistics or into the chunk's dlogits.
 

@@ -3,9 +3,9 @@
 :func:`install` wraps a causal LM's ``forward`` (the instance attribute, the way TRL's own ``add_fused_lm_head``
 does) so that ``model(input_ids=..., attention_mask=..., pydistill=request)`` runs the decoder body, keeps the
 hidden states that predict the last ``request["keep"]`` tokens and hands them with the lm_head to
-:func:`pydistill.token_stats`, all through :mod:`pydistill.boundary`. The call goes through whatever wraps the model (DDP, PEFT, accelerate), so
-gradient synchronisation and adapters behave exactly as for an ordinary forward; without ``pydistill=`` the
-model's previous forward runs unchanged (generation, TRL's own fused head).
+:func:`pydistill.token_stats`, all through :mod:`pydistill.boundary`. The call goes through whatever wraps the
+model (DDP, PEFT, accelerate), so gradient synchronisation and adapters behave exactly as for an ordinary
+forward; without ``pydistill=`` the model's previous forward runs unchanged (generation, TRL's own fused head).
 
 A request is a plain dict (DDP walks its tensors like any other input):
 - ``keep`` (int): the number of trailing positions scored; row ``t`` of the output is the next-token

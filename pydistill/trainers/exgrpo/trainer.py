@@ -336,7 +336,8 @@ class ExGRPOTrainer(Trainer):
         # Both gradient bases live until the backward: the op's budget is shared in proportion to the tokens.
         counts = (int(grpo_mask.sum()), int(sft_mask.sum()))
         budgets = [cfg.memory_budget_mb * max(c, 1) / max(sum(counts), 1) for c in counts]
-        out = grpo_loss(hidden[rollouts], head.weight, batch.targets[rollouts], prepared["advantages"], grpo_mask[rollouts],
+        out = grpo_loss(hidden[rollouts], head.weight, batch.targets[rollouts], prepared["advantages"],
+                        grpo_mask[rollouts],
                         ref_logp=ref_logp, beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                         delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
                         loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens * (cfg.num_probes + 1),
