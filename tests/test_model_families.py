@@ -191,18 +191,6 @@ def test_fd_distils_the_models_own_distributions(family, tmp_path):
           at_targets(model_logprobs(trainer.model, student, trainer.config.temperature), student))
 
 
-@pytest.mark.parametrize("method", ["sft"])
-def test_the_trainers_on_the_old_spellings_pass_the_models_softcap(method):
-    """SFT still spells the head as ``lm_head_*(self.model)``: the softcap reaches every op call (the
-    scale folds into hidden states and bias)."""
-    import inspect
-
-    source = inspect.getsource(__import__(f"pydistill.trainers.{method}.trainer", fromlist=["x"]))
-    calls = source.count("memory_budget_mb=")
-    assert calls and source.count("softcap=lm_head_softcap(self.model)") == calls, \
-        f"{method}: an op or loss call without the model's softcap"
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exgrpo_scores_the_models_own_log_probs(family, tmp_path):
     """ExGRPO's SFT warm-up loss reads the model's own head (scale, softcap, bias)."""

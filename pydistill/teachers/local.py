@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from ..trainers.contexts import build_context_batch, causal_lm, lm_head_bias, lm_head_weight, response_hidden_states
+from ..boundary import read_head
+from ..trainers.contexts import build_context_batch, response_hidden_states
 from .server import PADDING_ID
 
 
@@ -29,9 +30,8 @@ def local_topk_logprobs(model, contexts: Sequence[Sequence[int]], responses: Seq
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    weight, bias = lm_head_weight(model), lm_head_bias(model)
-    # Gemma-style models squash their logits before the softmax; the head alone would give other log-probs.
-    softcap = getattr(getattr(causal_lm(model), "config", None), "final_logit_softcapping", None)
+    # the head as the op reads it: the logit scale is in the bias (and the hidden states), the softcap beside it
+    weight, bias, softcap, _ = read_head(model)
     out, was_training = [], model.training
     model.eval()  # no dropout in the scores; the caller's mode is restored below
     try:

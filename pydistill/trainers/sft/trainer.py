@@ -5,7 +5,8 @@ from __future__ import annotations
 from ...losses import LossOutput, distillation_loss, nll_loss
 from ...prompts import render, student_messages
 from ...teachers import load_teacher_cache, stack_topk
-from ..contexts import build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight, response_hidden_states
+from ...boundary import read_head
+from ..contexts import build_context_batch, head_options, response_hidden_states
 from ..core import Trainer
 
 
@@ -64,9 +65,10 @@ class SFTTrainer(Trainer):
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg, batch = self.config, prepared["batch"]
         hidden = response_hidden_states(self.policy, batch)
-        common = dict(num_items_in_batch=num_items_in_batch, bias=lm_head_bias(self.model), impl=cfg.impl,
-                      memory_budget_mb=cfg.memory_budget_mb, softcap=lm_head_softcap(self.model))
-        weight = lm_head_weight(self.model)
+        head = read_head(self.model)  # once per step: under FSDP2 each read gathers the head's shards
+        common = dict(num_items_in_batch=num_items_in_batch, impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
+                      **head_options(head))
+        weight = head.weight
         w = cfg.distillation_weight if self.teacher_cache is not None else 0.0
         if w == 0:
             return nll_loss(hidden, weight, batch.targets, batch.completion_mask, **common)
