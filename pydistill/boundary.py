@@ -206,12 +206,14 @@ def head_token_stats(head: Head, hidden, mask, *, targets=None, teacher_head: Op
                                 **options)
 
 
-def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None, impl="auto",
+def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None,
+               teacher_temperature=None, impl="auto",
                divergence: Optional[str] = None, beta: float = 0.5, clip: Optional[float] = None,
                topk_tail: bool = True, support_topk: Optional[int] = None,
                memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, differentiated=None) -> dict:
     """The op's options of a loss; ``differentiated`` names the outputs the loss differentiates (the fast
     mode keeps one gradient basis per name, so naming only those keeps the budget for rows)."""
     return dict(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
-                support_topk=support_topk, memory_budget_mb=memory_budget_mb, differentiated=differentiated)
+                softcap=softcap, teacher_temperature=teacher_temperature, impl=impl, divergence=divergence, beta=beta,
+                clip=clip, topk_tail=topk_tail, support_topk=support_topk, memory_budget_mb=memory_budget_mb,
+                differentiated=differentiated)

@@ -175,15 +175,18 @@ def test_rosd_distils_the_models_own_distributions(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fd_distils_the_models_own_distributions(family, tmp_path):
-    """FD's EMA teacher starts at the initial weights; its importance weight reads the sampling policy."""
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_fd_distils_the_models_own_distributions(family, tau, tmp_path):
+    """FD's EMA teacher starts at the initial weights; its importance weight reads the sampling policy. A
+    ``teacher_temperature`` tau divides the model's own (on Gemma-2: softcapped) logits, at T * tau."""
     from types import SimpleNamespace
 
     trainer, initial, student, teacher = trainer_on(family, "fd", tmp_path, divergence="forward_kl",
-                                                    loss_temperature=TEMPERATURE, num_generations=2)
+                                                    loss_temperature=TEMPERATURE, num_generations=2,
+                                                    teacher_temperature=tau)
     prepared = dict(groups=SimpleNamespace(student=student), teacher=teacher, informative=torch.ones(2, dtype=bool))
     out = trainer.loss(prepared, 1.0)
-    close(out.per_token["divergence"], forward_kl(model_logprobs(initial, teacher, TEMPERATURE),
+    close(out.per_token["divergence"], forward_kl(model_logprobs(initial, teacher, TEMPERATURE * tau),
                                                   model_logprobs(trainer.model, student, TEMPERATURE),
                                                   student.completion_mask))
     hidden = response_hidden_states(trainer.model, student)

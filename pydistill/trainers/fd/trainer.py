@@ -153,24 +153,20 @@ class FDTrainer(GRPOLoopTrainer):
         cfg = self.config
         student, teacher = prepared["groups"].student, prepared["teacher"]
         hidden = response_hidden_states(self.policy, student)
-        # a served teacher divides its logits by both temperatures, as the local one below
-        served = served_teacher(self, loss_temperature(cfg) * cfg.teacher_temperature)
-        teacher_hidden, t_head, topk = None, None, {}
+        # The teacher's capped logits over T * tau, the sharpened teacher, on every head: the server divides its
+        # (already capped) logits by that temperature, the op takes it as the teacher context's own.
+        teacher_t = loss_temperature(cfg) * cfg.teacher_temperature
+        served = served_teacher(self, teacher_t)
+        teacher_hidden, t_head, teacher_side = None, None, {}
         if served is not None:  # the same feedback-conditioned context, scored by the server
-            topk["teacher_topk_ids"], topk["teacher_topk_logprobs"] = served.topk(teacher)
+            teacher_side["teacher_topk_ids"], teacher_side["teacher_topk_logprobs"] = served.topk(teacher)
         else:
             teacher_hidden, t_head = self.teacher.hidden_states(teacher), teacher_head(self.teacher)
+            teacher_side["teacher_temperature"] = teacher_t
         head = read_head(self.model)
-        if cfg.teacher_temperature != 1 and served is None:
-            # logits / tau exactly: the teacher's side is a constant, so its hidden states (and bias) are scaled
-            teacher_hidden = teacher_hidden / cfg.teacher_temperature
-            if t_head is None and head.bias is not None:  # a shared head with a bias: the teacher's own copy
-                t_head = head._replace(weight=head.weight.detach(), bias=head.bias.detach())
-            if t_head is not None and t_head.bias is not None:
-                t_head = t_head._replace(bias=t_head.bias / cfg.teacher_temperature)
         distill = dict(divergence=cfg.divergence, beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg),
                        teacher_weight=None if t_head is None else t_head.weight,
-                       teacher_bias=None if t_head is None else t_head.bias, **topk)
+                       teacher_bias=None if t_head is None else t_head.bias, **teacher_side)
         if cfg.distillation_weight == 1:
             old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
             return distillation_loss(hidden, head.weight, teacher_hidden, self.trained_mask(prepared),
