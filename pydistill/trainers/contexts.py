@@ -81,9 +81,10 @@ def head_options(head: Head, teacher: Optional[Head] = None) -> dict:
     return options
 
 
-def response_hidden_states(model, batch: ContextBatch) -> torch.Tensor:
+def response_hidden_states(model, batch: ContextBatch, head: Optional[Head] = None) -> torch.Tensor:
     """The op's input [B, T, H] at the positions that predict the completion tokens (:func:`pydistill.boundary.
-    hidden_states`); through ``model``'s own forward when it is the accelerate-wrapped :class:`ResponseHiddenStates`."""
+    hidden_states`); through ``model``'s own forward when it is the accelerate-wrapped :class:`ResponseHiddenStates`.
+    ``head``: the model's head when the caller already read it (the step's one read), else read here."""
     if isinstance(model, ResponseHiddenStates) or isinstance(getattr(model, "module", None), ResponseHiddenStates):
-        return model(batch.input_ids, batch.attention_mask, batch.positions)
-    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.positions)
+        return model(batch.input_ids, batch.attention_mask, batch.positions, head=head)
+    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.positions, head=head)

@@ -39,10 +39,12 @@ class Teacher:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def hidden_states(self, batch: ContextBatch) -> torch.Tensor:
+    def hidden_states(self, batch: ContextBatch, head=None) -> torch.Tensor:
+        """``head``: the head the teacher context is scored with (its copy's, or the student's it shares), when
+        the caller already read it."""
         model = self.copy if self.copy is not None else self.student
         with self._context():
-            return response_hidden_states(model, batch)
+            return response_hidden_states(model, batch, head)
 
     def lm_head_weight(self):
         """None when the teacher shares the student's head weight (one W read serves both contexts)."""

@@ -9,7 +9,7 @@ import torch
 
 from ...losses import blended_loss, distillation_loss
 from ...prompts import feedback_teacher_messages, render
-from ...boundary import head_token_stats, read_head
+from ...boundary import Head, head_token_stats, read_head
 from ..config import loss_temperature
 from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..groups import sample_groups
@@ -141,18 +141,21 @@ class FDTrainer(GRPOLoopTrainer):
             return mask
         return super().trained_mask(prepared)
 
-    def sampling_logp(self, hidden: torch.Tensor, student) -> torch.Tensor:
+    def sampling_logp(self, hidden: torch.Tensor, student, head: Optional[Head] = None) -> torch.Tensor:
         """log q_T(y_t) [B, T]: the sampled tokens under the student at the sampling temperature (the policy
-        the rollouts came from), for the importance weight min(pi(y_t) / q_T(y_t), importance_clip)."""
+        the rollouts came from), for the importance weight min(pi(y_t) / q_T(y_t), importance_clip). ``head``:
+        the student's, when the step already read it."""
         with torch.no_grad():
-            return head_token_stats(read_head(self.model), hidden.detach(), student.completion_mask,
+            return head_token_stats(read_head(self.model) if head is None else head, hidden.detach(),
+                                    student.completion_mask,
                                     targets=student.targets, temperature=self.config.temperature,
                                     impl=self.config.impl, memory_budget_mb=self.config.memory_budget_mb).logp
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
         student, teacher = prepared["groups"].student, prepared["teacher"]
-        hidden = response_hidden_states(self.policy, student)
+        head = read_head(self.model)  # once per step: under FSDP2 each read gathers the head's shards
+        hidden = response_hidden_states(self.policy, student, head)
         # The teacher's capped logits over T * tau, the sharpened teacher, on every head: the server divides its
         # (already capped) logits by that temperature, the op takes it as the teacher context's own.
         teacher_t = loss_temperature(cfg) * cfg.teacher_temperature
@@ -161,20 +164,20 @@ class FDTrainer(GRPOLoopTrainer):
         if served is not None:  # the same feedback-conditioned context, scored by the server
             teacher_side["teacher_topk_ids"], teacher_side["teacher_topk_logprobs"] = served.topk(teacher)
         else:
-            teacher_hidden, t_head = self.teacher.hidden_states(teacher), teacher_head(self.teacher)
+            t_head = teacher_head(self.teacher)
+            teacher_hidden = self.teacher.hidden_states(teacher, t_head or head)
             teacher_side["teacher_temperature"] = teacher_t
-        head = read_head(self.model)
         distill = dict(divergence=cfg.divergence, beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg),
                        teacher_weight=None if t_head is None else t_head.weight,
                        teacher_bias=None if t_head is None else t_head.bias, **teacher_side)
         if cfg.distillation_weight == 1:
-            old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
+            old_logp = self.sampling_logp(hidden, student, head) if cfg.importance_clip else None
             return distillation_loss(hidden, head.weight, teacher_hidden, self.trained_mask(prepared),
                                      targets=student.targets if cfg.importance_clip else None, old_logp=old_logp,
                                      importance_clip=cfg.importance_clip, entropy_coef=cfg.entropy_coef,
                                      num_items_in_batch=num_items_in_batch, impl=cfg.impl,
                                      memory_budget_mb=cfg.memory_budget_mb, **head_options(head), **distill)
-        options = self.policy_loss_options(prepared, num_items_in_batch)
+        options = self.policy_loss_options(prepared, num_items_in_batch, head)
         return blended_loss(hidden, head.weight, teacher_hidden, options.pop("targets"),
                             options.pop("advantages"), options.pop("mask"),
                             distillation_weight=cfg.distillation_weight, **distill, **options)
