@@ -99,7 +99,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
     from pydistill.prompts import render, student_messages
     from pydistill.trainers.rosd.reflection import StepCheckReflector
     from pydistill.token_stats import token_stats
-    from pydistill.trainers.contexts import lm_head_weight
+    from pydistill.boundary import read_head
 
     model.eval()
     prompts = [render(tokenizer, student_messages(p.question)) for p in problems for _ in range(generations)]
@@ -128,7 +128,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
         return summary
     completions = [ids[i] for i, _, _ in rows]
     targets = torch.tensor([t for c in completions for t in c])
-    weight = lm_head_weight(model).detach()
+    weight = read_head(model).weight.detach()
     student_rows = hidden_rows(model, tokenizer, [tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
                                                   for i, _, _ in rows], completions)
     student_hidden = torch.cat(student_rows)

@@ -12,7 +12,7 @@ from pydistill.prompts import render, rosd_teacher_messages, student_messages
 from pydistill.trainers.rosd.reflection import (Reflection, StepCheckReflector, find_quote, first_error_token_index,
                                                parse_reflection)
 from pydistill.trainers import TRAINERS, ROSDConfig, ROSDTrainer
-from pydistill.trainers.contexts import lm_head_weight
+from pydistill.boundary import read_head
 from pydistill.trainers.rollout import SamplingSettings
 from pydistill.trainers.rosd import select_siblings
 from tests.trainer_helpers import TASK, GroupEngine, count_op_rows, step_gradients
@@ -199,7 +199,7 @@ def eager_rosd_loss(policy, teacher, tok, engine, problems, cfg):
                              SamplingSettings(cfg.max_new_tokens, n=g))
     repeated = [p for p in problems for _ in range(g)]
     correct = [TASK.is_correct(p, t) for p, t in zip(repeated, rollouts.texts)]
-    weight, teacher_weight = lm_head_weight(policy).double(), lm_head_weight(teacher).double()
+    weight, teacher_weight = read_head(policy).weight.double(), read_head(teacher).weight.double()
     total, count, t_stars = 0.0, 0, []
     for group in range(len(problems)):
         members = list(range(group * g, (group + 1) * g))

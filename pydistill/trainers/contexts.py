@@ -53,20 +53,6 @@ def causal_lm(model):
     return unwrap(model)
 
 
-def lm_head_weight(model) -> torch.Tensor:
-    return read_head(model).weight
-
-
-def lm_head_bias(model):
-    """The head's bias times the model's logit scale (the scale folds into the op's inputs), or None."""
-    return read_head(model).bias
-
-
-def lm_head_softcap(model):
-    """The model's final-logit softcap, to pass to every op call on its hidden states (None for most)."""
-    return read_head(model).softcap
-
-
 def teacher_head(teacher) -> Optional[Head]:
     """The head of a teacher that holds its own weights (a frozen or EMA copy); None when it reads the student's
     (one W read serves both contexts)."""

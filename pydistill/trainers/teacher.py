@@ -7,7 +7,7 @@ import copy
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from .contexts import ContextBatch, causal_lm, lm_head_weight, response_hidden_states
+from .contexts import ContextBatch, causal_lm, response_hidden_states
 
 
 class Teacher:
@@ -45,12 +45,6 @@ class Teacher:
         model = self.copy if self.copy is not None else self.student
         with self._context():
             return response_hidden_states(model, batch, head)
-
-    def lm_head_weight(self):
-        """None when the teacher shares the student's head weight (one W read serves both contexts)."""
-        if self.copy is None:
-            return None
-        return lm_head_weight(self.copy)
 
     @torch.no_grad()
     def update(self):
