@@ -53,7 +53,7 @@ def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanatio
     if context == "rosd_sibling_only":
         return rosd_teacher_messages(q, sibling, None)
     if context == "rosd_reference_explanation":
-        return rosd_teacher_messages(q, problem.solution, explanation, reference=True)
+        return rosd_teacher_messages(q, problem.solution, explanation, task_solution=True)
     if context == "fd_verifier_full":
         return feedback_teacher_messages(q, VerifierFeedback()(q, attempt, problem.answer), frame=FRAME)
     if context == "fd_verifier_no_attempt_numbers":

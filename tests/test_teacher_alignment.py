@@ -89,7 +89,7 @@ def test_rosd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path,
             shown = derived[0] if derived else problem.solution
         explanation = reflection.explanation if cfg.explanation else None
         prompt = render(tok, rosd_teacher_messages(problem.question, shown, explanation,
-                                                   reference=shown is problem.solution))
+                                                   task_solution=shown is problem.solution))
         teacher_prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
         completions.append(ids)
         shows_review = bool(cfg.explanation and reflection.explanation)

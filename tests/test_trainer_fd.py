@@ -177,7 +177,7 @@ def test_missing_lean_binary_fails_at_start_up(tmp_path, monkeypatch):
 def test_feedback_failures_and_timeouts_are_counted_not_raised(tmp_path):
     calls = []
 
-    def flaky(prompt, attempt, reference):
+    def flaky(prompt, attempt, answer):
         calls.append(attempt)
         if len(calls) % 4 == 1:
             raise RuntimeError("critic server down")

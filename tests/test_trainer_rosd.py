@@ -411,7 +411,7 @@ def test_derives_answer_needs_checked_arithmetic_that_computes_the_answer():
     assert not derives_answer(None, "12")
 
 
-def test_derived_sibling_is_a_checked_derivation_else_the_reference():
+def test_derived_sibling_is_a_checked_derivation_else_the_task_solution():
     import types
 
     fake = types.SimpleNamespace(config=types.SimpleNamespace(privileged="derived_sibling", num_generations=4))
@@ -432,7 +432,7 @@ def test_derived_sibling_is_a_checked_derivation_else_the_reference():
     assert shown(2, 0) == texts[0]
     fake.config.privileged = "solution"
     assert shown(2, 3) == "REFERENCE"
-    problem.solution = None  # a task without reference solutions keeps the paper's sibling
+    problem.solution = None  # a task without worked solutions keeps the paper's sibling
     fake.config.privileged = "derived_sibling"
     assert shown(6, 4) == texts[4]
 

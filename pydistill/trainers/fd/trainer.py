@@ -32,7 +32,7 @@ class FDTrainer(GRPOLoopTrainer):
         return self.config.feedback != "critic"
 
     def __init__(self, config: FDConfig, *args, feedback_source: Optional[Callable] = None, **kwargs):
-        """``feedback_source``: any callable ``(prompt, attempt, reference) -> str | None`` (optionally with a
+        """``feedback_source``: any callable ``(prompt, attempt, answer) -> str | None`` (optionally with a
         ``batch(items)`` method) that replaces the configured one."""
         config.validate()
         self.feedback_source = feedback_source

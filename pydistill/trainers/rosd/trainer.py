@@ -128,7 +128,7 @@ class ROSDTrainer(Trainer):
             counts["uninformative"] += no_signal
             silent.append(no_signal or (bool(correct[i]) and not cfg.distill_correct_rollouts))
             prompt = render(tok, rosd_teacher_messages(question, solution, explanation,
-                                                       reference=solution is batch.problems[i].solution))
+                                                       task_solution=solution is batch.problems[i].solution))
             teacher_ids.append(tok(prompt, add_special_tokens=False)["input_ids"])
 
         device = self.accelerator.device
