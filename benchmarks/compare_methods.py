@@ -158,7 +158,8 @@ def policy_entropy(model, tokenizer, problems, *, samples: int = ENTROPY_SAMPLES
     from pydistill.evaluation import generate_completions
     from pydistill.prompts import render, student_messages
     from pydistill.token_stats import token_stats
-    from pydistill.trainers.contexts import build_context_batch, lm_head_bias, lm_head_weight, response_hidden_states
+    from pydistill.boundary import read_head
+    from pydistill.trainers.contexts import build_context_batch, response_hidden_states
 
     prompts = [render(tokenizer, student_messages(p.question)) for p in problems for _ in range(samples)]
     torch.manual_seed(seed)
@@ -173,10 +174,11 @@ def policy_entropy(model, tokenizer, problems, *, samples: int = ENTROPY_SAMPLES
         for start in range(0, len(rows), 16):
             chunk = rows[start:start + 16]
             batch = build_context_batch([p for p, _ in chunk], [c for _, c in chunk], tokenizer.pad_token_id, device)
-            hidden = response_hidden_states(model, batch)
+            head = read_head(model)
+            hidden = response_hidden_states(model, batch, head)
             mask = batch.completion_mask
-            stats = token_stats(hidden[mask], lm_head_weight(model), targets=batch.targets[mask],
-                                bias=lm_head_bias(model))
+            stats = token_stats(hidden[mask], head.weight, targets=batch.targets[mask], bias=head.bias,
+                                softcap=head.softcap)
             total += float(stats.entropy.sum())
             count += int(mask.sum())
     model.train(was_training)

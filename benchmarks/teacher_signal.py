@@ -53,7 +53,7 @@ def teacher_prompt(context: str, problem, attempt: str, sibling: str, explanatio
     if context == "rosd_sibling_only":
         return rosd_teacher_messages(q, sibling, None)
     if context == "rosd_reference_explanation":
-        return rosd_teacher_messages(q, problem.solution, explanation, reference=True)
+        return rosd_teacher_messages(q, problem.solution, explanation, task_solution=True)
     if context == "fd_verifier_full":
         return feedback_teacher_messages(q, VerifierFeedback()(q, attempt, problem.answer), frame=FRAME)
     if context == "fd_verifier_no_attempt_numbers":
@@ -99,7 +99,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
     from pydistill.prompts import render, student_messages
     from pydistill.trainers.rosd.reflection import StepCheckReflector
     from pydistill.token_stats import token_stats
-    from pydistill.trainers.contexts import lm_head_weight
+    from pydistill.boundary import read_head
 
     model.eval()
     prompts = [render(tokenizer, student_messages(p.question)) for p in problems for _ in range(generations)]
@@ -128,7 +128,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
         return summary
     completions = [ids[i] for i, _, _ in rows]
     targets = torch.tensor([t for c in completions for t in c])
-    weight = lm_head_weight(model).detach()
+    weight = read_head(model).weight.detach()
     student_rows = hidden_rows(model, tokenizer, [tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
                                                   for i, _, _ in rows], completions)
     student_hidden = torch.cat(student_rows)

@@ -97,7 +97,7 @@ def opsd_rollout_rows(args):
     from pydistill.models import load_model
     from pydistill.prompts import opsd_teacher_messages, render, student_messages
     from pydistill.tasks import get_task
-    from pydistill.trainers.contexts import lm_head_weight
+    from pydistill.boundary import read_head
 
     model, tokenizer = load_model(args.model)
     model.eval()
@@ -116,7 +116,7 @@ def opsd_rollout_rows(args):
     student = torch.cat(hidden_rows(model, tokenizer, student_ids, completions))
     teacher = torch.cat(hidden_rows(model, tokenizer, teacher_ids, completions))
     targets = torch.tensor([t for c in completions for t in c], dtype=torch.long)
-    return student, teacher, lm_head_weight(model).detach(), len(keep), targets
+    return student, teacher, read_head(model).weight.detach(), len(keep), targets
 
 
 def gap(args) -> dict:

@@ -61,7 +61,7 @@ def _entries(log_q, log_p, beta, log_beta, log_1m_beta, KIND: tl.constexpr):
 
 @triton.jit
 def _forward_fold_kernel(zs_ptr, zt_ptr, z_stride, state_ptr, state_stride, y_ptr, col0, n_cols, inv_temp, softcap,
-                         HAS_TEACHER: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+                         t_inv_temp, HAS_TEACHER: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * z_stride
     st = state_ptr + row
@@ -83,7 +83,7 @@ def _forward_fold_kernel(zs_ptr, zt_ptr, z_stride, state_ptr, state_stride, y_pt
         a_s = scale * (a_s + shift) + tl.sum(e * (m_new - zs), axis=0)
         s_s = s_s * scale + tl.sum(e, axis=0)
         if HAS_TEACHER:
-            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), inv_temp, softcap, HAS_CAP)
+            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, softcap, HAS_CAP)
             gap = zs - zt
             g_s = g_s * scale + tl.sum(e * gap, axis=0)
             mt_new = tl.maximum(m_t, tl.max(tl.where(ok, zt, float("-inf")), axis=0))
@@ -110,7 +110,7 @@ def _forward_fold_kernel(zs_ptr, zt_ptr, z_stride, state_ptr, state_stride, y_pt
 
 @triton.jit
 def _divergence_fold_kernel(zs_ptr, zt_ptr, z_stride, lse_s_ptr, lse_t_ptr, sums_ptr, sums_stride, n_cols,
-                            inv_temp, softcap, beta, log_beta, log_1m_beta, tau,
+                            inv_temp, softcap, t_inv_temp, beta, log_beta, log_1m_beta, tau,
                             KIND: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * z_stride
@@ -122,7 +122,7 @@ def _divergence_fold_kernel(zs_ptr, zt_ptr, z_stride, lse_s_ptr, lse_t_ptr, sums
         cols = off + tl.arange(0, BLOCK)
         ok = cols < n_cols
         zs = _scaled(tl.load(zs_ptr + base + cols, mask=ok, other=0.0), inv_temp, softcap, HAS_CAP)
-        zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), inv_temp, softcap, HAS_CAP)
+        zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, softcap, HAS_CAP)
         d, a = _entries(zs - lse_s, zt - lse_t, beta, log_beta, log_1m_beta, KIND)
         if HAS_CLIP:
             kept = d <= tau
@@ -137,8 +137,8 @@ def _divergence_fold_kernel(zs_ptr, zt_ptr, z_stride, lse_s_ptr, lse_t_ptr, sums
 
 @triton.jit
 def _backward_fold_kernel(zs_ptr, zt_ptr, z_stride, out_ptr, out_stride, lse_s_ptr, lse_t_ptr, ent_ptr, gsum_ptr,
-                          g_logp_ptr, g_ent_ptr, g_div_ptr, y_ptr, col0, n_cols, inv_temp, softcap, beta, log_beta,
-                          log_1m_beta, tau, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CAP: tl.constexpr,
+                          g_logp_ptr, g_ent_ptr, g_div_ptr, y_ptr, col0, n_cols, inv_temp, softcap, t_inv_temp, beta,
+                          log_beta, log_1m_beta, tau, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CAP: tl.constexpr,
                           BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * z_stride
@@ -165,7 +165,7 @@ def _backward_fold_kernel(zs_ptr, zt_ptr, z_stride, out_ptr, out_stride, lse_s_p
         q = tl.exp(log_q)
         dz = -g_ent * q * (log_q + entropy) - g_logp * q + tl.where(cols == local, g_logp, 0.0)
         if KIND != 0:
-            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), inv_temp, softcap, HAS_CAP)
+            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, softcap, HAS_CAP)
             d, a = _entries(log_q, zt - lse_t, beta, log_beta, log_1m_beta, KIND)
             if HAS_CLIP:
                 a = tl.where(d <= tau, a, 0.0)
@@ -177,19 +177,21 @@ def _backward_fold_kernel(zs_ptr, zt_ptr, z_stride, out_ptr, out_stride, lse_s_p
 
 
 def _scalars(cfg: StatsConfig):
-    """inv_temp, softcap, beta, log beta, log(1 - beta), tau as the kernels take them (finite placeholders)."""
+    """inv_temp, softcap, the teacher's inv_temp, beta, log beta, log(1 - beta), tau as the kernels take them
+    (finite placeholders)."""
     beta = cfg.beta if cfg.divergence == "jsd" else 0.5
-    return (1.0 / cfg.temperature, float(cfg.softcap or 1.0), beta, math.log(beta), math.log1p(-beta),
-            float(cfg.clip or 0.0))
+    return (1.0 / cfg.temperature, float(cfg.softcap or 1.0), 1.0 / cfg.teacher_temperature, beta, math.log(beta),
+            math.log1p(-beta), float(cfg.clip or 0.0))
 
 
 def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
     """Triton spelling of :func:`pydistill.token_stats.folds.forward_fold` (same contract)."""
     rows, cols = z_s.shape
-    inv_temp, softcap = _scalars(cfg)[:2]
+    inv_temp, softcap, t_inv_temp = _scalars(cfg)[:3]
     _forward_fold_kernel[(rows,)](
         z_s, z_s if z_t is None else z_t, z_s.stride(0), state, state.stride(0), targets, col0, cols, inv_temp,
-        softcap, HAS_TEACHER=z_t is not None, HAS_CAP=cfg.softcap is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        softcap, t_inv_temp, HAS_TEACHER=z_t is not None, HAS_CAP=cfg.softcap is not None, BLOCK=BLOCK,
+        num_warps=NUM_WARPS)
 
 
 def divergence_fold(z_s, z_t, lse_s, lse_t, sums, cfg: StatsConfig) -> None:
@@ -224,10 +226,10 @@ def launch_configurations():
     """
     f32, i32, i64 = "*fp32", "i32", "*i64"
     fwd = dict(zs_ptr=f32, zt_ptr=f32, z_stride=i32, state_ptr=f32, state_stride=i32, y_ptr=i64, col0=i32,
-               n_cols=i32, inv_temp="fp32", softcap="fp32")
+               n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32")
     div = dict(zs_ptr=f32, zt_ptr=f32, z_stride=i32, lse_s_ptr=f32, lse_t_ptr=f32, sums_ptr=f32, sums_stride=i32,
-               n_cols=i32, inv_temp="fp32", softcap="fp32", beta="fp32", log_beta="fp32", log_1m_beta="fp32",
-               tau="fp32")
+               n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32", beta="fp32", log_beta="fp32",
+               log_1m_beta="fp32", tau="fp32")
     for teacher in (False, True):
         for cap in (False, True):
             yield _forward_fold_kernel, fwd, dict(HAS_TEACHER=teacher, HAS_CAP=cap, BLOCK=BLOCK)
@@ -238,8 +240,8 @@ def launch_configurations():
     for out in ("*bf16", f32):
         bwd = dict(zs_ptr=f32, zt_ptr=f32, z_stride=i32, out_ptr=out, out_stride=i32, lse_s_ptr=f32, lse_t_ptr=f32,
                    ent_ptr=f32, gsum_ptr=f32, g_logp_ptr=f32, g_ent_ptr=f32, g_div_ptr=f32, y_ptr=i64, col0=i32,
-                   n_cols=i32, inv_temp="fp32", softcap="fp32", beta="fp32", log_beta="fp32", log_1m_beta="fp32",
-                   tau="fp32")
+                   n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32", beta="fp32", log_beta="fp32",
+                   log_1m_beta="fp32", tau="fp32")
         for kind in (0, 1, 2, 3):
             for clip in ((False,) if kind == 0 else (False, True)):
                 for cap in (False, True):

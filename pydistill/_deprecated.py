@@ -1,6 +1,7 @@
 """Old names kept working for a release: each warns once, naming its replacement."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 _warned: set = set()
@@ -12,6 +13,22 @@ def warn_once(old: str, new: str, stacklevel: int = 3) -> None:
         _warned.add(old)
         warnings.warn(f"{old} is renamed {new}; the old name will be removed in a later release", FutureWarning,
                       stacklevel=stacklevel + 1)
+
+
+def renamed_keyword(old: str, new: str):
+    """A decorator: a call that still passes the keyword ``old`` means ``new`` (warning once per function); both
+    at once is a TypeError."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{fn.__qualname__}() got both {new}= and its former name {old}=")
+                warn_once(f"{fn.__qualname__}({old}=...)", f"{new}=...", stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return call
+    return decorate
 
 
 def renamed(module: str, name: str, renames: dict, namespace: dict):

@@ -95,12 +95,14 @@ def read_head(model) -> Head:
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  positions: Union[torch.Tensor, int], **body_kwargs) -> torch.Tensor:
+                  positions: Union[torch.Tensor, int], head: Optional[Head] = None, **body_kwargs) -> torch.Tensor:
     """The decoder body's last hidden states (after the final norm) that predict the scored tokens, as the op's
     input (:meth:`Head.inputs`). The lm_head, and so any [B, L, V] logits, is never called.
 
     ``positions``: [B, T] indices into the sequence (row b, token t: the position whose hidden state predicts
-    it), or an int K for the last K tokens of every row (positions ``L - K - 1 .. L - 2``).
+    it), or an int K for the last K tokens of every row (positions ``L - K - 1 .. L - 2``). ``head``: the
+    model's :func:`read_head`, when the caller holds it (only its dtype and scale are read here; a step that
+    passes its one read gathers an FSDP2-sharded head once, not twice); None reads it.
     """
     lm = unwrap(model)
     out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **body_kwargs)
@@ -109,7 +111,7 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     else:  # position i predicts token i + 1
         hidden = hidden[:, hidden.shape[1] - int(positions) - 1:-1]
-    return read_head(lm).inputs(hidden)
+    return (read_head(lm) if head is None else head).inputs(hidden)
 
 
 class ResponseHiddenStates(torch.nn.Module):
@@ -128,8 +130,8 @@ class ResponseHiddenStates(torch.nn.Module):
         """accelerate's FSDP preparation re-ties tied embeddings after sharding through this method."""
         unwrap(self.model).tie_weights()
 
-    def forward(self, input_ids, attention_mask, positions):
-        return hidden_states(self.model, input_ids, attention_mask, positions)
+    def forward(self, input_ids, attention_mask, positions, head: Optional[Head] = None):
+        return hidden_states(self.model, input_ids, attention_mask, positions, head=head)
 
 
 class PackedRows(NamedTuple):
@@ -206,12 +208,14 @@ def head_token_stats(head: Head, hidden, mask, *, targets=None, teacher_head: Op
                                 **options)
 
 
-def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None, impl="auto",
+def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None,
+               teacher_temperature=None, impl="auto",
                divergence: Optional[str] = None, beta: float = 0.5, clip: Optional[float] = None,
                topk_tail: bool = True, support_topk: Optional[int] = None,
                memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, differentiated=None) -> dict:
     """The op's options of a loss; ``differentiated`` names the outputs the loss differentiates (the fast
     mode keeps one gradient basis per name, so naming only those keeps the budget for rows)."""
     return dict(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
-                support_topk=support_topk, memory_budget_mb=memory_budget_mb, differentiated=differentiated)
+                softcap=softcap, teacher_temperature=teacher_temperature, impl=impl, divergence=divergence, beta=beta,
+                clip=clip, topk_tail=topk_tail, support_topk=support_topk, memory_budget_mb=memory_budget_mb,
+                differentiated=differentiated)

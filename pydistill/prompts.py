@@ -1,6 +1,8 @@
 """The project's prompts: the student context and the teacher contexts with privileged information."""
 from __future__ import annotations
 
+from ._deprecated import renamed_keyword
+
 # Short on purpose: small models ramble when asked for long step-by-step reasoning, and every calculation
 # written as "a op b = c" is what the step checker and the reflectors read.
 STUDENT_INSTRUCTION = ("Answer with one short calculation in the form \"a op b = c\", then write \"The answer is\" "
@@ -51,13 +53,16 @@ def feedback_teacher_messages(question: str, feedback: str | None, sibling: str 
     return [{"role": "user", "content": "\n\n".join(parts)}]
 
 
+@renamed_keyword("reference", "task_solution")
 def rosd_teacher_messages(question: str, sibling_solution: str | None, explanation: str | None,
-                          reference: bool = False) -> list:
-    """ROSD teacher context: the problem, a correct sibling rollout (``reference``: the task's reference
-    solution instead), the reflection's explanation of where the attempt went wrong (never the quote itself),
-    and a request to solve the original question correctly. A section with nothing in it (None) is left out, as
-    the authors' code does for a correct rollout that is its group's only success."""
-    source = "a reference solution" if reference else "a correct solution by another student"
+                          task_solution: bool = False) -> list:
+    """ROSD teacher context: the problem, a correct sibling rollout (``task_solution``: the task's worked
+    solution instead; ``reference`` is its former name), the reflection's explanation of where the attempt went
+    wrong (never the quote itself), and a request to solve the original question correctly. A section with
+    nothing in it (None) is left out, as the authors' code does for a correct rollout that is its group's only
+    success."""
+    # the model reads "reference solution" here: the prompt's wording, kept as the runs were measured with it
+    source = "a reference solution" if task_solution else "a correct solution by another student"
     parts = [question]
     if sibling_solution:
         parts.append(f"Here is {source}:\n{sibling_solution}")

@@ -179,7 +179,7 @@ def test_trainer_step_doubles_until_oom(tmp_path):
 
 def test_trainer_step_fused_and_eager_losses_agree():
     from benchmarks.trainer_step import make_trainer
-    from pydistill.trainers.contexts import lm_head_weight
+    from pydistill.boundary import read_head
 
     out = {}
     for loss in ("fused", "eager"):
@@ -191,7 +191,7 @@ def test_trainer_step_fused_and_eager_losses_agree():
                 p.add_(0.3 * torch.randn_like(p) * p.std())
         value = trainer.loss(trainer.fixed_batch, 12.0)
         value.loss.backward()
-        out[loss] = (value.loss.detach(), lm_head_weight(trainer.model).grad.clone(), value.metrics["tokens"])
+        out[loss] = (value.loss.detach(), read_head(trainer.model).weight.grad.clone(), value.metrics["tokens"])
         metrics = trainer.training_step()  # the measured step runs without generation
         assert metrics["trained_tokens"] == 12
     assert out["fused"][2] == out["eager"][2] == 12 and described["vocab"] == 384

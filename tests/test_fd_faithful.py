@@ -43,7 +43,7 @@ def test_a_correct_sibling_makes_a_rollout_informative(tmp_path):
 
 
 def test_nothing_informative_is_an_exact_zero_step(tmp_path):
-    trainer = make_trainer(tmp_path, feedback_source=lambda prompt, attempt, reference: None)
+    trainer = make_trainer(tmp_path, feedback_source=lambda prompt, attempt, answer: None)
     prepared = trainer.prepare(trainer.train_pool[:1])
     assert prepared["tokens"] == 0 and not trainer.trained_mask(prepared).any()
     out = trainer.loss(prepared, 1.0)

@@ -92,7 +92,7 @@ def test_redact_answer_keeps_other_numbers():
 
 
 def test_collect_feedback_counts():
-    def source(prompt, attempt, reference):
+    def source(prompt, attempt, answer):
         if attempt == "boom":
             raise ValueError("bad")
         return "" if attempt == "quiet" else f"fix {attempt}"
@@ -111,7 +111,7 @@ def test_verifier_feedback_names_the_wrong_step_and_the_answer():
     assert verify("q", "3 + 4 = 7. The answer is 7.", "7") is None  # nothing the teacher could use
     assert verify("q", "I am not sure.", "7") == ('The attempt never states a final answer; end with "The answer '
                                                   'is" and the number.')
-    assert verify("q", "2 * 3 = 6 so the answer is 6", None) is None  # nothing wrong, no reference to compare
+    assert verify("q", "2 * 3 = 6 so the answer is 6", None) is None  # nothing wrong, no answer to compare
     # GSM8K-style calculator annotations are steps too
     assert "48/2 = 24, not 25" in verify("q", "She sold 48/2 = <<48/2=25>>25 clips.", "72")
 
@@ -120,7 +120,7 @@ def test_collect_feedback_batches_and_falls_back_per_item():
     calls = []
 
     class Source:
-        def __call__(self, prompt, attempt, reference):
+        def __call__(self, prompt, attempt, answer):
             calls.append(attempt)
             if attempt == "bad":
                 raise ValueError("cannot read")

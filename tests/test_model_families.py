@@ -8,8 +8,8 @@ import torch
 
 from pydistill import token_stats
 from pydistill.models import tiny_tokenizer
-from pydistill.trainers.contexts import (build_context_batch, lm_head_bias, lm_head_softcap, lm_head_weight,
-                                         response_hidden_states)
+from pydistill.boundary import read_head
+from pydistill.trainers.contexts import build_context_batch, response_hidden_states
 
 
 def _family(name: str):
@@ -47,9 +47,10 @@ def test_the_boundary_scores_what_the_model_predicts(family):
     hidden = response_hidden_states(model, batch)
     b, t, width = hidden.shape
     targets = torch.where(batch.completion_mask, batch.targets, torch.full_like(batch.targets, -100))
+    head = read_head(model)
     with torch.no_grad():
-        stats = token_stats(hidden.reshape(b * t, width), lm_head_weight(model), targets=targets.reshape(-1),
-                            bias=lm_head_bias(model), softcap=lm_head_softcap(model))
+        stats = token_stats(hidden.reshape(b * t, width), head.weight, targets=targets.reshape(-1), bias=head.bias,
+                            softcap=head.softcap)
     logp = stats.logp.reshape(b, t)
     for row, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
         with torch.no_grad():
@@ -64,7 +65,8 @@ def test_the_families_differ_from_their_raw_head(family):
     model, tok = _family(family)
     batch = build_context_batch(PROMPTS[:1], COMPLETIONS[:1], tok.pad_token_id)
     with torch.no_grad():
-        raw = torch.log_softmax(model.model(batch.input_ids).last_hidden_state[0, 2:6] @ lm_head_weight(model).t(), -1)
+        raw = model.model(batch.input_ids).last_hidden_state[0, 2:6] @ read_head(model).weight.t()
+        raw = torch.log_softmax(raw, -1)
         logits = torch.log_softmax(model(batch.input_ids).logits[0, 2:6], -1)
     assert float((raw - logits).abs().max()) > 1e-2
 
@@ -175,15 +177,18 @@ def test_rosd_distils_the_models_own_distributions(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fd_distils_the_models_own_distributions(family, tmp_path):
-    """FD's EMA teacher starts at the initial weights; its importance weight reads the sampling policy."""
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_fd_distils_the_models_own_distributions(family, tau, tmp_path):
+    """FD's EMA teacher starts at the initial weights; its importance weight reads the sampling policy. A
+    ``teacher_temperature`` tau divides the model's own (on Gemma-2: softcapped) logits, at T * tau."""
     from types import SimpleNamespace
 
     trainer, initial, student, teacher = trainer_on(family, "fd", tmp_path, divergence="forward_kl",
-                                                    loss_temperature=TEMPERATURE, num_generations=2)
+                                                    loss_temperature=TEMPERATURE, num_generations=2,
+                                                    teacher_temperature=tau)
     prepared = dict(groups=SimpleNamespace(student=student), teacher=teacher, informative=torch.ones(2, dtype=bool))
     out = trainer.loss(prepared, 1.0)
-    close(out.per_token["divergence"], forward_kl(model_logprobs(initial, teacher, TEMPERATURE),
+    close(out.per_token["divergence"], forward_kl(model_logprobs(initial, teacher, TEMPERATURE * tau),
                                                   model_logprobs(trainer.model, student, TEMPERATURE),
                                                   student.completion_mask))
     hidden = response_hidden_states(trainer.model, student)

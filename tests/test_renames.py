@@ -76,3 +76,39 @@ def test_the_eager_spelling_of_the_op_answers_to_its_former_names(monkeypatch):
     assert reference_token_stats is eager.eager_token_stats
     with pytest.warns(FutureWarning, match="SolutionFeedback"):
         assert feedback.ReferenceSolutionFeedback is feedback.SolutionFeedback
+
+
+@pytest.mark.parametrize("module_name", ["pydistill.tasks", "pydistill.tasks.answers"])
+def test_the_former_reference_answer_warns_once_and_is_solution_answer(module_name, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(module_name)
+    monkeypatch.setattr(_deprecated, "_warned", set())
+    with pytest.warns(FutureWarning, match="reference_answer is renamed solution_answer"):
+        assert module.reference_answer is module.solution_answer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert module.reference_answer("3 + 4 = 7\n#### 7") == "7"  # once only
+
+
+def test_the_former_reference_keywords_warn_once_and_mean_the_new_ones(monkeypatch):
+    """"reference" means the KL's reference model only: the worked solution and the right answer say so."""
+    from pydistill.prompts import rosd_teacher_messages
+    from pydistill.trainers.fd import feedback
+
+    monkeypatch.setattr(_deprecated, "_warned", set())
+    with pytest.warns(FutureWarning, match=r"rosd_teacher_messages\(reference=...\) is renamed task_solution="):
+        old = rosd_teacher_messages("q", "3 + 4 = 7", None, reference=True)
+    assert old == rosd_teacher_messages("q", "3 + 4 = 7", None, task_solution=True)
+    assert old != rosd_teacher_messages("q", "3 + 4 = 7", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rosd_teacher_messages("q", "3 + 4 = 7", None, reference=True) == old  # once only
+    verifier = feedback.VerifierFeedback(state_answer=True)
+    with pytest.warns(FutureWarning, match=r"VerifierFeedback.__call__\(reference=...\) is renamed answer="):
+        said = verifier("q", "3 + 4 = 8. The answer is 8.", reference="7")
+    assert said == verifier("q", "3 + 4 = 8. The answer is 8.", answer="7") and "should be 7" in said
+    with pytest.warns(FutureWarning, match=r"redact_answer\(reference=...\) is renamed answer="):
+        assert feedback.redact_answer("it is 7", reference="7") == "it is [answer withheld]"
+    with pytest.raises(TypeError, match="both answer= and its former name reference="):
+        feedback.redact_answer("it is 7", answer="7", reference="7")

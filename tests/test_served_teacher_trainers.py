@@ -10,7 +10,7 @@ import torch
 from pydistill.cli import build_parser, load_config
 from pydistill.models import tiny_model
 from pydistill.trainers import FDConfig, OPSDConfig, ROSDConfig
-from pydistill.trainers.contexts import lm_head_weight
+from pydistill.boundary import read_head
 from tests.teacher_server import TeacherServer
 from tests.test_trainer_fd import make_trainer as make_fd
 from tests.test_trainer_rosd import make_trainer as make_rosd
@@ -32,7 +32,7 @@ def context_rows(batch, tokenizer):
 
 def test_rosd_served_teacher_scores_the_sibling_context(tmp_path):
     local = make_rosd(tmp_path / "local", temperature=0.8)
-    vocab, tok = lm_head_weight(local.model).shape[0], local.tokenizer
+    vocab, tok = read_head(local.model).weight.shape[0], local.tokenizer
     prepared = local.prepare(local.train_pool[:2])
     want = local.loss(prepared, float(prepared["tokens"]))
     with TeacherServer(copy.deepcopy(local.model)) as server:
@@ -58,7 +58,7 @@ def test_fd_served_teacher_scores_the_feedback_context(tmp_path, weight):
     options = dict(teacher="fixed", teacher_temperature=0.7, loss_temperature=0.9, distillation_weight=weight,
                    loss_type="dapo")
     local = make_fd(tmp_path / "local", **options)
-    vocab, tok = lm_head_weight(local.model).shape[0], local.tokenizer
+    vocab, tok = read_head(local.model).weight.shape[0], local.tokenizer
     prepared = local.prepare(local.train_pool[:1])
     local.finalize_batch([prepared])
     want = local.loss(prepared, float(prepared["tokens"]))
@@ -99,7 +99,7 @@ def test_served_top_k_reaches_the_loss(tmp_path):
             pairs.append((top.indices, top.values))
     ids, lps = stack_topk(pairs, length=teacher.targets.shape[1])
     cfg = served.config
-    want = distillation_loss(response_hidden_states(served.policy, prepared["student"]), lm_head_weight(served.model),
+    want = distillation_loss(response_hidden_states(served.policy, prepared["student"]), read_head(served.model).weight,
                              None, prepared["mask"], teacher_topk_ids=ids, teacher_topk_logprobs=lps,
                              divergence=cfg.divergence, beta=cfg.beta, targets=prepared["student"].targets,
                              importance_clip=cfg.importance_clip, num_items_in_batch=float(prepared["tokens"]))

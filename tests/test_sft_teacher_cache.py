@@ -13,7 +13,7 @@ from pydistill.cli import build_parser, load_config, main
 from pydistill.models import tiny_model
 from pydistill.prompts import render, student_messages
 from pydistill.trainers import SFTConfig, SFTTrainer
-from pydistill.trainers.contexts import lm_head_weight
+from pydistill.boundary import read_head
 from tests.trainer_helpers import TASK
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
@@ -63,7 +63,7 @@ def reference_loss(student, teacher, tok, problems):
         answer = tok(p.solution.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         prompt = tok(render(tok, student_messages(p.question)), add_special_tokens=False)["input_ids"]
         hidden = student.model(input_ids=torch.tensor([prompt + answer])).last_hidden_state[0, len(prompt) - 1:-1]
-        logits = hidden.double() @ lm_head_weight(student).double().t()
+        logits = hidden.double() @ read_head(student).weight.double().t()
         nll = nll - torch.log_softmax(logits, -1).gather(1, torch.tensor(answer)[:, None]).sum()
         context = tok(tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
                                               add_generation_prompt=True), add_special_tokens=False)["input_ids"]

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from pydistill.tasks import (ArithmeticTask, GSM8KTask, extract_answer, find_first_wrong_step, get_task,
-                             normalize_number, reference_answer)
+                             normalize_number, solution_answer)
 from pydistill.tasks.gsm8k import DEFAULT_PATH
 
 GSM8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
@@ -96,7 +96,7 @@ def test_gsm8k_missing_path_names_it(tmp_path):
     with pytest.raises(ValueError, match="split must be one of"):
         GSM8KTask(str(tmp_path)).problems("ood")
     with pytest.raises(ValueError, match="####"):
-        reference_answer("no final answer")
+        solution_answer("no final answer")
 
 
 def test_unknown_task():

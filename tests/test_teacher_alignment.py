@@ -13,7 +13,7 @@ from pydistill.prompts import feedback_teacher_messages, render, rosd_teacher_me
 from pydistill.tasks import derives_answer
 from pydistill.trainers.rosd.reflection import StepCheckReflector
 from pydistill.trainers import FDTrainer, ROSDTrainer
-from pydistill.trainers.contexts import lm_head_weight
+from pydistill.boundary import read_head
 from tests.test_trainer_fd import GroupEngine as FDEngine
 from tests.test_trainer_fd import RIGHT, WRONG, SevensTask, fd_config
 from tests.test_trainer_rosd import brute_force_t_star, decode, rosd_config, scripted_reply
@@ -27,7 +27,7 @@ def assert_scores_the_rollout(teacher_model, batch, hidden, prompts, completions
     """Row by row: the context is prompt + completion, the targets are the completion, and the hidden state the
     trainer hands to the op at completion token t gives the same next-token distribution as a full forward of
     ``teacher_model`` on the unpadded sequence at position len(prompt) - 1 + t."""
-    weight = lm_head_weight(teacher_model)
+    weight = read_head(teacher_model).weight
     for row, (p, c) in enumerate(zip(prompts, completions)):
         length = int(batch.attention_mask[row].sum())
         assert batch.input_ids[row, :length].tolist() == list(p) + list(c)
@@ -89,7 +89,7 @@ def test_rosd_teacher_reads_the_prescribed_text_and_scores_the_rollout(tmp_path,
             shown = derived[0] if derived else problem.solution
         explanation = reflection.explanation if cfg.explanation else None
         prompt = render(tok, rosd_teacher_messages(problem.question, shown, explanation,
-                                                   reference=shown is problem.solution))
+                                                   task_solution=shown is problem.solution))
         teacher_prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
         completions.append(ids)
         shows_review = bool(cfg.explanation and reflection.explanation)

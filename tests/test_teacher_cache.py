@@ -249,7 +249,8 @@ def test_a_cached_teacher_drives_distillation_loss(teacher, tmp_path):
     from pydistill.losses import distillation_loss
     from pydistill.models import tiny_model
     from pydistill.teachers import stack_topk
-    from pydistill.trainers.contexts import build_context_batch, lm_head_weight, response_hidden_states
+    from pydistill.boundary import read_head
+    from pydistill.trainers.contexts import build_context_batch, response_hidden_states
 
     model, tokenizer, folder = teacher
     contexts, responses = _pairs(tokenizer)
@@ -264,7 +265,7 @@ def test_a_cached_teacher_drives_distillation_loss(teacher, tmp_path):
         with torch.no_grad():
             hidden = response_hidden_states(student, batch)
         hidden.requires_grad_()
-        out = distillation_loss(hidden, lm_head_weight(student).detach(), None, batch.completion_mask,
+        out = distillation_loss(hidden, read_head(student).weight.detach(), None, batch.completion_mask,
                                 teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, impl="torch")
         out.loss.backward()
         assert torch.isfinite(hidden.grad).all()

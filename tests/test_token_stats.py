@@ -69,6 +69,32 @@ def test_separate_teacher_bias_defaults():
     assert (shared - no_teacher_bias).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("impl", ["eager", "torch"])
+def test_teacher_temperature_divides_the_capped_teacher_logits(impl):
+    """z_t = cap(h_t W^T + b) / T_t and z_s = cap(h W^T + b) / T, written out from [N, V] logits in float64."""
+    inputs = make_inputs(n=11, width=12, vocab=97, bias=True, seed=6)
+    h, w, ht, b = inputs["hidden"], inputs["weight"], inputs["teacher_hidden"], inputs["bias"]
+    cap = lambda x: 2.5 * torch.tanh(x / 2.5)  # noqa: E731
+    z_s = cap(h.double() @ w.double().t() + b.double()) / 0.8
+    z_t = cap(ht.double() @ w.double().t() + b.double()) / 0.4
+    log_q, log_p = z_s.log_softmax(-1), z_t.log_softmax(-1)
+    want = (log_p.exp() * (log_p - log_q)).sum(-1)
+    got = token_stats(h, w, teacher_hidden=ht, bias=b, divergence="forward_kl", temperature=0.8, softcap=2.5,
+                      teacher_temperature=0.4, impl=impl).divergence
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_temperature_is_refused_for_a_topk_teacher():
+    inputs = make_inputs(n=4, width=8, vocab=50, seed=2)
+    ids = torch.arange(3).expand(4, 3)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        token_stats(inputs["hidden"], inputs["weight"], divergence="forward_kl", teacher_topk_ids=ids,
+                    teacher_topk_logprobs=torch.full((4, 3), -2.0), teacher_temperature=0.5)
+    with pytest.raises(ValueError, match="teacher_temperature must be None or a finite number > 0"):
+        token_stats(inputs["hidden"], inputs["weight"], teacher_hidden=inputs["teacher_hidden"],
+                    divergence="forward_kl", teacher_temperature=0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("div", [None, ("reverse_kl", 0.5), ("jsd", 0.3)])
 def test_low_precision_no_worse_than_eager(dtype, div):

@@ -177,7 +177,7 @@ def test_missing_lean_binary_fails_at_start_up(tmp_path, monkeypatch):
 def test_feedback_failures_and_timeouts_are_counted_not_raised(tmp_path):
     calls = []
 
-    def flaky(prompt, attempt, reference):
+    def flaky(prompt, attempt, answer):
         calls.append(attempt)
         if len(calls) % 4 == 1:
             raise RuntimeError("critic server down")
@@ -507,3 +507,38 @@ def test_bad_combinations_fail_fast(tmp_path, overrides, match):
         fd_config(tmp_path, **overrides).validate()
     with pytest.raises(ValueError, match=match):  # before any model is built
         FDTrainer(fd_config(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("trainer_name,overrides", [
+    ("fd", dict(importance_clip=1.05, temperature=0.7, loss_temperature=1.0)),  # the EMA teacher, sampling_logp
+    ("fd", dict(distillation_weight=0.5)),  # the blend: GRPO's policy options on the step's head
+    ("grpo", dict(beta=0.04, teacher="fixed", lora_r=4, lora_alpha=8)),  # the KL reference: the disabled adapter
+    ("grpo", dict(beta=0.04, teacher="fixed")),  # the KL reference: a frozen copy with its own head
+])
+def test_a_training_step_reads_each_head_once(tmp_path, monkeypatch, trainer_name, overrides):
+    """Under FSDP2 every read_head gathers the head's shards: one read per model per step (one micro-batch)."""
+    import pydistill.boundary as boundary
+
+    real, reads = boundary.read_head, []
+
+    def counted(model):
+        reads.append(id(boundary.unwrap(model)))
+        return real(model)
+
+    for module in list(sys.modules.values()):  # every module that imported the name
+        if getattr(module, "read_head", None) is real and module.__name__.startswith("pydistill"):
+            monkeypatch.setattr(module, "read_head", counted)
+    model, tok = tiny_model(seed=0)
+    config = fd_config(tmp_path, batch_size=1, micro_batch_size=1, **overrides)
+    if trainer_name == "grpo":
+        config = GRPOLoopConfig(**{k: v for k, v in vars(config).items() if k in vars(GRPOLoopConfig())})
+        trainer = GRPOLoopTrainer(config, model=model, tokenizer=tok, task=SevensTask(),
+                                  rollout_engine=GroupEngine(tok))
+    else:
+        trainer = FDTrainer(config, model=model, tokenizer=tok, task=SevensTask(), rollout_engine=GroupEngine(tok))
+    reads.clear()
+    trainer.training_step()
+    copy_model = trainer.teacher.copy
+    assert (copy_model is None) == ("lora_r" in overrides)  # the shared head and the copy's both covered
+    models = {id(boundary.unwrap(m)) for m in (trainer.model, copy_model) if m is not None}
+    assert sorted(reads) == sorted(models), (len(reads), len(models))

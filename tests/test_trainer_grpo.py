@@ -9,7 +9,7 @@ from pydistill.cli import build_parser, load_config
 from pydistill.models import tiny_model
 from pydistill.prompts import render, student_messages
 from pydistill.trainers import GRPOLoopConfig, GRPOLoopTrainer
-from pydistill.trainers.contexts import lm_head_weight
+from pydistill.boundary import read_head
 from pydistill.trainers.rollout import SamplingSettings
 from tests.trainer_helpers import TASK, GroupEngine, count_op_rows, step_gradients
 
@@ -58,7 +58,7 @@ def eager_logp(model, prompt_ids, completion_ids):
     ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
     hidden = model.model(input_ids=ids).last_hidden_state[0]
     start = len(prompt_ids) - 1
-    logits = hidden[start:start + len(completion_ids)].double() @ lm_head_weight(model).double().t()
+    logits = hidden[start:start + len(completion_ids)].double() @ read_head(model).weight.double().t()
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion_ids).unsqueeze(1)).squeeze(1)
 
 

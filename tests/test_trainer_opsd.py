@@ -8,7 +8,8 @@ import torch
 from pydistill.models import tiny_model
 from pydistill.trainers import OPSDConfig, OPSDTrainer
 from pydistill.trainers.checkpoint import latest_checkpoint
-from pydistill.trainers.contexts import build_context_batch, lm_head_weight, response_hidden_states
+from pydistill.boundary import read_head
+from pydistill.trainers.contexts import build_context_batch, response_hidden_states
 from tests.trainer_helpers import TASK, ScriptedEngine, tiny_config
 
 
@@ -29,7 +30,7 @@ def test_aligned_contexts_score_the_same_tokens():
     assert torch.equal(student.targets, teacher.targets)
     assert torch.equal(student.completion_mask, teacher.completion_mask)
     hs, ht = response_hidden_states(model, student), response_hidden_states(model, teacher)
-    weight = lm_head_weight(model)
+    weight = read_head(model).weight
     for row, (p, tp, c) in enumerate(zip(prompts, teacher_prompts, completions)):
         for ctx, hidden in ((p, hs), (tp, ht)):
             full = model(torch.tensor([ctx + c])).logits[0]  # direct full forward on the unpadded sequence
@@ -197,7 +198,7 @@ def test_a_served_teacher_gives_the_local_teachers_loss(tmp_path):
     from tests.teacher_server import TeacherServer
 
     local = make_trainer(tmp_path / "local", clip=None)
-    vocab = lm_head_weight(local.model).shape[0]
+    vocab = read_head(local.model).weight.shape[0]
     prepared = local.prepare(local.train_pool[:2])
     want = local.loss(prepared, float(prepared["tokens"]))
     with TeacherServer(copy.deepcopy(local.model)) as server:

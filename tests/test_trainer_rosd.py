@@ -12,7 +12,7 @@ from pydistill.prompts import render, rosd_teacher_messages, student_messages
 from pydistill.trainers.rosd.reflection import (Reflection, StepCheckReflector, find_quote, first_error_token_index,
                                                parse_reflection)
 from pydistill.trainers import TRAINERS, ROSDConfig, ROSDTrainer
-from pydistill.trainers.contexts import lm_head_weight
+from pydistill.boundary import read_head
 from pydistill.trainers.rollout import SamplingSettings
 from pydistill.trainers.rosd import select_siblings
 from tests.trainer_helpers import TASK, GroupEngine, count_op_rows, step_gradients
@@ -199,7 +199,7 @@ def eager_rosd_loss(policy, teacher, tok, engine, problems, cfg):
                              SamplingSettings(cfg.max_new_tokens, n=g))
     repeated = [p for p in problems for _ in range(g)]
     correct = [TASK.is_correct(p, t) for p, t in zip(repeated, rollouts.texts)]
-    weight, teacher_weight = lm_head_weight(policy).double(), lm_head_weight(teacher).double()
+    weight, teacher_weight = read_head(policy).weight.double(), read_head(teacher).weight.double()
     total, count, t_stars = 0.0, 0, []
     for group in range(len(problems)):
         members = list(range(group * g, (group + 1) * g))
@@ -411,7 +411,7 @@ def test_derives_answer_needs_checked_arithmetic_that_computes_the_answer():
     assert not derives_answer(None, "12")
 
 
-def test_derived_sibling_is_a_checked_derivation_else_the_reference():
+def test_derived_sibling_is_a_checked_derivation_else_the_task_solution():
     import types
 
     fake = types.SimpleNamespace(config=types.SimpleNamespace(privileged="derived_sibling", num_generations=4))
@@ -432,7 +432,7 @@ def test_derived_sibling_is_a_checked_derivation_else_the_reference():
     assert shown(2, 0) == texts[0]
     fake.config.privileged = "solution"
     assert shown(2, 3) == "REFERENCE"
-    problem.solution = None  # a task without reference solutions keeps the paper's sibling
+    problem.solution = None  # a task without worked solutions keeps the paper's sibling
     fake.config.privileged = "derived_sibling"
     assert shown(6, 4) == texts[4]
 

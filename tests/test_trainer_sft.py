@@ -6,7 +6,7 @@ from pydistill.cli import build_parser, load_config
 from pydistill.models import tiny_model
 from pydistill.prompts import render, student_messages
 from pydistill.trainers import SFTConfig, SFTTrainer
-from pydistill.trainers.contexts import lm_head_weight
+from pydistill.boundary import read_head
 from tests.trainer_helpers import TASK
 
 
@@ -27,7 +27,7 @@ def eager_nll(model, tok, problems):
         answer = tok(p.solution.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = torch.tensor([prompt + answer])
         hidden = model.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1]
-        logits = hidden.double() @ lm_head_weight(model).double().t()
+        logits = hidden.double() @ read_head(model).weight.double().t()
         total = total - torch.log_softmax(logits, -1).gather(1, torch.tensor(answer).unsqueeze(1)).sum()
         count += len(answer)
     return total / count

@@ -39,6 +39,7 @@ def blended_loss(
     num_items_in_batch: Optional[float] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
+    teacher_temperature: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_topk_ids: Optional[torch.Tensor] = None,
@@ -75,7 +76,8 @@ def blended_loss(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, impl=impl, divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail,
+                     softcap=softcap, teacher_temperature=teacher_temperature, impl=impl, divergence=divergence,
+                     beta=beta, clip=clip, topk_tail=topk_tail,
                      support_topk=support_topk, memory_budget_mb=memory_budget_mb,
                      differentiated=live))
     distill, _ = distillation_term(div, logp, entropy, mask, num_items_in_batch=num_items_in_batch)

@@ -1,6 +1,6 @@
 """Reasoning tasks: problems with privileged worked solutions, a verifier and a step checker."""
 from .answers import (StepError, derives_answer, extract_answer, find_first_wrong_step, normalize_number,
-                      reference_answer, same_answer)
+                      same_answer, solution_answer)
 from .arithmetic import ArithmeticTask, Difficulty
 from .base import Problem, Task
 from .dataset import DatasetTask
@@ -27,4 +27,10 @@ def task_from_config(config) -> Task:
 
 
 __all__ = ["ArithmeticTask", "DatasetTask", "task_from_config", "Difficulty", "GSM8KTask", "Problem", "StepError", "TASKS", "Task", "derives_answer", "extract_answer",
-           "find_first_wrong_step", "get_task", "normalize_number", "reference_answer", "same_answer"]
+           "find_first_wrong_step", "get_task", "normalize_number", "same_answer", "solution_answer"]
+
+
+def __getattr__(name):
+    from .._deprecated import renamed
+
+    return renamed(__name__, name, {"reference_answer": "solution_answer"}, globals())

@@ -58,12 +58,12 @@ def extract_answer(text: str) -> Optional[str]:
     return None
 
 
-def reference_answer(gsm8k_answer: str) -> str:
-    """The number after '####' in a GSM8K reference solution."""
-    found = _HASHES.search(gsm8k_answer)
+def solution_answer(gsm8k_solution: str) -> str:
+    """The number after '####' in a GSM8K worked solution (``reference_answer`` is its former name)."""
+    found = _HASHES.search(gsm8k_solution)
     value = normalize_number(found.group(1)) if found else None
     if value is None:
-        raise ValueError(f"no '#### <number>' final answer in: {gsm8k_answer[-80:]!r}")
+        raise ValueError(f"no '#### <number>' final answer in: {gsm8k_solution[-80:]!r}")
     return value
 
 
@@ -150,3 +150,9 @@ def derives_answer(text: str, answer: str) -> bool:
         if value is not None and same_answer(_format(value), answer):
             return True
     return False
+
+
+def __getattr__(name):
+    from .._deprecated import renamed
+
+    return renamed(__name__, name, {"reference_answer": "solution_answer"}, globals())

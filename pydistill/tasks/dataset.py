@@ -21,7 +21,7 @@ import os
 import random
 from typing import Optional
 
-from .answers import normalize_number, reference_answer
+from .answers import normalize_number, solution_answer
 from .base import Problem, Task
 
 # What each column is for, in the message that names a missing one.
@@ -109,7 +109,7 @@ def _answer_text(value) -> str:
     """The canonical final answer: GSM8K-style '... #### 42' gives '42'; a number is normalized ('1,000')."""
     text = str(value).strip()
     if "####" in text:
-        return reference_answer(text)
+        return solution_answer(text)
     return normalize_number(text) or text
 
 

@@ -7,7 +7,7 @@ import random
 import re
 from typing import Optional
 
-from .answers import reference_answer
+from .answers import solution_answer
 from .base import Problem, Task
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,7 +18,7 @@ def _solution_text(answer: str) -> str:
     """GSM8K's worked solution with the calculator annotations <<...>> removed and the answer stated."""
     body = answer.rpartition("####")[0]
     body = re.sub(r"<<[^<>]*>>", "", body).strip()
-    return f"{body}\nThe answer is {reference_answer(answer)}."
+    return f"{body}\nThe answer is {solution_answer(answer)}."
 
 
 HUB_PREFIX = "hf://"
@@ -81,4 +81,4 @@ class GSM8KTask(Task):
                 raise ValueError(f"n must be >= 0, got {n}")
             records = random.Random(seed).sample(records, min(n, len(records)))
         return [Problem(question=r["question"], solution=_solution_text(r["answer"]),
-                        answer=reference_answer(r["answer"]), meta={"source": "gsm8k"}) for r in records]
+                        answer=solution_answer(r["answer"]), meta={"source": "gsm8k"}) for r in records]

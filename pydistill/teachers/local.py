@@ -31,7 +31,8 @@ def local_topk_logprobs(model, contexts: Sequence[Sequence[int]], responses: Seq
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     # the head as the op reads it: the logit scale is in the bias (and the hidden states), the softcap beside it
-    weight, bias, softcap, _ = read_head(model)
+    head = read_head(model)
+    weight, bias, softcap = head.weight, head.bias, head.softcap
     out, was_training = [], model.training
     model.eval()  # no dropout in the scores; the caller's mode is restored below
     try:
@@ -41,7 +42,7 @@ def local_topk_logprobs(model, contexts: Sequence[Sequence[int]], responses: Seq
                 if len(c) == 0:
                     raise ValueError(f"contexts[{start + i}] is empty: the teacher context needs at least one token")
             batch = build_context_batch(ctx, resp, pad_id=0, device=weight.device)
-            rows = response_hidden_states(model, batch)[batch.completion_mask]  # [sum T, H], response order
+            rows = response_hidden_states(model, batch, head)[batch.completion_mask]  # [sum T, H], response order
             ids, logprobs = _chunked_topk(rows, weight, bias, top_k, temperature, softcap, chunk_size)
             lengths = [len(r) for r in resp]
             out.extend(zip(ids.split(lengths), logprobs.split(lengths)))

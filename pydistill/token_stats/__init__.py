@@ -112,6 +112,7 @@ def token_stats(
     clip: Optional[float] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
+    teacher_temperature: Optional[float] = None,
     mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     impl: str = "auto",
@@ -154,8 +155,10 @@ def token_stats(
         clip: pointwise clip tau > 0 (OPSD v3): D = sum_v min(d_v, tau) over the per-entry terms d_v of
             the chosen divergence (for forward KL d_v = p_v log(p_v / q_v)); terms may be negative, only
             the top is bounded, and clipped entries pass no gradient.
-        temperature: T > 0, applied to both contexts.
+        temperature: T > 0, applied to both contexts unless ``teacher_temperature`` is given.
         softcap: c > 0 or None.
+        teacher_temperature: T_t > 0, the teacher context's own temperature: ``z_t = cap(h_t W_t^T + b_t) / T_t``
+            (a sharper teacher, T_t < T, for a model with a softcap too); None: ``temperature``.
         mask: optional [N] bool or numeric; rows that are False/0 are inactive. Inactive rows are gathered
             out before any GEMM: they cost nothing, give 0 in every output and receive zero gradient.
         ignore_index: the inactive-row marker in ``targets``.
@@ -223,6 +226,8 @@ def token_stats(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}{renamed}")
     if not (_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if teacher_temperature is not None and not (_number(teacher_temperature) and teacher_temperature > 0):
+        raise ValueError(f"teacher_temperature must be None or a finite number > 0, got {teacher_temperature!r}")
     if softcap is not None and not (_number(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if clip is not None and not (_number(clip) and clip > 0):
@@ -240,6 +245,9 @@ def token_stats(
         if resolved is None:
             raise ValueError("divergence must be set ('forward_kl', 'reverse_kl' or 'jsd') when a top-k teacher "
                              "is given")
+        if teacher_temperature is not None:
+            raise ValueError("teacher_temperature applies to a teacher given as teacher_hidden: a top-k teacher's "
+                             "log-probs are used as given (ask the server for them at that temperature)")
         if not isinstance(topk_tail, bool):
             raise ValueError(f"topk_tail must be True or False, got {topk_tail!r}")
 
@@ -295,6 +303,7 @@ def token_stats(
         active = mask if active is None else active & mask
 
     cfg = StatsConfig(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+                      teacher_temperature=None if teacher_temperature is None else float(teacher_temperature),
                       divergence=resolved, beta=float(beta), clip=None if clip is None else float(clip),
                       has_targets=targets is not None)
     if not (_number(memory_budget_mb) and memory_budget_mb > 0):

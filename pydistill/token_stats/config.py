@@ -21,10 +21,16 @@ class StatsConfig:
 
     temperature: float = 1.0
     softcap: Optional[float] = None
+    # the teacher context's T; None (resolved at construction): ``temperature``, one T for both contexts
+    teacher_temperature: Optional[float] = None
     divergence: Optional[str] = None  # None: no teacher, no divergence
     beta: float = 0.5  # only read when divergence == "jsd"
     clip: Optional[float] = None  # pointwise clip tau on each vocabulary entry's term
     has_targets: bool = False
+
+    def __post_init__(self):
+        if self.teacher_temperature is None:
+            object.__setattr__(self, "teacher_temperature", self.temperature)
 
     @property
     def needs_second_sweep(self) -> bool:

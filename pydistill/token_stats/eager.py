@@ -14,7 +14,8 @@ import torch
 from .config import StatsConfig
 
 
-def _scaled_logits(hidden, weight, bias, cfg: StatsConfig, dtype):
+def _scaled_logits(hidden, weight, bias, cfg: StatsConfig, dtype, temperature=None):
+    """cap(h W^T + b) / T, T the student's unless ``temperature`` (the teacher's) is given."""
     if dtype is None:  # eager baseline: GEMM in the input dtype, statistics in float32
         logits = hidden @ weight.t()
         if bias is not None:
@@ -26,7 +27,7 @@ def _scaled_logits(hidden, weight, bias, cfg: StatsConfig, dtype):
             logits = logits + bias.to(dtype)
     if cfg.softcap is not None:
         logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
-    return logits / cfg.temperature
+    return logits / (cfg.temperature if temperature is None else temperature)
 
 
 def _divergence_terms(log_q, log_p, cfg: StatsConfig):
@@ -73,7 +74,8 @@ def eager_token_stats(
     if cfg.divergence is not None:
         with torch.no_grad():
             z_t = _scaled_logits(teacher_hidden.detach(), teacher_weight.detach(),
-                                 None if teacher_bias is None else teacher_bias.detach(), cfg, dtype)
+                                 None if teacher_bias is None else teacher_bias.detach(), cfg, dtype,
+                                 cfg.teacher_temperature)
             log_p = torch.log_softmax(z_t, dim=-1)
         terms = _divergence_terms(log_q, log_p, cfg)
         if cfg.clip is not None:

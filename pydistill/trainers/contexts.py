@@ -53,20 +53,6 @@ def causal_lm(model):
     return unwrap(model)
 
 
-def lm_head_weight(model) -> torch.Tensor:
-    return read_head(model).weight
-
-
-def lm_head_bias(model):
-    """The head's bias times the model's logit scale (the scale folds into the op's inputs), or None."""
-    return read_head(model).bias
-
-
-def lm_head_softcap(model):
-    """The model's final-logit softcap, to pass to every op call on its hidden states (None for most)."""
-    return read_head(model).softcap
-
-
 def teacher_head(teacher) -> Optional[Head]:
     """The head of a teacher that holds its own weights (a frozen or EMA copy); None when it reads the student's
     (one W read serves both contexts)."""
@@ -81,9 +67,10 @@ def head_options(head: Head, teacher: Optional[Head] = None) -> dict:
     return options
 
 
-def response_hidden_states(model, batch: ContextBatch) -> torch.Tensor:
+def response_hidden_states(model, batch: ContextBatch, head: Optional[Head] = None) -> torch.Tensor:
     """The op's input [B, T, H] at the positions that predict the completion tokens (:func:`pydistill.boundary.
-    hidden_states`); through ``model``'s own forward when it is the accelerate-wrapped :class:`ResponseHiddenStates`."""
+    hidden_states`); through ``model``'s own forward when it is the accelerate-wrapped :class:`ResponseHiddenStates`.
+    ``head``: the model's head when the caller already read it (the step's one read), else read here."""
     if isinstance(model, ResponseHiddenStates) or isinstance(getattr(model, "module", None), ResponseHiddenStates):
-        return model(batch.input_ids, batch.attention_mask, batch.positions)
-    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.positions)
+        return model(batch.input_ids, batch.attention_mask, batch.positions, head=head)
+    return hidden_states(model, batch.input_ids, batch.attention_mask, batch.positions, head=head)

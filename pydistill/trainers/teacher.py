@@ -7,7 +7,7 @@ import copy
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from .contexts import ContextBatch, causal_lm, lm_head_weight, response_hidden_states
+from .contexts import ContextBatch, causal_lm, response_hidden_states
 
 
 class Teacher:
@@ -39,16 +39,12 @@ class Teacher:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def hidden_states(self, batch: ContextBatch) -> torch.Tensor:
+    def hidden_states(self, batch: ContextBatch, head=None) -> torch.Tensor:
+        """``head``: the head the teacher context is scored with (its copy's, or the student's it shares), when
+        the caller already read it."""
         model = self.copy if self.copy is not None else self.student
         with self._context():
-            return response_hidden_states(model, batch)
-
-    def lm_head_weight(self):
-        """None when the teacher shares the student's head weight (one W read serves both contexts)."""
-        if self.copy is None:
-            return None
-        return lm_head_weight(self.copy)
+            return response_hidden_states(model, batch, head)
 
     @torch.no_grad()
     def update(self):

@@ -78,11 +78,12 @@ def _fused_forward(model, args, kwargs, request):
     kwargs.pop("use_cache", None)
     for name, value in zip(("input_ids", "attention_mask"), args):
         kwargs[name] = value
+    head = read_head(model)  # once per forward: under FSDP2 each read gathers the head's shards
     hidden = hidden_states(model, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), int(request["keep"]),
-                           **kwargs)
+                           head=head, **kwargs)
     if request.get("hidden_only"):
         return hidden
-    return head_stats(model, hidden, request["labels"], temperature=float(request.get("temperature", 1.0)),
+    return head_stats(model, hidden, request["labels"], head=head, temperature=float(request.get("temperature", 1.0)),
                       teacher_hidden=request.get("teacher_hidden"), teacher_weight=request.get("teacher_weight"),
                       teacher_bias=request.get("teacher_bias"), divergence=request.get("divergence"),
                       beta=request.get("beta", 0.5), clip=request.get("clip"),
@@ -96,7 +97,7 @@ def _fused_forward(model, args, kwargs, request):
 def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, teacher_weight=None,
                teacher_bias=None, divergence=None, beta=0.5, clip=None, support_topk=None,
                topk_tail=True, teacher_topk_ids=None, teacher_topk_logprobs=None,
-               memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB, differentiated=None) -> TokenStats:
+               memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB, differentiated=None, head=None) -> TokenStats:
     """:func:`pydistill.token_stats` through ``model``'s head (:func:`pydistill.boundary.read_head`) of [B, K, H]
     hidden states from the fused forward (already the op's input), scoring ``labels`` [B, K] (``-100``: skipped
     row). Returns [B, K] fields.
@@ -106,8 +107,9 @@ def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, t
     same architecture. With ``support_topk`` k the divergence is over the student's k most likely tokens (plus a
     tail bucket with ``topk_tail``), the teacher's log-probs taken at those ids (TRL's
     ``distillation_mode="topk_logits"``). A teacher given as top-k log-probs (``teacher_topk_ids`` /
-    ``teacher_topk_logprobs`` [B, K, k], from a server) is used as given: no logit scale or temperature applies."""
-    head = read_head(model)
+    ``teacher_topk_logprobs`` [B, K, k], from a server) is used as given: no logit scale or temperature applies.
+    ``head``: ``model``'s, when the caller already read it."""
+    head = read_head(model) if head is None else head
     labels = labels.to(head.weight.device)
     options = {}
     if teacher_hidden is not None:

@@ -133,7 +133,8 @@ class ExGRPOTrainer(Trainer):
         return self.sft_optimizer
 
     def sft_loss(self, batch: ContextBatch, num_items_in_batch: float):
-        hidden, head = response_hidden_states(self.policy, batch), read_head(self.model)
+        head = read_head(self.model)
+        hidden = response_hidden_states(self.policy, batch, head)
         return nll_loss(hidden, head.weight, batch.targets, batch.completion_mask,
                         num_items_in_batch=num_items_in_batch, memory_budget_mb=self.config.memory_budget_mb,
                         impl=self.config.impl, **head_options(head))
@@ -318,7 +319,8 @@ class ExGRPOTrainer(Trainer):
     def reference_logp(self, batch: ContextBatch, mask: torch.Tensor) -> torch.Tensor:
         """log pi_ref of the masked tokens [B, T], under the stage-2 reference weights."""
         with torch.no_grad(), self.teacher.weights():
-            hidden, head = response_hidden_states(self.model, batch), read_head(self.model)  # the reference's head
+            head = read_head(self.model)  # the reference's head
+            hidden = response_hidden_states(self.model, batch, head)
             scored = nll_loss(hidden, head.weight, batch.targets, mask, memory_budget_mb=self.config.memory_budget_mb,
                               impl=self.config.impl, **head_options(head))
         return scored.per_token["logp"]
@@ -331,8 +333,8 @@ class ExGRPOTrainer(Trainer):
         grpo_mask, sft_mask = self.trained_masks(prepared)
         rollouts, teacher = slice(0, n), slice(n, None)
         ref_logp = self.reference_logp(context_rows(batch, rollouts), grpo_mask[rollouts]) if cfg.beta > 0 else None
-        hidden = response_hidden_states(self.policy, batch)
         head = read_head(self.model)
+        hidden = response_hidden_states(self.policy, batch, head)
         # Both gradient bases live until the backward: the op's budget is shared in proportion to the tokens.
         counts = (int(grpo_mask.sum()), int(sft_mask.sum()))
         budgets = [cfg.memory_budget_mb * max(c, 1) / max(sum(counts), 1) for c in counts]

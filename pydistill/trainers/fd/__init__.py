@@ -12,8 +12,8 @@ divergence teacher vs student through the fused op: reverse KL by default (the p
 KL, ``divergence="forward_kl"``; on SmolLM2-135M, whose feedback-conditioned teacher is flatter than the student,
 forward KL raised the policy's entropy and cost accuracy: 18.2% vs reverse KL's 25.0% over 3 seeds, base 23.4%;
 benchmarks/RESULTS.md, "ROSD/FD collapse: diagnosis"). ``teacher_temperature`` < 1 divides the teacher's logits
-before the divergence, a sharper teacher (as DINO-style self-distillation does; on SmolLM2-135M it lowered the
-entropy without any gain in accuracy, so the default is 1).
+(after the model's final softcap, if any) before the divergence, a sharper teacher (as DINO-style
+self-distillation does; on SmolLM2-135M it lowered the entropy without any gain in accuracy, so the default is 1).
 
 With ``distillation_weight`` w < 1 the loss is ``w * FD + (1 - w) * GRPO`` from one pass of the op
 (:func:`pydistill.losses.blended_loss`), the GRPO term using this config's GRPO options and group advantages.

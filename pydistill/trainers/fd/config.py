@@ -67,8 +67,8 @@ class FDConfig(GRPOLoopConfig):
     # tau 0.7 / 0.5 lowered the policy's entropy to 1.09 / 0.68 and gained no accuracy (20.3% / 7.8%, base 23.4%),
     # so the default stays 1 (RESULTS.md, "Feedback Distillation: more updates, and a sharper teacher").
     loss_temperature: Optional[float] = option(None, LOSS_TEMPERATURE_HELP)
-    teacher_temperature: float = option(1.0, "the teacher's logits are divided by this before the divergence (< 1: "
-                                             "a sharper teacher)")
+    teacher_temperature: float = option(1.0, "the teacher's logits (softcapped, if the model caps them) are divided "
+                                             "by this before the divergence (< 1: a sharper teacher)")
     clip: Optional[float] = option(None, "pointwise clip tau on each vocabulary entry's divergence term; None "
                                          "disables")
     importance_clip: Optional[float] = option(None, "weight tokens by min(pi(y) / q_T(y), c), q_T: the sampling "

@@ -1,7 +1,8 @@
 """Feedback sources for Feedback Distillation: textual feedback on a student's attempt.
 
-Every source is a callable ``source(prompt, attempt, reference) -> str | None`` (None: nothing to say).
-``reference`` is the reference final answer when the source may use it (verifiers); a critic must not leak it.
+Every source is a callable ``source(prompt, attempt, answer) -> str | None`` (None: nothing to say).
+``answer`` is the task's right final answer when the source may use it (verifiers); a critic must not leak it.
+(``reference`` is the former name of that argument: a keyword call with it still works, warning once.)
 
 - :class:`VerifierFeedback`: for arithmetic word problems and GSM8K, which step is wrong, what value it should
   have, and whether the final answer is right (``quote_attempt=False``: without repeating the attempt's wrong
@@ -9,7 +10,7 @@ Every source is a callable ``source(prompt, attempt, reference) -> str | None`` 
 - :class:`AttemptNumbersWithheld`: wraps any source and withholds the numbers only the attempt introduced.
 - :class:`SolutionFeedback`: the task's worked solution as the feedback.
 - :class:`ModelFeedback`: a critic model (a second model, or the student itself) prompted to critique the
-  attempt without giving away the final answer; any leaked reference answer is redacted.
+  attempt without giving away the final answer; any leaked right answer is redacted.
 - :class:`LeanFeedback`: writes the attempt to a .lean file, runs a local ``lean`` (or ``lake env lean``) with
   a timeout and turns the compiler's errors into feedback. Without a Lean binary it refuses at construction
   with a message that says so.
@@ -29,6 +30,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
+
+from ..._deprecated import renamed_keyword
 
 FeedbackSource = Callable[[str, str, Optional[str]], Optional[str]]
 
@@ -52,7 +55,7 @@ class FeedbackStats:
 
 
 def collect_feedback(source: FeedbackSource, items: Sequence[tuple], stats: Optional[FeedbackStats] = None):
-    """Feedback for each ``(prompt, attempt, reference)`` in ``items``; a failing item gives None and is counted.
+    """Feedback for each ``(prompt, attempt, answer)`` in ``items``; a failing item gives None and is counted.
 
     A source with a ``batch(items)`` method (e.g. :class:`ModelFeedback`: one generate call) is called once
     for all items; if that call fails, each item is retried alone so one bad item costs only itself."""
@@ -67,9 +70,9 @@ def collect_feedback(source: FeedbackSource, items: Sequence[tuple], stats: Opti
         except Exception:  # retried item by item below, where each failure is counted
             batched = None
     out = []
-    for i, (prompt, attempt, reference) in enumerate(items):
+    for i, (prompt, attempt, answer) in enumerate(items):
         try:
-            text = batched[i] if batched is not None else source(prompt, attempt, reference)
+            text = batched[i] if batched is not None else source(prompt, attempt, answer)
         except subprocess.TimeoutExpired:
             stats.timeouts += 1
             text = None
@@ -102,7 +105,8 @@ class VerifierFeedback:
     def __init__(self, quote_attempt: bool = True, state_answer: bool = False):
         self.quote_attempt, self.state_answer = quote_attempt, state_answer
 
-    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+    @renamed_keyword("reference", "answer")
+    def __call__(self, prompt: str, attempt: str, answer: Optional[str]) -> Optional[str]:
         from ...tasks import extract_answer, find_first_wrong_step
 
         parts = []
@@ -114,18 +118,18 @@ class VerifierFeedback:
                 left = error.quote.rsplit("=", 1)[0].strip()
                 parts.append(f'One step is wrong: it should read "{left} = {error.expected}".')
         final = extract_answer(attempt)
-        if reference is not None:
+        if answer is not None:
             if final is None:
                 # in the student prompt's own answer format (prompts.STUDENT_INSTRUCTION), not another one
                 parts.append('The attempt never states a final answer; end with "The answer is" and the number.')
-            elif _same_number(final, reference):
+            elif _same_number(final, answer):
                 pass  # "The final answer is correct." is the same on every right attempt: it tells nothing
             elif self.quote_attempt:
                 parts.append(f"The final answer {final} is not correct.")
             else:
                 parts.append("The final answer is not correct.")
-            if self.state_answer and (final is None or not _same_number(final, reference)):
-                parts.append(f"The final answer should be {reference}.")
+            if self.state_answer and (final is None or not _same_number(final, answer)):
+                parts.append(f"The final answer should be {answer}.")
         return " ".join(parts) or None
 
 
@@ -156,8 +160,9 @@ class AttemptNumbersWithheld:
         if hasattr(source, "batch"):
             self.batch = self._batch
 
-    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
-        return without_attempt_numbers(self.source(prompt, attempt, reference), attempt, prompt)
+    @renamed_keyword("reference", "answer")
+    def __call__(self, prompt: str, attempt: str, answer: Optional[str]) -> Optional[str]:
+        return without_attempt_numbers(self.source(prompt, attempt, answer), attempt, prompt)
 
     def _batch(self, items: Sequence[tuple]) -> list:
         replies = self.source.batch(items)
@@ -171,7 +176,8 @@ class SolutionFeedback:
     def __init__(self, solutions: dict):
         self.solutions = dict(solutions)
 
-    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+    @renamed_keyword("reference", "answer")
+    def __call__(self, prompt: str, attempt: str, answer: Optional[str]) -> Optional[str]:
         if prompt not in self.solutions:
             raise KeyError(f"no worked solution for the question {prompt[:60]!r}")
         return f"A correct solution is:\n{self.solutions[prompt]}"
@@ -204,20 +210,22 @@ class ModelFeedback:
     def prompt(self, prompt: str, attempt: str) -> str:
         return f"{self.instruction}\n\nProblem:\n{prompt}\n\nStudent's attempt:\n{attempt}"
 
-    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
-        return self.batch([(prompt, attempt, reference)])[0]
+    @renamed_keyword("reference", "answer")
+    def __call__(self, prompt: str, attempt: str, answer: Optional[str]) -> Optional[str]:
+        return self.batch([(prompt, attempt, answer)])[0]
 
     def batch(self, items: Sequence[tuple]) -> list[Optional[str]]:
         """One generate call for many items (what trainers use)."""
         replies = self.generate([self.render(self.prompt(p, a)) for p, a, _ in items])
-        return [redact_answer(reply, reference).strip() or None for reply, (_, _, reference) in zip(replies, items)]
+        return [redact_answer(reply, answer).strip() or None for reply, (_, _, answer) in zip(replies, items)]
 
 
-def redact_answer(text: str, reference: Optional[str]) -> str:
-    """Replace standalone occurrences of the reference answer, so a critic cannot hand the teacher the result."""
-    if not reference:
+@renamed_keyword("reference", "answer")
+def redact_answer(text: str, answer: Optional[str]) -> str:
+    """Replace standalone occurrences of the right answer, so a critic cannot hand the teacher the result."""
+    if not answer:
         return text
-    return re.sub(rf"(?<![\d.]){re.escape(reference.strip())}(?![\d]|\.\d)", "[answer withheld]", text)
+    return re.sub(rf"(?<![\d.]){re.escape(answer.strip())}(?![\d]|\.\d)", "[answer withheld]", text)
 
 
 _LEAN_MESSAGE = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+):\s*(?P<kind>error|warning)\s*:?\s*(?P<msg>.*)$")
@@ -270,7 +278,8 @@ class LeanFeedback:
         self.command, self.timeout, self.header = list(command), timeout, header
         self.workdir, self.max_errors, self.memory_mb = workdir, max_errors, memory_mb
 
-    def __call__(self, prompt: str, attempt: str, reference: Optional[str]) -> Optional[str]:
+    @renamed_keyword("reference", "answer")
+    def __call__(self, prompt: str, attempt: str, answer: Optional[str]) -> Optional[str]:
         header = self.header + ("\n" if self.header and not self.header.endswith("\n") else "")
         offset = header.count("\n")
         with tempfile.TemporaryDirectory(prefix="pydistill-lean-") as tmp:

@@ -9,7 +9,7 @@ import torch
 
 from ...losses import blended_loss, distillation_loss
 from ...prompts import feedback_teacher_messages, render
-from ...boundary import head_token_stats, read_head
+from ...boundary import Head, head_token_stats, read_head
 from ..config import loss_temperature
 from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..groups import sample_groups
@@ -32,7 +32,7 @@ class FDTrainer(GRPOLoopTrainer):
         return self.config.feedback != "critic"
 
     def __init__(self, config: FDConfig, *args, feedback_source: Optional[Callable] = None, **kwargs):
-        """``feedback_source``: any callable ``(prompt, attempt, reference) -> str | None`` (optionally with a
+        """``feedback_source``: any callable ``(prompt, attempt, answer) -> str | None`` (optionally with a
         ``batch(items)`` method) that replaces the configured one."""
         config.validate()
         self.feedback_source = feedback_source
@@ -141,44 +141,43 @@ class FDTrainer(GRPOLoopTrainer):
             return mask
         return super().trained_mask(prepared)
 
-    def sampling_logp(self, hidden: torch.Tensor, student) -> torch.Tensor:
+    def sampling_logp(self, hidden: torch.Tensor, student, head: Optional[Head] = None) -> torch.Tensor:
         """log q_T(y_t) [B, T]: the sampled tokens under the student at the sampling temperature (the policy
-        the rollouts came from), for the importance weight min(pi(y_t) / q_T(y_t), importance_clip)."""
+        the rollouts came from), for the importance weight min(pi(y_t) / q_T(y_t), importance_clip). ``head``:
+        the student's, when the step already read it."""
         with torch.no_grad():
-            return head_token_stats(read_head(self.model), hidden.detach(), student.completion_mask,
+            return head_token_stats(read_head(self.model) if head is None else head, hidden.detach(),
+                                    student.completion_mask,
                                     targets=student.targets, temperature=self.config.temperature,
                                     impl=self.config.impl, memory_budget_mb=self.config.memory_budget_mb).logp
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
         student, teacher = prepared["groups"].student, prepared["teacher"]
-        hidden = response_hidden_states(self.policy, student)
-        # a served teacher divides its logits by both temperatures, as the local one below
-        served = served_teacher(self, loss_temperature(cfg) * cfg.teacher_temperature)
-        teacher_hidden, t_head, topk = None, None, {}
+        head = read_head(self.model)  # once per step: under FSDP2 each read gathers the head's shards
+        hidden = response_hidden_states(self.policy, student, head)
+        # The teacher's capped logits over T * tau, the sharpened teacher, on every head: the server divides its
+        # (already capped) logits by that temperature, the op takes it as the teacher context's own.
+        teacher_t = loss_temperature(cfg) * cfg.teacher_temperature
+        served = served_teacher(self, teacher_t)
+        teacher_hidden, t_head, teacher_side = None, None, {}
         if served is not None:  # the same feedback-conditioned context, scored by the server
-            topk["teacher_topk_ids"], topk["teacher_topk_logprobs"] = served.topk(teacher)
+            teacher_side["teacher_topk_ids"], teacher_side["teacher_topk_logprobs"] = served.topk(teacher)
         else:
-            teacher_hidden, t_head = self.teacher.hidden_states(teacher), teacher_head(self.teacher)
-        head = read_head(self.model)
-        if cfg.teacher_temperature != 1 and served is None:
-            # logits / tau exactly: the teacher's side is a constant, so its hidden states (and bias) are scaled
-            teacher_hidden = teacher_hidden / cfg.teacher_temperature
-            if t_head is None and head.bias is not None:  # a shared head with a bias: the teacher's own copy
-                t_head = head._replace(weight=head.weight.detach(), bias=head.bias.detach())
-            if t_head is not None and t_head.bias is not None:
-                t_head = t_head._replace(bias=t_head.bias / cfg.teacher_temperature)
+            t_head = teacher_head(self.teacher)
+            teacher_hidden = self.teacher.hidden_states(teacher, t_head or head)
+            teacher_side["teacher_temperature"] = teacher_t
         distill = dict(divergence=cfg.divergence, beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg),
                        teacher_weight=None if t_head is None else t_head.weight,
-                       teacher_bias=None if t_head is None else t_head.bias, **topk)
+                       teacher_bias=None if t_head is None else t_head.bias, **teacher_side)
         if cfg.distillation_weight == 1:
-            old_logp = self.sampling_logp(hidden, student) if cfg.importance_clip else None
+            old_logp = self.sampling_logp(hidden, student, head) if cfg.importance_clip else None
             return distillation_loss(hidden, head.weight, teacher_hidden, self.trained_mask(prepared),
                                      targets=student.targets if cfg.importance_clip else None, old_logp=old_logp,
                                      importance_clip=cfg.importance_clip, entropy_coef=cfg.entropy_coef,
                                      num_items_in_batch=num_items_in_batch, impl=cfg.impl,
                                      memory_budget_mb=cfg.memory_budget_mb, **head_options(head), **distill)
-        options = self.policy_loss_options(prepared, num_items_in_batch)
+        options = self.policy_loss_options(prepared, num_items_in_batch, head)
         return blended_loss(hidden, head.weight, teacher_hidden, options.pop("targets"),
                             options.pop("advantages"), options.pop("mask"),
                             distillation_weight=cfg.distillation_weight, **distill, **options)

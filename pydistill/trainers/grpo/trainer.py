@@ -9,7 +9,7 @@ import torch
 
 from ...diversity import group_diversity
 from ...losses import grpo_loss
-from ...boundary import head_token_stats, read_head
+from ...boundary import Head, head_token_stats, read_head
 from ..contexts import response_hidden_states, teacher_head
 from ..core import Trainer
 from ..groups import completion_length_metrics, reward_function, sample_groups, step_advantages
@@ -64,19 +64,20 @@ class GRPOLoopTrainer(Trainer):
             mask = mask & (prepared["advantages"] != 0).to(mask.device).unsqueeze(1)
         return mask
 
-    def reference_logp(self, student, mask) -> torch.Tensor:
-        """log pi_ref(y_t) [B, T] of the initial weights, for the k3 KL term."""
+    def reference_logp(self, student, mask, head: Optional[Head] = None) -> torch.Tensor:
+        """log pi_ref(y_t) [B, T] of the initial weights, for the k3 KL term. ``head``: the student's, when the
+        step already read it (a reference that shares it, LoRA's disabled adapter, reads it again otherwise)."""
         with torch.no_grad():
-            head = teacher_head(self.teacher) or read_head(self.model)
-            return head_token_stats(head, self.teacher.hidden_states(student), mask, targets=student.targets,
+            head = teacher_head(self.teacher) or (read_head(self.model) if head is None else head)
+            return head_token_stats(head, self.teacher.hidden_states(student, head), mask, targets=student.targets,
                                     impl=self.config.impl, memory_budget_mb=self.config.memory_budget_mb).logp
 
-    def policy_loss_options(self, prepared: dict, num_items_in_batch: float) -> dict:
-        """The keyword arguments of the fused policy-gradient loss for one micro-batch."""
-        cfg, student, head = self.config, prepared["groups"].student, read_head(self.model)
+    def policy_loss_options(self, prepared: dict, num_items_in_batch: float, head: Head) -> dict:
+        """The keyword arguments of the fused policy-gradient loss for one micro-batch on the step's ``head``."""
+        cfg, student = self.config, prepared["groups"].student
         mask = self.trained_mask(prepared)
         return dict(targets=student.targets, advantages=prepared["advantages"].to(self.accelerator.device),
-                    mask=mask, ref_logp=self.reference_logp(student, mask) if cfg.beta > 0 else None,
+                    mask=mask, ref_logp=self.reference_logp(student, mask, head) if cfg.beta > 0 else None,
                     epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
                     importance_sampling_level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
                     max_completion_length=cfg.max_new_tokens, num_items_in_batch=num_items_in_batch,
@@ -92,8 +93,9 @@ class GRPOLoopTrainer(Trainer):
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
-        options = self.policy_loss_options(prepared, num_items_in_batch)
-        hidden = response_hidden_states(self.policy, prepared["groups"].student)
-        out = grpo_loss(hidden, read_head(self.model).weight, options.pop("targets"), options.pop("advantages"),
+        head = read_head(self.model)  # once per step: under FSDP2 each read gathers the head's shards
+        options = self.policy_loss_options(prepared, num_items_in_batch, head)
+        hidden = response_hidden_states(self.policy, prepared["groups"].student, head)
+        out = grpo_loss(hidden, head.weight, options.pop("targets"), options.pop("advantages"),
                         options.pop("mask"), beta=cfg.beta, entropy_coef=cfg.entropy_coef, **options)
         return out._replace(loss=out.loss * self.sequence_share(prepared))

@@ -49,8 +49,9 @@ class OPSDTrainer(Trainer):
 
     def scored_contexts(self, prepared: dict) -> ScoredContexts:
         student, teacher = prepared["student"], prepared["teacher"]
-        return ScoredContexts(student, teacher, response_hidden_states(self.policy, student),
-                              self.teacher.hidden_states(teacher), read_head(self.model), teacher_head(self.teacher))
+        head, t_head = read_head(self.model), teacher_head(self.teacher)  # once per step each (FSDP2 gathers them)
+        return ScoredContexts(student, teacher, response_hidden_states(self.policy, student, head),
+                              self.teacher.hidden_states(teacher, t_head or head), head, t_head)
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
@@ -60,7 +61,7 @@ class OPSDTrainer(Trainer):
         if served is not None:
             student, head = prepared["student"], read_head(self.model)
             ids, logprobs = served.topk(prepared["teacher"])
-            return distillation_loss(response_hidden_states(self.policy, student), head.weight, None,
+            return distillation_loss(response_hidden_states(self.policy, student, head), head.weight, None,
                                      student.completion_mask, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
                                      divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip, **head_options(head),
                                      **options)

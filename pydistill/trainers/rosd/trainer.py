@@ -128,7 +128,7 @@ class ROSDTrainer(Trainer):
             counts["uninformative"] += no_signal
             silent.append(no_signal or (bool(correct[i]) and not cfg.distill_correct_rollouts))
             prompt = render(tok, rosd_teacher_messages(question, solution, explanation,
-                                                       reference=solution is batch.problems[i].solution))
+                                                       task_solution=solution is batch.problems[i].solution))
             teacher_ids.append(tok(prompt, add_special_tokens=False)["input_ids"])
 
         device = self.accelerator.device
@@ -200,8 +200,8 @@ class ROSDTrainer(Trainer):
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg = self.config
         student, teacher, mask = prepared["student"], prepared["teacher"], prepared["mask"]
-        hidden = response_hidden_states(self.policy, student)
-        head = read_head(self.model)
+        head = read_head(self.model)  # once per step: under FSDP2 each read gathers the head's shards
+        hidden = response_hidden_states(self.policy, student, head)
         served, topk = served_teacher(self, loss_temperature(cfg)), {}
         if teacher is None:  # nothing to distill: no row reaches the op, the loss is an exact 0
             teacher_hidden, t_head = hidden.detach(), None
@@ -209,7 +209,8 @@ class ROSDTrainer(Trainer):
             teacher_hidden, t_head = None, None
             topk["teacher_topk_ids"], topk["teacher_topk_logprobs"] = served.topk(teacher)
         else:
-            teacher_hidden, t_head = self.teacher.hidden_states(teacher), teacher_head(self.teacher)
+            t_head = teacher_head(self.teacher)
+            teacher_hidden = self.teacher.hidden_states(teacher, t_head or head)
         return distillation_loss(hidden, head.weight, teacher_hidden, mask, divergence=cfg.divergence, beta=cfg.beta,
                                  clip=cfg.clip, temperature=loss_temperature(cfg), targets=student.targets,
                                  importance_clip=cfg.importance_clip, **topk,

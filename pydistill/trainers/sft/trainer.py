@@ -64,8 +64,8 @@ class SFTTrainer(Trainer):
 
     def loss(self, prepared: dict, num_items_in_batch: float):
         cfg, batch = self.config, prepared["batch"]
-        hidden = response_hidden_states(self.policy, batch)
         head = read_head(self.model)  # once per step: under FSDP2 each read gathers the head's shards
+        hidden = response_hidden_states(self.policy, batch, head)
         common = dict(num_items_in_batch=num_items_in_batch, impl=cfg.impl, memory_budget_mb=cfg.memory_budget_mb,
                       **head_options(head))
         weight = head.weight
