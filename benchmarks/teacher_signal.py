@@ -76,8 +76,22 @@ def _answer_position(tokenizer, ids, text_start: int) -> int:
     return len(ids) - 1
 
 
-def hidden_rows(model, tokenizer, prompt_ids, completions, batch_size: int = 8):
-    """The hidden states [T_i, H] that predict each rollout's tokens under its prompt."""
+def head_log_probs(head, hidden):
+    """log-softmax of the model's own logits ``cap(h W^T + b)`` [..., V], float32, from hidden states in the op's
+    input space (:func:`hidden_rows`: the logit scale folded in) and the model's ``read_head`` (bias, softcap)."""
+    import torch
+
+    logits = hidden.float() @ head.weight.detach().float().t()
+    if head.bias is not None:
+        logits = logits + head.bias.detach().float()
+    if head.softcap is not None:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    return torch.log_softmax(logits, -1)
+
+
+def hidden_rows(model, tokenizer, prompt_ids, completions, batch_size: int = 8, head=None):
+    """The hidden states [T_i, H] that predict each rollout's tokens under its prompt (``head``: the model's, when
+    the caller read it)."""
     import torch
 
     from pydistill.trainers.contexts import build_context_batch, response_hidden_states
@@ -86,7 +100,7 @@ def hidden_rows(model, tokenizer, prompt_ids, completions, batch_size: int = 8):
     with torch.no_grad():
         for start in range(0, len(completions), batch_size):
             p, c = prompt_ids[start:start + batch_size], completions[start:start + batch_size]
-            hidden = response_hidden_states(model, build_context_batch(p, c, tokenizer.pad_token_id))
+            hidden = response_hidden_states(model, build_context_batch(p, c, tokenizer.pad_token_id), head)
             out += [hidden[row, :len(ids)] for row, ids in enumerate(c)]
     return out
 
@@ -128,12 +142,13 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
         return summary
     completions = [ids[i] for i, _, _ in rows]
     targets = torch.tensor([t for c in completions for t in c])
-    weight = read_head(model).weight.detach()
+    head = read_head(model)  # the whole head: weight, bias (times the logit scale) and softcap
+    weight, scoring = head.weight.detach(), dict(bias=head.bias, softcap=head.softcap)
     student_rows = hidden_rows(model, tokenizer, [tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
-                                                  for i, _, _ in rows], completions)
+                                                  for i, _, _ in rows], completions, head=head)
     student_hidden = torch.cat(student_rows)
     with torch.no_grad():
-        student = token_stats(student_hidden, weight, targets=targets)
+        student = token_stats(student_hidden, weight, targets=targets, **scoring)
     # the answer token of incorrect rollouts that state an answer: (row, position, correct token, own token)
     answer_slots = []
     for r, (i, _, _) in enumerate(rows):
@@ -154,7 +169,7 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
         answer_slots.append((r, position, with_right[len(with_prefix)], ids[i][position]))
 
     def probabilities(h):
-        return torch.softmax(h @ weight.t(), -1)
+        return head_log_probs(head, h).exp()
 
     def mean(values):
         return sum(values) / len(values) if values else None
@@ -163,10 +178,9 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
 
     def answer_first(prompt_ids):
         """Probability, per prompt, that the completion opens with ANSWER_FIRST."""
-        hidden = hidden_rows(model, tokenizer, prompt_ids, [opening] * len(prompt_ids))
+        hidden = hidden_rows(model, tokenizer, prompt_ids, [opening] * len(prompt_ids), head=head)
         with torch.no_grad():
-            return [float(torch.log_softmax(h @ weight.t(), -1)[torch.arange(len(opening)),
-                                                                 torch.tensor(opening)].sum().exp())
+            return [float(head_log_probs(head, h)[torch.arange(len(opening)), torch.tensor(opening)].sum().exp())
                     for h in hidden]
 
     student_first = mean(answer_first([tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
@@ -176,12 +190,12 @@ def measure(model, tokenizer, task, problems, generations: int, max_new_tokens: 
         messages = [teacher_prompt(context, repeated[i], texts[i], None if s is None else texts[s], e)
                     for i, s, e in rows]
         teacher_ids = [tokenizer(render(tokenizer, m), add_special_tokens=False)["input_ids"] for m in messages]
-        teacher_rows = hidden_rows(model, tokenizer, teacher_ids, completions)
+        teacher_rows = hidden_rows(model, tokenizer, teacher_ids, completions, head=head)
         teacher_hidden = torch.cat(teacher_rows)
         with torch.no_grad():
-            teacher = token_stats(teacher_hidden, weight, targets=targets)
-            kl = token_stats(student_hidden, weight, teacher_hidden=teacher_hidden, divergence="forward_kl")
-            jsd = token_stats(student_hidden, weight, teacher_hidden=teacher_hidden, divergence="jsd")
+            teacher = token_stats(teacher_hidden, weight, targets=targets, **scoring)
+            kl = token_stats(student_hidden, weight, teacher_hidden=teacher_hidden, divergence="forward_kl", **scoring)
+            jsd = token_stats(student_hidden, weight, teacher_hidden=teacher_hidden, divergence="jsd", **scoring)
         lift = teacher.logp - student.logp
         lift_c = float(lift[correct_rows].mean()) if correct_rows.any() else None
         lift_i = float(lift[~correct_rows].mean()) if (~correct_rows).any() else None

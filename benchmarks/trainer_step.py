@@ -111,7 +111,7 @@ class EagerLossOPSD(FixedRolloutOPSD):
         if divergence == "jsd" and cfg.beta in (0.0, 1.0):  # the JSD endpoints are the two KLs
             divergence = "forward_kl" if cfg.beta == 0.0 else "reverse_kl"
         stats_cfg = StatsConfig(temperature=loss_temperature(cfg), divergence=divergence, beta=cfg.beta,
-                                clip=cfg.clip, softcap=head.softcap)
+                                clip=cfg.clip, softcap=head.softcap, teacher_softcap=teacher_head.teacher_softcap)
         b, t, width = hidden.shape
         _, entropy, div = eager_token_stats(
             hidden.reshape(b * t, width), head.weight, stats_cfg, bias=head.bias,

@@ -94,7 +94,8 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(records, indent=1))
     bad = 0
     for r in records:
-        config = " ".join(f"{k}={v}" for k, v in r["config"].items() if k != "BLOCK") + (f" out={r['out']}" if r["out"] else "")
+        config = " ".join(f"{k}={v}" for k, v in r["config"].items() if k != "BLOCK")
+        config += f" out={r['out']}" if r["out"] else ""
         if "error" in r:
             print(f"{r['arch']:7} {r['kernel']:26} {config:45} {r['error']}")
             continue

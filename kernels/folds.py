@@ -61,7 +61,8 @@ def _entries(log_q, log_p, beta, log_beta, log_1m_beta, KIND: tl.constexpr):
 
 @triton.jit
 def _forward_fold_kernel(zs_ptr, zt_ptr, z_stride, state_ptr, state_stride, y_ptr, col0, n_cols, inv_temp, softcap,
-                         t_inv_temp, HAS_TEACHER: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+                         t_inv_temp, t_softcap, HAS_TEACHER: tl.constexpr, HAS_CAP: tl.constexpr,
+                         T_HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * z_stride
     st = state_ptr + row
@@ -83,7 +84,7 @@ def _forward_fold_kernel(zs_ptr, zt_ptr, z_stride, state_ptr, state_stride, y_pt
         a_s = scale * (a_s + shift) + tl.sum(e * (m_new - zs), axis=0)
         s_s = s_s * scale + tl.sum(e, axis=0)
         if HAS_TEACHER:
-            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, softcap, HAS_CAP)
+            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, t_softcap, T_HAS_CAP)
             gap = zs - zt
             g_s = g_s * scale + tl.sum(e * gap, axis=0)
             mt_new = tl.maximum(m_t, tl.max(tl.where(ok, zt, float("-inf")), axis=0))
@@ -110,8 +111,9 @@ def _forward_fold_kernel(zs_ptr, zt_ptr, z_stride, state_ptr, state_stride, y_pt
 
 @triton.jit
 def _divergence_fold_kernel(zs_ptr, zt_ptr, z_stride, lse_s_ptr, lse_t_ptr, sums_ptr, sums_stride, n_cols,
-                            inv_temp, softcap, t_inv_temp, beta, log_beta, log_1m_beta, tau,
-                            KIND: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+                            inv_temp, softcap, t_inv_temp, t_softcap, beta, log_beta, log_1m_beta, tau,
+                            KIND: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CAP: tl.constexpr,
+                            T_HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * z_stride
     lse_s = tl.load(lse_s_ptr + row)
@@ -121,8 +123,10 @@ def _divergence_fold_kernel(zs_ptr, zt_ptr, z_stride, lse_s_ptr, lse_t_ptr, sums
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         ok = cols < n_cols
+        # the teacher's chunk first: in the other order ptxas (sm_90a) spills 4 B for a capped student beside an
+        # uncapped teacher (forward KL)
+        zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, t_softcap, T_HAS_CAP)
         zs = _scaled(tl.load(zs_ptr + base + cols, mask=ok, other=0.0), inv_temp, softcap, HAS_CAP)
-        zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, softcap, HAS_CAP)
         d, a = _entries(zs - lse_s, zt - lse_t, beta, log_beta, log_1m_beta, KIND)
         if HAS_CLIP:
             kept = d <= tau
@@ -137,9 +141,9 @@ def _divergence_fold_kernel(zs_ptr, zt_ptr, z_stride, lse_s_ptr, lse_t_ptr, sums
 
 @triton.jit
 def _backward_fold_kernel(zs_ptr, zt_ptr, z_stride, out_ptr, out_stride, lse_s_ptr, lse_t_ptr, ent_ptr, gsum_ptr,
-                          g_logp_ptr, g_ent_ptr, g_div_ptr, y_ptr, col0, n_cols, inv_temp, softcap, t_inv_temp, beta,
-                          log_beta, log_1m_beta, tau, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_CAP: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          g_logp_ptr, g_ent_ptr, g_div_ptr, y_ptr, col0, n_cols, inv_temp, softcap, t_inv_temp,
+                          t_softcap, beta, log_beta, log_1m_beta, tau, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                          HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * z_stride
     out_base = row.to(tl.int64) * out_stride
@@ -165,7 +169,7 @@ def _backward_fold_kernel(zs_ptr, zt_ptr, z_stride, out_ptr, out_stride, lse_s_p
         q = tl.exp(log_q)
         dz = -g_ent * q * (log_q + entropy) - g_logp * q + tl.where(cols == local, g_logp, 0.0)
         if KIND != 0:
-            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, softcap, HAS_CAP)
+            zt = _scaled(tl.load(zt_ptr + base + cols, mask=ok, other=0.0), t_inv_temp, t_softcap, T_HAS_CAP)
             d, a = _entries(log_q, zt - lse_t, beta, log_beta, log_1m_beta, KIND)
             if HAS_CLIP:
                 a = tl.where(d <= tau, a, 0.0)
@@ -177,21 +181,21 @@ def _backward_fold_kernel(zs_ptr, zt_ptr, z_stride, out_ptr, out_stride, lse_s_p
 
 
 def _scalars(cfg: StatsConfig):
-    """inv_temp, softcap, the teacher's inv_temp, beta, log beta, log(1 - beta), tau as the kernels take them
-    (finite placeholders)."""
+    """inv_temp, softcap, the teacher's inv_temp and softcap, beta, log beta, log(1 - beta), tau as the kernels take
+    them (finite placeholders)."""
     beta = cfg.beta if cfg.divergence == "jsd" else 0.5
-    return (1.0 / cfg.temperature, float(cfg.softcap or 1.0), 1.0 / cfg.teacher_temperature, beta, math.log(beta),
-            math.log1p(-beta), float(cfg.clip or 0.0))
+    return (1.0 / cfg.temperature, float(cfg.softcap or 1.0), 1.0 / cfg.teacher_temperature,
+            float(cfg.teacher_cap or 1.0), beta, math.log(beta), math.log1p(-beta), float(cfg.clip or 0.0))
 
 
 def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
     """Triton spelling of :func:`pydistill.token_stats.folds.forward_fold` (same contract)."""
     rows, cols = z_s.shape
-    inv_temp, softcap, t_inv_temp = _scalars(cfg)[:3]
+    inv_temp, softcap, t_inv_temp, t_softcap = _scalars(cfg)[:4]
     _forward_fold_kernel[(rows,)](
         z_s, z_s if z_t is None else z_t, z_s.stride(0), state, state.stride(0), targets, col0, cols, inv_temp,
-        softcap, t_inv_temp, HAS_TEACHER=z_t is not None, HAS_CAP=cfg.softcap is not None, BLOCK=BLOCK,
-        num_warps=NUM_WARPS)
+        softcap, t_inv_temp, t_softcap, HAS_TEACHER=z_t is not None, HAS_CAP=cfg.softcap is not None,
+        T_HAS_CAP=z_t is not None and cfg.teacher_cap is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def divergence_fold(z_s, z_t, lse_s, lse_t, sums, cfg: StatsConfig) -> None:
@@ -199,8 +203,8 @@ def divergence_fold(z_s, z_t, lse_s, lse_t, sums, cfg: StatsConfig) -> None:
     rows, cols = z_s.shape
     _divergence_fold_kernel[(rows,)](
         z_s, z_t, z_s.stride(0), lse_s, lse_t, sums, sums.stride(0), cols, *_scalars(cfg),
-        KIND=KINDS[cfg.divergence], HAS_CLIP=cfg.clip is not None, HAS_CAP=cfg.softcap is not None, BLOCK=BLOCK,
-        num_warps=NUM_WARPS)
+        KIND=KINDS[cfg.divergence], HAS_CLIP=cfg.clip is not None, HAS_CAP=cfg.softcap is not None,
+        T_HAS_CAP=cfg.teacher_cap is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def backward_fold(z_s, z_t, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, g_div, targets, col0: int,
@@ -215,8 +219,8 @@ def backward_fold(z_s, z_t, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, 
         z_s, z_t if with_div else z_s, z_s.stride(0), out, out.stride(0), lse_s, lse_t if with_div else lse_s,
         entropy, grad_sum if with_div else lse_s, g_logp, g_entropy, g_div if with_div else g_logp, targets, col0,
         cols, *_scalars(cfg), KIND=KINDS[cfg.divergence] if with_div else 0,
-        HAS_CLIP=with_div and cfg.clip is not None, HAS_CAP=cfg.softcap is not None, BLOCK=BLOCK,
-        num_warps=NUM_WARPS)
+        HAS_CLIP=with_div and cfg.clip is not None, HAS_CAP=cfg.softcap is not None,
+        T_HAS_CAP=with_div and cfg.teacher_cap is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def launch_configurations():
@@ -226,26 +230,29 @@ def launch_configurations():
     """
     f32, i32, i64 = "*fp32", "i32", "*i64"
     fwd = dict(zs_ptr=f32, zt_ptr=f32, z_stride=i32, state_ptr=f32, state_stride=i32, y_ptr=i64, col0=i32,
-               n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32")
+               n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32", t_softcap="fp32")
     div = dict(zs_ptr=f32, zt_ptr=f32, z_stride=i32, lse_s_ptr=f32, lse_t_ptr=f32, sums_ptr=f32, sums_stride=i32,
-               n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32", beta="fp32", log_beta="fp32",
-               log_1m_beta="fp32", tau="fp32")
+               n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32", t_softcap="fp32", beta="fp32",
+               log_beta="fp32", log_1m_beta="fp32", tau="fp32")
+    caps = [(cap, t_cap) for cap in (False, True) for t_cap in (False, True)]  # each context's cap, or none
     for teacher in (False, True):
-        for cap in (False, True):
-            yield _forward_fold_kernel, fwd, dict(HAS_TEACHER=teacher, HAS_CAP=cap, BLOCK=BLOCK)
+        for cap, t_cap in (caps if teacher else [(False, False), (True, False)]):
+            yield _forward_fold_kernel, fwd, dict(HAS_TEACHER=teacher, HAS_CAP=cap, T_HAS_CAP=t_cap, BLOCK=BLOCK)
     for kind in (1, 2, 3):
         for clip in (False, True):
-            for cap in (False, True):
-                yield _divergence_fold_kernel, div, dict(KIND=kind, HAS_CLIP=clip, HAS_CAP=cap, BLOCK=BLOCK)
+            for cap, t_cap in caps:
+                yield _divergence_fold_kernel, div, dict(KIND=kind, HAS_CLIP=clip, HAS_CAP=cap, T_HAS_CAP=t_cap,
+                                                         BLOCK=BLOCK)
     for out in ("*bf16", f32):
         bwd = dict(zs_ptr=f32, zt_ptr=f32, z_stride=i32, out_ptr=out, out_stride=i32, lse_s_ptr=f32, lse_t_ptr=f32,
                    ent_ptr=f32, gsum_ptr=f32, g_logp_ptr=f32, g_ent_ptr=f32, g_div_ptr=f32, y_ptr=i64, col0=i32,
-                   n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32", beta="fp32", log_beta="fp32",
-                   log_1m_beta="fp32", tau="fp32")
+                   n_cols=i32, inv_temp="fp32", softcap="fp32", t_inv_temp="fp32", t_softcap="fp32", beta="fp32",
+                   log_beta="fp32", log_1m_beta="fp32", tau="fp32")
         for kind in (0, 1, 2, 3):
             for clip in ((False,) if kind == 0 else (False, True)):
-                for cap in (False, True):
-                    yield _backward_fold_kernel, bwd, dict(KIND=kind, HAS_CLIP=clip, HAS_CAP=cap, BLOCK=BLOCK)
+                for cap, t_cap in (caps if kind else [(False, False), (True, False)]):
+                    yield _backward_fold_kernel, bwd, dict(KIND=kind, HAS_CLIP=clip, HAS_CAP=cap, T_HAS_CAP=t_cap,
+                                                           BLOCK=BLOCK)
 
 
 __all__ = ["BLOCK", "NUM_WARPS", "backward_fold", "divergence_fold", "forward_fold", "launch_configurations"]

@@ -78,6 +78,12 @@ class Head(NamedTuple):
         return bf16 while the head stays fp32), times the logit scale."""
         return _scaled(hidden.to(device=self.weight.device, dtype=self.weight.dtype), self.scale)
 
+    @property
+    def teacher_softcap(self) -> float:
+        """The op's ``teacher_softcap`` for a teacher context read through this head: its cap, or 0 when it has
+        none (the op's None would give the teacher the student's cap)."""
+        return float(self.softcap or 0.0)
+
 
 def read_head(model) -> Head:
     """The output head of ``model`` (any wrapper :func:`unwrap` sees through), for the op."""
@@ -200,22 +206,25 @@ def sequence_token_stats(hidden, weight, mask, *, targets=None, teacher_hidden=N
 def head_token_stats(head: Head, hidden, mask, *, targets=None, teacher_head: Optional[Head] = None,
                      **options) -> TokenStats:
     """:func:`sequence_token_stats` through ``head`` (its bias and softcap); ``hidden`` (and ``teacher_hidden``)
-    from :func:`hidden_states`. ``teacher_head``: the teacher context's own head when it is another set of
-    weights; None when the teacher reads ``head`` too (one GEMM per vocabulary tile serves both contexts)."""
-    if teacher_head is not None and teacher_head.weight is not head.weight:
-        options.update(teacher_weight=teacher_head.weight.detach(), teacher_bias=teacher_head.bias)
+    from :func:`hidden_states`. ``teacher_head``: the teacher context's own head (its weights, bias and softcap,
+    which may differ from the student's); None when the teacher reads ``head`` too (one GEMM per vocabulary tile
+    serves both contexts)."""
+    if teacher_head is not None:
+        options.update(teacher_softcap=teacher_head.teacher_softcap)
+        if teacher_head.weight is not head.weight:
+            options.update(teacher_weight=teacher_head.weight.detach(), teacher_bias=teacher_head.bias)
     return sequence_token_stats(hidden, head.weight, mask, targets=targets, bias=head.bias, softcap=head.softcap,
                                 **options)
 
 
 def op_options(*, bias=None, teacher_weight=None, teacher_bias=None, temperature=1.0, softcap=None,
-               teacher_temperature=None, impl="auto",
+               teacher_temperature=None, teacher_softcap=None, impl="auto",
                divergence: Optional[str] = None, beta: float = 0.5, clip: Optional[float] = None,
                topk_tail: bool = True, support_topk: Optional[int] = None,
                memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, differentiated=None) -> dict:
     """The op's options of a loss; ``differentiated`` names the outputs the loss differentiates (the fast
     mode keeps one gradient basis per name, so naming only those keeps the budget for rows)."""
     return dict(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                softcap=softcap, teacher_temperature=teacher_temperature, impl=impl, divergence=divergence, beta=beta,
-                clip=clip, topk_tail=topk_tail, support_topk=support_topk, memory_budget_mb=memory_budget_mb,
-                differentiated=differentiated)
+                softcap=softcap, teacher_temperature=teacher_temperature, teacher_softcap=teacher_softcap, impl=impl,
+                divergence=divergence, beta=beta, clip=clip, topk_tail=topk_tail, support_topk=support_topk,
+                memory_budget_mb=memory_budget_mb, differentiated=differentiated)

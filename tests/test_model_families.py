@@ -202,3 +202,28 @@ def test_exgrpo_scores_the_models_own_log_probs(family, tmp_path):
     trainer, _, student, _ = trainer_on(family, "exgrpo", tmp_path, ei_filters=False)
     out = trainer.sft_loss(student, float(student.completion_mask.sum()))
     close(out.per_token["logp"], at_targets(model_logprobs(trainer.model, student), student))
+
+
+@pytest.mark.parametrize("method", ["opsd", "rosd", "fd"])
+@pytest.mark.parametrize("teacher_cap", [None, 5.0], ids=["uncapped", "other-cap"])
+def test_a_teacher_copy_is_scored_with_its_own_softcap(method, teacher_cap, tmp_path):
+    """A teacher copy whose final-logit softcap is not the Gemma-2 student's (2.0): each context is scored with its
+    own model's logits."""
+    from types import SimpleNamespace
+
+    from pydistill.boundary import unwrap
+
+    extra = dict(clip=None) if method == "opsd" else dict(num_generations=2)
+    trainer, initial, student, teacher = trainer_on("gemma2", method, tmp_path, divergence="forward_kl",
+                                                    loss_temperature=TEMPERATURE, **extra)
+    for model in (unwrap(trainer.teacher.copy), initial):
+        model.config.final_logit_softcapping = teacher_cap
+    if method == "fd":
+        prepared = dict(groups=SimpleNamespace(student=student), teacher=teacher,
+                        informative=torch.ones(2, dtype=bool))
+    else:
+        prepared = dict(student=student, teacher=teacher, mask=student.completion_mask)
+    out = trainer.loss(prepared, 1.0)
+    close(out.per_token["divergence"], forward_kl(model_logprobs(initial, teacher, TEMPERATURE),
+                                                  model_logprobs(trainer.model, student, TEMPERATURE),
+                                                  student.completion_mask))

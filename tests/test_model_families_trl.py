@@ -94,3 +94,57 @@ def test_gkd_trainer_distils_the_models_own_distributions(family):
     kl = _kl(_completion_logprobs(student, ids, attention, keep), _completion_logprobs(teacher, ids, attention, keep))
     valid = labels[:, 1:] != -100
     assert float(loss.detach()) == pytest.approx(float(kl[valid].mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("student_family,teacher_cap", [("gemma2", None), ("gemma2", 5.0), ("llama", 3.0)],
+                         ids=["cap-none", "cap-other-cap", "none-cap"])
+def test_distillation_scores_the_teacher_with_its_own_softcap(student_family, teacher_cap):
+    """A teacher whose final-logit softcap is not the student's (Gemma-2 student capped at 2 beside an uncapped or
+    a 5-capped teacher; an uncapped Llama student beside a capped teacher): forward KL between the two models'
+    own ``model(...).logits``."""
+    student = _models(student_family)[0]
+    _, teacher, tok = _models("gemma2")
+    teacher.config.final_logit_softcapping = teacher_cap
+    trainer = SimpleNamespace(teacher_model=teacher, beta=0.0, temperature=0.8,
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              _forward_redirection=lambda wrapper, original, method, *args: method(*args))
+    inputs, ids, attention = _inputs(tok.pad_token_id)
+    loss, _, _ = _distillation_compute_loss(trainer, student, inputs, None)
+    kl = _kl(_completion_logprobs(teacher, ids, attention, 4, 0.8),
+             _completion_logprobs(student, ids, attention, 4, 0.8))
+    assert float(loss.detach()) == pytest.approx(float(kl[COMPLETION_MASK.bool()].mean()), rel=1e-4)
+
+
+def _count_head_reads(monkeypatch):
+    """Every read_head a pydistill module makes, as the id of the model read."""
+    import sys
+
+    import pydistill.boundary as boundary
+
+    real, reads = boundary.read_head, []
+
+    def counted(model):
+        reads.append(id(boundary.unwrap(model)))
+        return real(model)
+
+    for module in list(sys.modules.values()):  # every module that imported the name
+        if getattr(module, "read_head", None) is real and module.__name__.startswith("pydistill"):
+            monkeypatch.setattr(module, "read_head", counted)
+    return reads
+
+
+def test_a_distillation_step_reads_each_head_once(monkeypatch):
+    """Under FSDP2 every read_head gathers the head's shards: DistillationTrainer's and GKD's losses read the
+    student's and the teacher's once each."""
+    student, teacher, tok = _models("gemma2")
+    reads = _count_head_reads(monkeypatch)
+    trainer = SimpleNamespace(teacher_model=teacher, beta=0.5, temperature=0.8,
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              _forward_redirection=lambda wrapper, original, method, *args: method(*args))
+    inputs, ids, attention = _inputs(tok.pad_token_id)
+    _distillation_compute_loss(trainer, student, inputs, None)[0].backward()
+    assert sorted(reads) == sorted([id(student), id(teacher)])
+    reads.clear()
+    labels = torch.cat([torch.full_like(PROMPT_IDS, -100), COMPLETION_IDS.masked_fill(COMPLETION_MASK == 0, -100)], 1)
+    _gkd_compute_loss(trainer, student, dict(input_ids=ids, attention_mask=attention, labels=labels)).backward()
+    assert sorted(reads) == sorted([id(student), id(teacher)])

@@ -272,3 +272,39 @@ def test_teacher_signal_diagnostic_runs_on_scripted_rollouts(monkeypatch):
         assert c["forward_kl"] >= 0 and c["jsd"] >= 0 and c["teacher_entropy"] > 0
         assert c["answer_slots"] == 3 and c["discrimination"] is not None
         assert 0 < c["answer_first"] < 1 and 0 < c["student_answer_first"] < 1
+
+
+def test_teacher_signal_scores_with_the_whole_head(monkeypatch):
+    """The diagnostic's eager log-probs are the model's own logits (bias and softcap included, on Gemma-2 with a
+    head bias), and every op call it makes gets the head's bias and softcap."""
+    import sys
+
+    import torch
+
+    import pydistill.evaluation as evaluation
+    from benchmarks.teacher_signal import head_log_probs, hidden_rows, measure
+    from pydistill.boundary import read_head
+    from tests.test_model_families import _family
+
+    model, tok = _family("gemma2")
+    head_layer = model.get_output_embeddings()
+    head_layer.bias = torch.nn.Parameter(torch.randn(head_layer.weight.shape[0]))
+    prompt, completion = [5, 6, 7], [20, 21, 22]
+    hidden = hidden_rows(model, tok, [prompt], [completion])[0]
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([prompt + completion])).logits[0, 2:5].float(), -1)
+    torch.testing.assert_close(head_log_probs(read_head(model), hidden), want, rtol=1e-5, atol=1e-5)
+
+    problems = TASK.problems("train", n=2, seed=0)
+    engine = GroupEngine(tok, problems, patterns=("RWPW", "WWWW"))
+
+    def scripted(model, tokenizer, prompts, **kwargs):
+        out = engine.sample(sorted(set(prompts), key=prompts.index), type("S", (), dict(n=4, max_new_tokens=40))())
+        return out.texts, out.completion_ids
+
+    op = sys.modules["pydistill.token_stats"]  # the package (``pydistill.token_stats`` is also the function)
+    calls, real = [], op.token_stats
+    monkeypatch.setattr(evaluation, "generate_completions", scripted)
+    monkeypatch.setattr(op, "token_stats", lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    measure(model, tok, TASK, problems, generations=4, contexts=("opsd_reference",))
+    assert calls and all(c.get("bias") is head_layer.bias and c.get("softcap") == 2.0 for c in calls)

@@ -1,5 +1,6 @@
 """The chunk loop with the torch folds against the float64 eager reference."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -82,6 +83,68 @@ def test_teacher_temperature_divides_the_capped_teacher_logits(impl):
     got = token_stats(h, w, teacher_hidden=ht, bias=b, divergence="forward_kl", temperature=0.8, softcap=2.5,
                       teacher_temperature=0.4, impl=impl).divergence
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+SOFTCAP_PAIRS = [(2.5, 0), (None, 3.0), (2.5, 4.0)]  # (student cap, teacher cap; 0: the teacher has none)
+
+
+@pytest.mark.parametrize("impl", ["eager", "torch"])
+@pytest.mark.parametrize("softcap,teacher_softcap", SOFTCAP_PAIRS, ids=["cap-none", "none-cap", "cap-cap"])
+@pytest.mark.parametrize("div", [("forward_kl", 0.5, None), ("reverse_kl", 0.5, 0.04), ("jsd", 0.3, None)])
+def test_teacher_softcap_caps_the_teacher_logits_only(impl, softcap, teacher_softcap, div):
+    """z_s = cap_s(h W^T + b) / T, z_t = cap_t(h_t W_t^T) / T_t (a separate head, no bias), written out in float64:
+    outputs and gradients, odd shapes."""
+    inputs = make_inputs(n=13, width=11, vocab=301, bias=True, teacher_width=7, seed=8)
+    h, w, ht, wt, b = (inputs[k] for k in ("hidden", "weight", "teacher_hidden", "teacher_weight", "bias"))
+    y = inputs["targets"]
+
+    def capped(x, c):
+        return x if not c else c * torch.tanh(x / c)
+
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    log_q = (capped(h64 @ w64.t() + b.double(), softcap) / 0.8).log_softmax(-1)
+    log_p = (capped(ht.double() @ wt.double().t(), teacher_softcap) / 0.6).log_softmax(-1)
+    name, beta, clip = div
+    q, p = log_q.exp(), log_p.exp()
+    if name == "forward_kl":
+        terms = p * (log_p - log_q)
+    elif name == "reverse_kl":
+        terms = q * (log_q - log_p)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+        terms = beta * p * (log_p - log_m) + (1 - beta) * q * (log_q - log_m)
+    want = (terms if clip is None else terms.clamp(max=clip)).sum(-1)
+    want_logp = log_q.gather(1, y[:, None]).squeeze(1)
+    got = token_stats(h, w, targets=y, teacher_hidden=ht, teacher_weight=wt, bias=b, divergence=name, beta=beta,
+                      clip=clip, temperature=0.8, softcap=softcap, teacher_temperature=0.6,
+                      teacher_softcap=teacher_softcap, impl=impl)
+    torch.testing.assert_close(got.divergence.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logp.double(), want_logp, rtol=1e-5, atol=1e-6)
+    g = torch.linspace(-1, 1, 13, dtype=torch.float64)
+    grads = torch.autograd.grad((got.divergence.double() * g).sum() + got.logp.double().sum(), (h, w))
+    wants = torch.autograd.grad((want * g).sum() + want_logp.sum(), (h64, w64))
+    for got_grad, want_grad in zip(grads, wants):
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_softcap_defaults_to_the_students():
+    inputs = make_inputs(n=9, width=8, vocab=50, separate_teacher=True, seed=2)
+    h, w, ht, wt = inputs["hidden"], inputs["weight"], inputs["teacher_hidden"], inputs["teacher_weight"]
+    run_with = lambda **o: token_stats(h, w, teacher_hidden=ht, teacher_weight=wt, divergence="forward_kl",  # noqa
+                                       softcap=2.0, **o).divergence
+    torch.testing.assert_close(run_with(), run_with(teacher_softcap=2.0))
+    assert (run_with() - run_with(teacher_softcap=0)).abs().max() > 1e-3
+
+
+def test_bad_teacher_softcap_is_refused():
+    inputs = make_inputs(n=4, width=8, vocab=50, seed=2)
+    h, w, ht = inputs["hidden"], inputs["weight"], inputs["teacher_hidden"]
+    for bad in (-1.0, float("nan"), True, "none"):
+        with pytest.raises(ValueError, match=r"teacher_softcap must be None \(the student's softcap\), 0"):
+            token_stats(h, w, teacher_hidden=ht, divergence="forward_kl", teacher_softcap=bad)
+    with pytest.raises(ValueError, match="teacher_softcap applies to a teacher given as teacher_hidden"):
+        token_stats(h, w, divergence="forward_kl", teacher_topk_ids=torch.arange(3).expand(4, 3),
+                    teacher_topk_logprobs=torch.full((4, 3), -2.0), teacher_softcap=3.0)
 
 
 def test_teacher_temperature_is_refused_for_a_topk_teacher():

@@ -228,6 +228,27 @@ def test_student_support_topk_matches_reference(tail):
         token_stats(hidden, weight, support_topk=4)
 
 
+@pytest.mark.parametrize("teacher_softcap", [0, 3.0], ids=["uncapped-teacher", "own-cap"])
+def test_student_support_takes_the_teachers_own_softcap(teacher_softcap):
+    """support_topk with a capped student (c=2): the teacher's log-probs at the student's ids under the teacher's own
+    cap (0: none), written out in float64."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 2.0 / H ** 0.5
+    teacher = torch.randn(N, 5, generator=g)
+    teacher_weight = torch.randn(V, 5, generator=g) * 4.0 / 5 ** 0.5
+    stats = token_stats(hidden, weight, teacher_hidden=teacher, teacher_weight=teacher_weight, divergence="forward_kl",
+                        support_topk=4, softcap=2.0, teacher_softcap=teacher_softcap, impl="torch")
+    h64, w64 = hidden.double(), weight.double()
+    ids = (h64 @ w64.t()).topk(4, dim=1).indices
+    raw = teacher.double() @ teacher_weight.double().t()
+    capped = raw if not teacher_softcap else teacher_softcap * torch.tanh(raw / teacher_softcap)
+    teacher_lp = torch.log_softmax(capped, -1).gather(1, ids)
+    want = eager_topk_divergence(h64, w64, StatsConfig(softcap=2.0, divergence="forward_kl"), ids, teacher_lp,
+                                 tail=True)
+    torch.testing.assert_close(stats.divergence.double(), want, rtol=2e-5, atol=2e-6)
+
+
 def test_topk_teacher_benchmark_smoke(tmp_path):
     from benchmarks.topk_teacher import main
 

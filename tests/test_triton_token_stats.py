@@ -61,6 +61,20 @@ def test_triton_temperature_softcap_bias_teacher_width(temperature, softcap, bia
            run(token_stats, inputs, grads, impl="eager", **opts))
 
 
+@pytest.mark.parametrize("softcap,teacher_softcap,div", [
+    (2.5, 0, ("forward_kl", 0.5, 0.05)),  # capped student, uncapped teacher
+    (None, 3.0, ("reverse_kl", 0.5, None)),  # uncapped student, capped teacher
+    (2.0, 4.0, ("jsd", 0.3, None)),  # two caps
+], ids=["cap-none", "none-cap", "cap-cap"])
+def test_triton_teacher_softcap(softcap, teacher_softcap, div):
+    inputs = make_inputs(n=19, width=12, vocab=301, bias=True, teacher_width=9, seed=9, device=DEVICE)
+    grads = upstream(19, seed=10)
+    opts = dict(divergence=div[0], beta=div[1], clip=div[2], temperature=0.9, softcap=softcap,
+                teacher_temperature=0.7, teacher_softcap=teacher_softcap)
+    _close(run(token_stats, inputs, grads, impl="triton", **opts),
+           run(token_stats, inputs, grads, impl="eager", **opts))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("div", [None, "reverse_kl", "jsd"])
 def test_triton_low_precision_no_worse_than_eager(dtype, div):

@@ -40,6 +40,7 @@ def blended_loss(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     teacher_temperature: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_topk_ids: Optional[torch.Tensor] = None,
@@ -76,7 +77,8 @@ def blended_loss(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, teacher_temperature=teacher_temperature, impl=impl, divergence=divergence,
+                     softcap=softcap, teacher_temperature=teacher_temperature, teacher_softcap=teacher_softcap,
+                     impl=impl, divergence=divergence,
                      beta=beta, clip=clip, topk_tail=topk_tail,
                      support_topk=support_topk, memory_budget_mb=memory_budget_mb,
                      differentiated=live))

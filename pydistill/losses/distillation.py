@@ -60,6 +60,7 @@ def distillation_loss(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     teacher_temperature: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_topk_ids: Optional[torch.Tensor] = None,
@@ -98,7 +99,8 @@ def distillation_loss(
         support_topk: k: with ``teacher_hidden``, the divergence over the student's own k most likely tokens (plus
             a tail bucket with ``topk_tail``), the teacher's log-probs at those ids (ROSD's original top-100 + tail).
         clip: OPSD's pointwise clip tau > 0 on each vocabulary entry's term, before the sum.
-        temperature, softcap, teacher_temperature, bias, teacher_bias: as in :func:`pydistill.token_stats`.
+        temperature, softcap, teacher_temperature, teacher_softcap, bias, teacher_bias: as in
+            :func:`pydistill.token_stats` (a separate teacher head's cap: ``teacher_softcap``, 0 for none).
         token_weights: [B, T] (or [B]) multiplicative weights applied inside the mask: the loss of token t is
             ``token_weights[t] * iw[t] * D[t]`` and the mask decides which tokens count at all.
         targets, old_logp, importance_clip: with ``importance_clip`` set, the sampled token ids ``targets``
@@ -131,7 +133,8 @@ def distillation_loss(
         hidden, weight, mask, targets=targets, teacher_hidden=teacher_hidden,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
         **op_options(bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                     softcap=softcap, teacher_temperature=teacher_temperature, impl=impl, divergence=divergence,
+                     softcap=softcap, teacher_temperature=teacher_temperature, teacher_softcap=teacher_softcap,
+                     impl=impl, divergence=divergence,
                      beta=beta, clip=clip, topk_tail=topk_tail,
                      support_topk=support_topk, memory_budget_mb=memory_budget_mb,
                      differentiated=("entropy", "divergence") if entropy_coef else ("divergence",)))

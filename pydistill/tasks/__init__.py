@@ -26,8 +26,9 @@ def task_from_config(config) -> Task:
     return get_task(config.task, **({"path": config.data_path} if config.task == "gsm8k" else {}))
 
 
-__all__ = ["ArithmeticTask", "DatasetTask", "task_from_config", "Difficulty", "GSM8KTask", "Problem", "StepError", "TASKS", "Task", "derives_answer", "extract_answer",
-           "find_first_wrong_step", "get_task", "normalize_number", "same_answer", "solution_answer"]
+__all__ = ["ArithmeticTask", "DatasetTask", "task_from_config", "Difficulty", "GSM8KTask", "Problem", "StepError",
+           "TASKS", "Task", "derives_answer", "extract_answer", "find_first_wrong_step", "get_task", "normalize_number",
+           "same_answer", "solution_answer"]
 
 
 def __getattr__(name):

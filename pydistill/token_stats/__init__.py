@@ -113,6 +113,7 @@ def token_stats(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     teacher_temperature: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     impl: str = "auto",
@@ -159,6 +160,9 @@ def token_stats(
         softcap: c > 0 or None.
         teacher_temperature: T_t > 0, the teacher context's own temperature: ``z_t = cap(h_t W_t^T + b_t) / T_t``
             (a sharper teacher, T_t < T, for a model with a softcap too); None: ``temperature``.
+        teacher_softcap: c_t, the teacher context's own cap, for a teacher head whose cap is not the student's:
+            None (default): ``softcap``; ``0``: the teacher's logits are not capped (a teacher head without a cap
+            beside a capped student); c_t > 0: ``z_t = c_t tanh(x_t / c_t) / T_t``.
         mask: optional [N] bool or numeric; rows that are False/0 are inactive. Inactive rows are gathered
             out before any GEMM: they cost nothing, give 0 in every output and receive zero gradient.
         ignore_index: the inactive-row marker in ``targets``.
@@ -230,6 +234,9 @@ def token_stats(
         raise ValueError(f"teacher_temperature must be None or a finite number > 0, got {teacher_temperature!r}")
     if softcap is not None and not (_number(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if teacher_softcap is not None and not (_number(teacher_softcap) and teacher_softcap >= 0):
+        raise ValueError(f"teacher_softcap must be None (the student's softcap), 0 (the teacher's logits are not "
+                         f"capped) or a finite number > 0, got {teacher_softcap!r}")
     if clip is not None and not (_number(clip) and clip > 0):
         raise ValueError(f"clip (tau) must be None or a finite number > 0, got {clip!r}")
     if not (_number(beta) and 0.0 <= beta <= 1.0):
@@ -245,6 +252,9 @@ def token_stats(
         if resolved is None:
             raise ValueError("divergence must be set ('forward_kl', 'reverse_kl' or 'jsd') when a top-k teacher "
                              "is given")
+        if teacher_softcap is not None:
+            raise ValueError("teacher_softcap applies to a teacher given as teacher_hidden: a top-k teacher's "
+                             "log-probs are used as given")
         if teacher_temperature is not None:
             raise ValueError("teacher_temperature applies to a teacher given as teacher_hidden: a top-k teacher's "
                              "log-probs are used as given (ask the server for them at that temperature)")
@@ -304,6 +314,7 @@ def token_stats(
 
     cfg = StatsConfig(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                       teacher_temperature=None if teacher_temperature is None else float(teacher_temperature),
+                      teacher_softcap=None if teacher_softcap is None else float(teacher_softcap),
                       divergence=resolved, beta=float(beta), clip=None if clip is None else float(clip),
                       has_targets=targets is not None)
     if not (_number(memory_budget_mb) and memory_budget_mb > 0):

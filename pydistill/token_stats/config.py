@@ -23,6 +23,9 @@ class StatsConfig:
     softcap: Optional[float] = None
     # the teacher context's T; None (resolved at construction): ``temperature``, one T for both contexts
     teacher_temperature: Optional[float] = None
+    # the teacher context's cap, resolved at construction to a float: None -> ``softcap`` (0.0 when that is None
+    # too); 0.0 stands for "no cap" so that a resolved config resolves to itself (None would mean the student's)
+    teacher_softcap: Optional[float] = None
     divergence: Optional[str] = None  # None: no teacher, no divergence
     beta: float = 0.5  # only read when divergence == "jsd"
     clip: Optional[float] = None  # pointwise clip tau on each vocabulary entry's term
@@ -31,6 +34,13 @@ class StatsConfig:
     def __post_init__(self):
         if self.teacher_temperature is None:
             object.__setattr__(self, "teacher_temperature", self.temperature)
+        if self.teacher_softcap is None:
+            object.__setattr__(self, "teacher_softcap", float(self.softcap or 0.0))
+
+    @property
+    def teacher_cap(self) -> Optional[float]:
+        """The teacher context's softcap c_t, or None when its logits are not capped."""
+        return self.teacher_softcap or None
 
     @property
     def needs_second_sweep(self) -> bool:

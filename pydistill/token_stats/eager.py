@@ -14,8 +14,8 @@ import torch
 from .config import StatsConfig
 
 
-def _scaled_logits(hidden, weight, bias, cfg: StatsConfig, dtype, temperature=None):
-    """cap(h W^T + b) / T, T the student's unless ``temperature`` (the teacher's) is given."""
+def _scaled_logits(hidden, weight, bias, cfg: StatsConfig, dtype, teacher=False):
+    """cap(h W^T + b) / T with the student's cap and T, or the teacher's (``teacher=True``)."""
     if dtype is None:  # eager baseline: GEMM in the input dtype, statistics in float32
         logits = hidden @ weight.t()
         if bias is not None:
@@ -25,9 +25,10 @@ def _scaled_logits(hidden, weight, bias, cfg: StatsConfig, dtype, temperature=No
         logits = hidden.to(dtype) @ weight.to(dtype).t()
         if bias is not None:
             logits = logits + bias.to(dtype)
-    if cfg.softcap is not None:
-        logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
-    return logits / (cfg.temperature if temperature is None else temperature)
+    cap = cfg.teacher_cap if teacher else cfg.softcap
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return logits / (cfg.teacher_temperature if teacher else cfg.temperature)
 
 
 def _divergence_terms(log_q, log_p, cfg: StatsConfig):
@@ -75,7 +76,7 @@ def eager_token_stats(
         with torch.no_grad():
             z_t = _scaled_logits(teacher_hidden.detach(), teacher_weight.detach(),
                                  None if teacher_bias is None else teacher_bias.detach(), cfg, dtype,
-                                 cfg.teacher_temperature)
+                                 teacher=True)
             log_p = torch.log_softmax(z_t, dim=-1)
         terms = _divergence_terms(log_q, log_p, cfg)
         if cfg.clip is not None:

@@ -8,7 +8,8 @@ Each fold receives one GEMM output chunk, ``[R, C]`` raw logits ``x = h W[c0:c1]
 
 Definitions shared by both spellings (``T`` temperature, ``c`` softcap):
 - ``z = cap(x) / T`` with ``cap(x) = c tanh(x / c)``; ``dz/dx = (1 - tanh^2(x / c)) / T``. The teacher's
-  context has its own T (``cfg.teacher_temperature``, by default the student's); it never takes a gradient.
+  context has its own T and c (``cfg.teacher_temperature``, ``cfg.teacher_cap``: by default the student's; a
+  teacher head without a cap beside a capped student has none); it never takes a gradient.
 - per-row online state, rescaled as the running max ``m`` grows (``e_v = exp(z_v - m)``):
   ``s = sum e``, ``a = sum e (m - z)`` (every term >= 0, so the entropy ``log s + a / s`` is never negative),
   ``g = sum e (z_s - z_t)`` under each context's own ``e``, and the target's logit.
@@ -34,10 +35,12 @@ M_S, S_S, A_S, G_S, M_T, S_T, G_T, Z_Y = range(8)
 STATE_ROWS = 8
 
 
-def _transform_(x: torch.Tensor, cfg: StatsConfig, temperature: float) -> torch.Tensor:
-    """x -> cap(x) / temperature in place (the GEMM buffer is the loop's own)."""
-    if cfg.softcap is not None:
-        x.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+def _transform_(x: torch.Tensor, cfg: StatsConfig, teacher: bool = False) -> torch.Tensor:
+    """x -> cap(x) / T in place with the student's cap and T, or the teacher's (the GEMM buffer is the loop's
+    own)."""
+    cap, temperature = (cfg.teacher_cap, cfg.teacher_temperature) if teacher else (cfg.softcap, cfg.temperature)
+    if cap is not None:
+        x.div_(cap).tanh_().mul_(cap)
     if temperature != 1.0:
         x.mul_(1.0 / temperature)
     return x
@@ -88,7 +91,7 @@ def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
         targets: [R] token ids (-1 where there is none).
         col0: vocabulary index of the chunk's first column.
     """
-    _transform_(z_s, cfg, cfg.temperature)
+    _transform_(z_s, cfg)
     m_s, s_s, a_s, g_s, m_t, s_t, g_t, z_y = state.unbind(0)
     width = z_s.shape[1]
     local = targets - col0
@@ -97,7 +100,7 @@ def forward_fold(z_s, z_t, state, targets, col0: int, cfg: StatsConfig) -> None:
     z_y.copy_(torch.where(inside, picked, z_y))
     gap = None
     if z_t is not None:
-        _transform_(z_t, cfg, cfg.teacher_temperature)
+        _transform_(z_t, cfg, teacher=True)
         gap = z_s - z_t
     m_new = torch.maximum(m_s, z_s.amax(dim=1))
     scale = torch.exp(m_s - m_new)
@@ -126,8 +129,8 @@ def divergence_fold(z_s, z_t, lse_s, lse_t, sums, cfg: StatsConfig) -> None:
 
     Needs the final log-sum-exps, hence its own sweep (JSD and the clip only).
     """
-    log_q = _transform_(z_s, cfg, cfg.temperature).sub_(lse_s.unsqueeze(1))
-    log_p = _transform_(z_t, cfg, cfg.teacher_temperature).sub_(lse_t.unsqueeze(1))
+    log_q = _transform_(z_s, cfg).sub_(lse_s.unsqueeze(1))
+    log_p = _transform_(z_t, cfg, teacher=True).sub_(lse_t.unsqueeze(1))
     q = None if cfg.divergence == "forward_kl" else _exp(log_q)
     d, a = _entries(log_q, log_p, q, cfg)
     a = _unclipped(a, d, cfg)
@@ -143,7 +146,7 @@ def backward_fold(z_s, z_t, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, 
     gradient (its terms are skipped, not multiplied by zero); ``grad_sum`` is A per row; ``out`` is [R, C] in the
     dlogits dtype.
     """
-    _transform_(z_s, cfg, cfg.temperature)
+    _transform_(z_s, cfg)
     cap_grad = None
     if cfg.softcap is not None:
         t = z_s * (cfg.temperature / cfg.softcap)
@@ -159,7 +162,7 @@ def backward_fold(z_s, z_t, lse_s, lse_t, entropy, grad_sum, g_logp, g_entropy, 
     div_term = None
     if z_t is not None and g_div is not None:
         coef -= g_div * grad_sum
-        log_p = _transform_(z_t, cfg, cfg.teacher_temperature).sub_(lse_t.unsqueeze(1))
+        log_p = _transform_(z_t, cfg, teacher=True).sub_(lse_t.unsqueeze(1))
         d, a = _entries(log_q, log_p, q, cfg, need_d=cfg.clip is not None)
         div_term = _unclipped(a, d, cfg).mul_(g_div.unsqueeze(1))
     # formed in ``out`` itself when it has the compute dtype (one pass less than a temporary and a copy)

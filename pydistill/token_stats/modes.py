@@ -73,7 +73,8 @@ class _TokenStatsFunction(torch.autograd.Function):
             raise RuntimeError("token_stats is differentiable once: second derivatives (create_graph=True, "
                                "double backward) are not supported; use impl='eager' for them")
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        basis, ctx.basis = getattr(ctx, "basis", None), None  # freed on return; a retained graph's second backward runs lean
+        # freed on return; a retained graph's second backward runs lean
+        basis, ctx.basis = getattr(ctx, "basis", None), None
         if not (need_hidden or need_weight):
             return (None,) * 11
         if ctx.empty:

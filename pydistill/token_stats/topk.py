@@ -270,6 +270,6 @@ def student_support(hidden, weight, bias, teacher_hidden, teacher_weight, teache
                           memory_budget_mb=memory_budget_mb)
     ids[rows] = chosen
     logprobs[rows] = logprobs_at(teacher_hidden.index_select(0, rows), teacher_weight, chosen, bias=teacher_bias,
-                                 temperature=cfg.teacher_temperature, softcap=cfg.softcap, impl=impl,
+                                 temperature=cfg.teacher_temperature, softcap=cfg.teacher_cap, impl=impl,
                                  memory_budget_mb=memory_budget_mb, lean_op=lean_op).float()
     return ids, logprobs

@@ -113,7 +113,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit must be >= 1 or null (keep every checkpoint), got {self.save_total_limit}")
+            raise ValueError(f"save_total_limit must be >= 1 or null (keep every checkpoint), "
+                             f"got {self.save_total_limit}")
         if isinstance(self.memory_budget_mb, bool) or not isinstance(self.memory_budget_mb, (int, float)) or \
                 not 0 < self.memory_budget_mb < float("inf"):
             raise ValueError(f"memory_budget_mb must be a finite number > 0, got {self.memory_budget_mb!r}")

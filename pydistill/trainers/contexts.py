@@ -60,10 +60,12 @@ def teacher_head(teacher) -> Optional[Head]:
 
 
 def head_options(head: Head, teacher: Optional[Head] = None) -> dict:
-    """The head keyword arguments of a fused loss on ``head`` (and a teacher context on ``teacher``'s)."""
+    """The head keyword arguments of a fused loss on ``head`` (and a teacher context on ``teacher``'s: its weight,
+    bias and softcap)."""
     options = dict(bias=head.bias, softcap=head.softcap)
     if teacher is not None:
-        options.update(teacher_weight=teacher.weight, teacher_bias=teacher.bias)
+        options.update(teacher_weight=teacher.weight, teacher_bias=teacher.bias,
+                       teacher_softcap=teacher.teacher_softcap)
     return options
 
 

@@ -17,8 +17,9 @@ TRL's inputs, masks and normalization and swaps only the divergence computation:
 
 When the teacher's head is the student's own (one model, two contexts), the op is given the head once and one
 GEMM per vocabulary tile serves both contexts; otherwise the teacher's head is passed separately (its
-vocabulary must match; its width may differ). Refused with the field named: models whose final-logit softcaps
-differ (``final_logit_softcapping``), DeepSpeed ZeRO-3, prompt-learning adapters, multimodal inputs.
+vocabulary must match; its width, logit scale and final-logit softcap may differ: each context is scored with its
+own). Each head is read once per step (under FSDP2 each read gathers its shards). Refused with the field named:
+DeepSpeed ZeRO-3, prompt-learning adapters, multimodal inputs.
 """
 from __future__ import annotations
 
@@ -38,10 +39,6 @@ def check_distillation(trainer, student, teacher) -> None:
     if teacher is None:
         raise ValueError("teacher_model: pydistill's distillation integration needs a local teacher model "
                          "(server-side teachers keep TRL's own loss)")
-    s_cap, t_cap = read_head(student).softcap, read_head(teacher).softcap
-    if s_cap != t_cap:
-        raise ValueError(f"final_logit_softcapping: student {s_cap} and teacher {t_cap} differ; pydistill's op "
-                         "applies one softcap to both contexts")
 
 
 def jsd_op(beta) -> str:
@@ -51,10 +48,15 @@ def jsd_op(beta) -> str:
 
 
 def fused_divergence(student_hidden, student_model, teacher_hidden, teacher_model, mask, *, beta, temperature,
-                     num_items_in_batch, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB):
+                     num_items_in_batch, memory_budget_mb=_head.DEFAULT_MEMORY_BUDGET_MB, head=None,
+                     teacher_head=None):
     """(loss, entropy sum, valid-token count) of TRL's distillation losses from [B, K, H] hidden states
-    (:func:`pydistill.boundary.hidden_states` of each model)."""
-    head, teacher_head = read_head(student_model), read_head(teacher_model)
+    (:func:`pydistill.boundary.hidden_states` of each model), each context through its own head (weight, bias,
+    softcap). ``head`` / ``teacher_head``: the models' :func:`pydistill.boundary.read_head`, when the step
+    already read them; None reads them here."""
+    head = read_head(student_model) if head is None else head
+    if teacher_head is None:
+        teacher_head = read_head(teacher_model)
     valid = mask.to(head.weight.device) != 0
     stats = head_token_stats(head, student_hidden, valid, teacher_head=teacher_head,
                              teacher_hidden=teacher_hidden.to(device=head.weight.device,
@@ -80,15 +82,18 @@ def _distillation_compute_loss(self, unwrapped_student, inputs, num_items_in_bat
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
     keep = inputs["completion_ids"].size(1)
-    student_hidden = hidden_states(unwrapped_student, input_ids, attention_mask, keep)
+    head = read_head(unwrapped_student)  # once per step each: under FSDP2 each read gathers the head's shards
+    student_hidden = hidden_states(unwrapped_student, input_ids, attention_mask, keep, head)
     self.teacher_model.eval()
     unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
     with torch.no_grad():
+        teacher_head = read_head(unwrapped_teacher)
         teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, hidden_states,
-                                                   unwrapped_teacher, input_ids, attention_mask, keep)
+                                                   unwrapped_teacher, input_ids, attention_mask, keep, teacher_head)
     return fused_divergence(student_hidden, _head.unwrap(unwrapped_student), teacher_hidden,
                             _head.unwrap(unwrapped_teacher), mask, beta=self.beta, temperature=self.temperature,
-                            num_items_in_batch=num_items_in_batch, memory_budget_mb=_head.memory_budget(self))
+                            num_items_in_batch=num_items_in_batch, memory_budget_mb=_head.memory_budget(self),
+                            head=head, teacher_head=teacher_head)
 
 
 def _gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -98,14 +103,19 @@ def _gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_ba
     ids, attention = inputs["input_ids"], inputs["attention_mask"]
     keep = ids.size(1) - 1  # every position but the last predicts the next token
     labels = inputs["labels"][:, 1:]
-    student_hidden = model(input_ids=ids, attention_mask=attention, pydistill=dict(keep=keep, hidden_only=True))
+    # each head read once per step, handed to its model's forward (which would read it again) and to the op
+    head = read_head(model)
+    student_hidden = model(input_ids=ids, attention_mask=attention,
+                           pydistill=dict(keep=keep, hidden_only=True, head=head))
     self.teacher_model.eval()
     with torch.no_grad():
+        teacher_head = read_head(self.teacher_model)
         teacher_hidden = self.teacher_model(input_ids=ids, attention_mask=attention,
-                                            pydistill=dict(keep=keep, hidden_only=True))
+                                            pydistill=dict(keep=keep, hidden_only=True, head=teacher_head))
     loss, _, _ = fused_divergence(student_hidden, _head.unwrap(model), teacher_hidden, _head.unwrap(self.teacher_model),
                                   labels != -100, beta=self.beta, temperature=1.0,
-                                  num_items_in_batch=num_items_in_batch, memory_budget_mb=_head.memory_budget(self))
+                                  num_items_in_batch=num_items_in_batch, memory_budget_mb=_head.memory_budget(self),
+                                  head=head, teacher_head=teacher_head)
     return loss
 
 

@@ -161,9 +161,9 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
                                                 pydistill=dict(keep=keep, hidden_only=True))
         student, teacher = _head.unwrap(model), _head.unwrap(self.teacher_model)
         if full:
-            teacher_weight, teacher_bias = _head.head_parameters(teacher)
+            teacher_weight, teacher_bias, teacher_softcap = _head.head_parameters(teacher)
             shared = teacher_weight is _head.head_parameters(student)[0]  # one model: one GEMM for both contexts
-            request.update(divergence, teacher_hidden=teacher_hidden,
+            request.update(divergence, teacher_hidden=teacher_hidden, teacher_softcap=teacher_softcap,
                            teacher_weight=None if shared else teacher_weight.detach(),
                            teacher_bias=None if shared else teacher_bias)
             if topk:  # the student's own top-k support, the teacher's log-probs there

@@ -167,9 +167,11 @@ class FDTrainer(GRPOLoopTrainer):
             t_head = teacher_head(self.teacher)
             teacher_hidden = self.teacher.hidden_states(teacher, t_head or head)
             teacher_side["teacher_temperature"] = teacher_t
+            if t_head is not None:  # a copy's head: its own weight, bias and cap
+                teacher_side.update(teacher_weight=t_head.weight, teacher_bias=t_head.bias,
+                                    teacher_softcap=t_head.teacher_softcap)
         distill = dict(divergence=cfg.divergence, beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg),
-                       teacher_weight=None if t_head is None else t_head.weight,
-                       teacher_bias=None if t_head is None else t_head.bias, **teacher_side)
+                       **teacher_side)
         if cfg.distillation_weight == 1:
             old_logp = self.sampling_logp(hidden, student, head) if cfg.importance_clip else None
             return distillation_loss(hidden, head.weight, teacher_hidden, self.trained_mask(prepared),
