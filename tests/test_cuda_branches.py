@@ -124,6 +124,9 @@ def test_bf16_cuda_path_with_triton_folds(as_cuda, monkeypatch, budget):
     assert max(errors[:3]) < 1e-5 and max(errors[3:]) < 2e-2, errors
 
 
-def test_mixed_gemms_probe_on_this_cpu():
-    """The CPU build runs no out_dtype GEMM: the probe says so instead of raising."""
-    assert loop.mixed_gemms(torch.device("cpu"), torch.bfloat16) == (False, False)
+@pytest.mark.parametrize("release,expected", [("2.11", (True, True)), ("2.9", (True, False)),
+                                              ("2.7", (False, False))])
+def test_mixed_gemms_probe_reads_each_release(as_cuda, release, expected):
+    """The probe answers (mm takes out_dtype, addmm adds into a float32 self) instead of raising."""
+    as_cuda(release)
+    assert loop.mixed_gemms(torch.device("cpu"), torch.bfloat16) == expected
