@@ -130,3 +130,13 @@ def test_mixed_gemms_probe_reads_each_release(as_cuda, release, expected):
     """The probe answers (mm takes out_dtype, addmm adds into a float32 self) instead of raising."""
     as_cuda(release)
     assert loop.mixed_gemms(torch.device("cpu"), torch.bfloat16) == expected
+
+
+def test_auto_takes_the_torch_folds_for_float64_on_cuda(as_cuda):
+    """impl="auto" on CUDA picks Triton, whose folds take no float64: a float64 call must run, not raise."""
+    inputs = make_inputs(n=9, width=6, vocab=50, dtype=torch.float64, seed=1)
+    grads = upstream(9)
+    opts = dict(divergence="reverse_kl")
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
+    as_cuda("2.11")
+    assert max(_rel_errors(run(token_stats, inputs, grads, **opts), want)) < 1e-10
