@@ -192,7 +192,8 @@ class _Operands:
 
 # (device type, 16-bit dtype) -> (torch.mm takes out_dtype=float32, torch.addmm adds into a float32 ``self``);
 # the CUDA kernels of torch 2.8 brought the first, a later release the second (2.8 and 2.9 reject a float32
-# ``self`` beside 16-bit operands), and the project supports torch from 2.4.
+# ``self`` beside 16-bit operands), and the project supports torch from 2.4. The plans count the native path:
+# the fallbacks' float32 copies and temporaries are beyond the budget.
 _MIXED_GEMMS: dict = {}
 
 
