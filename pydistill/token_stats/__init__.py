@@ -167,7 +167,7 @@ def token_stats(
             out before any GEMM: they cost nothing, give 0 in every output and receive zero gradient.
         ignore_index: the inactive-row marker in ``targets``.
         impl: how the per-chunk folds run, the chunk loop being the same: ``"auto"`` (Triton on CUDA, torch
-            elsewhere), ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"``, or
+            elsewhere and for float64), ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), ``"torch"``, or
             ``"eager"`` (float64, materializes [N, V]; for tests; ``"reference"`` is its former name).
         teacher_topk_ids, teacher_topk_logprobs: a teacher given as its top-k log-probs instead of
             ``teacher_hidden`` (served by vLLM or cached): [N, k] token ids in [0, V) (distinct within a row, any
@@ -323,7 +323,9 @@ def token_stats(
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         differentiated = ()  # no backward will come: forming a basis would only cost
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        # the Triton folds take no float64 (the torch folds compute it in float64)
+        cuda = loop.device_kind(device) == "cuda" and hidden.dtype != torch.float64
+        impl = "triton" if cuda and _triton_available() else "torch"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     if impl == "triton" and hidden.dtype == torch.float64:

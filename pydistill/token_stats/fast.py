@@ -62,7 +62,7 @@ def plan_fast(n: int, width: int, vocab: int, dtype: torch.dtype, device: torch.
     fast when ``N * outputs * V * b + working <= budget`` (b = 2 bytes for bfloat16 on CUDA, 4 otherwise); some
     when the basis of at least one block fits beside the lean rows' reserve; none below.
     """
-    kind = "cuda" if device.type == "cuda" else "cpu"
+    kind = loop.device_kind(device)
     elem = torch.empty((), dtype=loop.compute_dtype(dtype)).element_size()
     in_elem = torch.empty((), dtype=dtype).element_size()
     contexts = 2 if two_contexts else 1
@@ -193,7 +193,10 @@ def fast_backward(basis, gradients, hidden, weight, need_weight_grad: bool, d_we
     # g (B W): the per-row factor after the GEMM; B^T (g h): the factor on the small [N, H] side
     gh = (hidden.to(acc) * g.unsqueeze(1)).to(dz.dtype)
     vocab = weight.shape[0]
-    step = vocab if weight.dtype == dz.dtype else loop.MAX_COLS["cuda" if dz.is_cuda else "cpu"]
+    # the whole vocabulary in one GEMM when no operand needs a float32 copy (a torch without float32-output
+    # GEMMs of 16-bit operands, before 2.8, copies each chunk)
+    whole = weight.dtype == dz.dtype and (dz.dtype == acc or loop.mixed_gemms(dz.device, dz.dtype)[0])
+    step = vocab if whole else loop.MAX_COLS[loop.device_kind(dz.device)]
     d_hidden = torch.zeros(n, width, device=hidden.device, dtype=acc)
     accumulate = d_weight is not None
     if need_weight_grad and not accumulate:

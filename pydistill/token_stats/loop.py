@@ -58,9 +58,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def device_kind(device: torch.device) -> str:
+    """"cuda" or "cpu": which size tables and GEMM paths a device takes (the one place that asks, so that a test
+    can run the CUDA branches' logic on CPU tensors)."""
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
 def dlogits_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """bfloat16 dlogits for bfloat16 inputs on CUDA (tensor-core GEMMs); never float16: terms ~1e-10 underflow."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
+    if device_kind(device) == "cuda" and dtype == torch.bfloat16:
         return torch.bfloat16
     return compute_dtype(dtype)
 
@@ -79,7 +85,7 @@ def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch
     """
     elem = torch.empty((), dtype=compute_dtype(dtype)).element_size()
     contexts = 2 if two_contexts else 1
-    upcast = dtype in (torch.float16, torch.bfloat16) and not (device.type == "cuda" and dtype == torch.bfloat16)
+    upcast = dtype in (torch.float16, torch.bfloat16) and dlogits_dtype(dtype, device) != torch.bfloat16
     in_elem = torch.empty((), dtype=dtype).element_size()
     dz_elem = torch.empty((), dtype=dlogits_dtype(dtype, device)).element_size()
     fixed = 0
@@ -88,7 +94,7 @@ def plan_chunks(n: int, width: int, teacher_width: int, vocab: int, dtype: torch
     if upcast:
         fixed += (n * width + (n * teacher_width if two_contexts else 0)) * 4  # float32 copies of h (and h_t)
     budget = budget_mb * 2 ** 20
-    max_cols = min(vocab, MAX_COLS["cuda" if device.type == "cuda" else "cpu"])
+    max_cols = min(vocab, MAX_COLS[device_kind(device)])
     temporaries = 0 if triton_folds else TORCH_FOLD_TEMPORARIES * contexts * elem
 
     def plan_for(rows, stacked):
@@ -123,7 +129,7 @@ def plan_resident(n: int, width: int, vocab: int, dtype: torch.dtype, device: to
     both contexts stay in memory, so the second sweep reuses them instead of recomputing them (12 N H V in all
     instead of 16, at the price of reading W once per row block). None when fewer than MIN_RESIDENT_ROWS rows
     fit or the GEMM would need float32 copies of 16-bit operands."""
-    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
+    if dtype in (torch.float16, torch.bfloat16) and device_kind(device) != "cuda":
         return None
     elem = torch.empty((), dtype=compute_dtype(dtype)).element_size()
     in_elem = torch.empty((), dtype=dtype).element_size()
@@ -131,7 +137,7 @@ def plan_resident(n: int, width: int, vocab: int, dtype: torch.dtype, device: to
     per_row = 2 * vocab * elem * (1 if triton_folds else 2 + TORCH_FOLD_TEMPORARIES) + (2 * width * in_elem
                                                                                           if shared_head else 0)
     rows = min(n, int(budget_mb * 2 ** 20 // per_row))
-    minimum = min(n, MIN_RESIDENT_ROWS["cuda" if device.type == "cuda" else "cpu"])
+    minimum = min(n, MIN_RESIDENT_ROWS[device_kind(device)])
     if rows < minimum:
         return None
     return ChunkPlan(rows=rows, cols=vocab, group=vocab, stacked=shared_head)
@@ -143,8 +149,10 @@ class _Operands:
     def __init__(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, cfg: StatsConfig):
         self.device = hidden.device
         self.acc = compute_dtype(hidden.dtype)
-        # CUDA multiplies 16-bit operands with float32 output; elsewhere operands become the compute dtype.
-        self.native = self.device.type == "cuda" and hidden.dtype in (torch.float16, torch.bfloat16)
+        # CUDA multiplies 16-bit operands with float32 output (where this torch can); elsewhere operands become
+        # the compute dtype.
+        self.native = (device_kind(self.device) == "cuda" and hidden.dtype in (torch.float16, torch.bfloat16)
+                       and mixed_gemms(self.device, hidden.dtype)[0])
         self.h = self._operand(hidden)
         self.w = weight
         self.b = None if bias is None else bias.to(self.acc)
@@ -165,15 +173,47 @@ class _Operands:
         """out = a @ b in out's dtype without rounding the product to a 16-bit dtype first."""
         if a.dtype == out.dtype:
             torch.mm(a, b, out=out)
-        else:
+        else:  # only where mixed_gemms says torch.mm takes out_dtype (self.native)
             torch.mm(a, b, out_dtype=out.dtype, out=out)
 
     def addmm_(self, acc, a, b):
         """acc += a @ b, accumulated in acc's dtype."""
         if a.dtype == acc.dtype:
             acc.addmm_(a, b)
-        else:
+            return
+        mm_out_dtype, addmm_out_dtype = mixed_gemms(a.device, a.dtype)
+        if addmm_out_dtype:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        elif mm_out_dtype:  # the product in a temporary, then one addition
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+        else:  # float32 copies of the operands
+            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+# (device type, 16-bit dtype) -> (torch.mm takes out_dtype=float32, torch.addmm adds into a float32 ``self``);
+# the CUDA kernels of torch 2.8 brought the first, a later release the second (2.8 and 2.9 reject a float32
+# ``self`` beside 16-bit operands), and the project supports torch from 2.4. The plans count the native path:
+# the fallbacks' float32 copies and temporaries are beyond the budget.
+_MIXED_GEMMS: dict = {}
+
+
+def mixed_gemms(device: torch.device, dtype: torch.dtype) -> tuple:
+    """Which float32-output GEMMs of 16-bit operands this torch runs on this device, tried once on 1x1."""
+    key = (device.type, dtype)
+    if key not in _MIXED_GEMMS:
+        one = torch.ones(1, 1, device=device, dtype=dtype)
+        acc = torch.zeros(1, 1, device=device, dtype=torch.float32)
+        _MIXED_GEMMS[key] = (_runs(lambda: torch.mm(one, one, out_dtype=torch.float32, out=acc)),
+                             _runs(lambda: torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)))
+    return _MIXED_GEMMS[key]
+
+
+def _runs(op) -> bool:
+    try:
+        op()
+    except (TypeError, RuntimeError, NotImplementedError):  # no out_dtype keyword, or a dtype/backend refused
+        return False
+    return True
 
 
 def autocast_off(device_type: str):
