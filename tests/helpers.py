@@ -68,3 +68,22 @@ def assert_no_worse_than_eager(got, low, truth, rtol=1e-4):
         scale = t.norm().item() + 1e-12
         err, base = (g - t).norm().item() / scale, (lo - t).norm().item() / scale
         assert err <= base + rtol, f"output {i}: relative error {err:.3e} vs eager {base:.3e}"
+
+
+def count_head_reads(monkeypatch) -> list:
+    """Every ``read_head`` a pydistill module makes from now on, as the id of the (unwrapped) model read: under
+    FSDP2 each read gathers the head's shards, so a step should read each model once."""
+    import sys
+
+    import pydistill.boundary as boundary
+
+    real, reads = boundary.read_head, []
+
+    def counted(model):
+        reads.append(id(boundary.unwrap(model)))
+        return real(model)
+
+    for module in list(sys.modules.values()):  # every module that imported the name
+        if getattr(module, "read_head", None) is real and module.__name__.startswith("pydistill"):
+            monkeypatch.setattr(module, "read_head", counted)
+    return reads

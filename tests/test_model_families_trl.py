@@ -12,6 +12,7 @@ pytest.importorskip("trl")
 from pydistill.integrations.trl import _head  # noqa: E402
 from pydistill.integrations.trl.distillation import _distillation_compute_loss, _gkd_compute_loss  # noqa: E402
 from pydistill.integrations.trl.grpo import fused_logps_and_entropies  # noqa: E402
+from tests.helpers import count_head_reads  # noqa: E402
 from tests.test_model_families import FAMILIES, _family  # noqa: E402
 
 # left-padded prompts, right-padded completions, as TRL lays them out
@@ -66,13 +67,18 @@ def test_grpo_hook_scores_the_models_own_log_probs_and_entropies(family):
     torch.testing.assert_close(entropy[mask].double(), -(want.exp() * want).sum(-1)[mask], rtol=1e-4, atol=1e-5)
 
 
+def _distillation_trainer(teacher):
+    """The attributes of TRL's DistillationTrainer that its loss reads: forward KL (beta 0) at temperature 0.8."""
+    return SimpleNamespace(teacher_model=teacher, beta=0.0, temperature=0.8,
+                           accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                           _forward_redirection=lambda wrapper, original, method, *args: method(*args))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_distillation_trainer_distils_the_models_own_distributions(family):
     """beta 0: TRL's generalized JSD is forward KL(teacher || student), at TRL's temperature, token mean."""
     student, teacher, tok = _models(family)
-    trainer = SimpleNamespace(teacher_model=teacher, beta=0.0, temperature=0.8,
-                              accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-                              _forward_redirection=lambda wrapper, original, method, *args: method(*args))
+    trainer = _distillation_trainer(teacher)
     inputs, ids, attention = _inputs(tok.pad_token_id)
     loss, _, count = _distillation_compute_loss(trainer, student, inputs, None)
     kl = _kl(_completion_logprobs(teacher, ids, attention, 4, 0.8),
@@ -105,9 +111,7 @@ def test_distillation_scores_the_teacher_with_its_own_softcap(student_family, te
     student = _models(student_family)[0]
     _, teacher, tok = _models("gemma2")
     teacher.config.final_logit_softcapping = teacher_cap
-    trainer = SimpleNamespace(teacher_model=teacher, beta=0.0, temperature=0.8,
-                              accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-                              _forward_redirection=lambda wrapper, original, method, *args: method(*args))
+    trainer = _distillation_trainer(teacher)
     inputs, ids, attention = _inputs(tok.pad_token_id)
     loss, _, _ = _distillation_compute_loss(trainer, student, inputs, None)
     kl = _kl(_completion_logprobs(teacher, ids, attention, 4, 0.8),
@@ -115,29 +119,11 @@ def test_distillation_scores_the_teacher_with_its_own_softcap(student_family, te
     assert float(loss.detach()) == pytest.approx(float(kl[COMPLETION_MASK.bool()].mean()), rel=1e-4)
 
 
-def _count_head_reads(monkeypatch):
-    """Every read_head a pydistill module makes, as the id of the model read."""
-    import sys
-
-    import pydistill.boundary as boundary
-
-    real, reads = boundary.read_head, []
-
-    def counted(model):
-        reads.append(id(boundary.unwrap(model)))
-        return real(model)
-
-    for module in list(sys.modules.values()):  # every module that imported the name
-        if getattr(module, "read_head", None) is real and module.__name__.startswith("pydistill"):
-            monkeypatch.setattr(module, "read_head", counted)
-    return reads
-
-
 def test_a_distillation_step_reads_each_head_once(monkeypatch):
     """Under FSDP2 every read_head gathers the head's shards: DistillationTrainer's and GKD's losses read the
     student's and the teacher's once each."""
     student, teacher, tok = _models("gemma2")
-    reads = _count_head_reads(monkeypatch)
+    reads = count_head_reads(monkeypatch)
     trainer = SimpleNamespace(teacher_model=teacher, beta=0.5, temperature=0.8,
                               accelerator=SimpleNamespace(unwrap_model=lambda m: m),
                               _forward_redirection=lambda wrapper, original, method, *args: method(*args))

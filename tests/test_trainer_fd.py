@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import pydistill.boundary as boundary
 import pydistill.evaluation as evaluation_module
 import pydistill.models as models_module
 from pydistill import cli
@@ -27,6 +28,7 @@ from pydistill.trainers import TRAINERS, FDConfig, FDTrainer, GRPOLoopConfig, GR
 from pydistill.trainers.checkpoint import latest_checkpoint
 from pydistill.trainers.contexts import response_hidden_states
 from pydistill.trainers.rollout import HFRolloutEngine, Rollouts
+from tests.helpers import count_head_reads
 
 RIGHT = "3 + 4 = 7. The answer is 7."
 WRONG = "5 * 2 = 11. The answer is 11."
@@ -517,17 +519,7 @@ def test_bad_combinations_fail_fast(tmp_path, overrides, match):
 ])
 def test_a_training_step_reads_each_head_once(tmp_path, monkeypatch, trainer_name, overrides):
     """Under FSDP2 every read_head gathers the head's shards: one read per model per step (one micro-batch)."""
-    import pydistill.boundary as boundary
-
-    real, reads = boundary.read_head, []
-
-    def counted(model):
-        reads.append(id(boundary.unwrap(model)))
-        return real(model)
-
-    for module in list(sys.modules.values()):  # every module that imported the name
-        if getattr(module, "read_head", None) is real and module.__name__.startswith("pydistill"):
-            monkeypatch.setattr(module, "read_head", counted)
+    reads = count_head_reads(monkeypatch)
     model, tok = tiny_model(seed=0)
     config = fd_config(tmp_path, batch_size=1, micro_batch_size=1, **overrides)
     if trainer_name == "grpo":
