@@ -246,6 +246,14 @@ def markdown(result: dict) -> str:
                                "parentheses.\n")
 
 
+def write_table(result: dict, out: str) -> None:
+    """``<out>/comparison.md`` (:func:`markdown` of ``result``), also printed."""
+    table = markdown(result)
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
 def stage_configs(spec: RunSpec, seed: int, args, overrides: dict) -> list:
     """[(method, stage folder, config)] of every stage of ``spec`` with ``seed``: each stage gets an equal share of
     the token budget and of the minutes. A chain's later stages start from the previous stage's folder, which
@@ -490,10 +498,7 @@ def main(argv=None) -> int:
     plotted = {k: d for k, d in first_dirs.items() if os.path.exists(os.path.join(d, "metrics.jsonl"))}
     if plotted:
         plot_comparison(plotted, os.path.join(args.out, "comparison.png"))
-    table = markdown(result)
-    with open(os.path.join(args.out, "comparison.md"), "w") as f:
-        f.write(table)
-    print(table)
+    write_table(result, args.out)
     return 0
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from benchmarks.compare_methods import markdown, summarize
+from benchmarks.compare_methods import summarize, write_table
 
 # per-seed fields that legitimately differ between the seeds of one run
 SEED_FIELDS = ("seed", "output_dir", "init_from")
@@ -82,10 +82,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
         json.dump(merged, f, indent=2)
-    table = markdown(dict(merged, command=merged["command"][0]))
-    with open(os.path.join(args.out, "comparison.md"), "w") as f:
-        f.write(table)
-    print(table)
+    write_table(dict(merged, command=merged["command"][0]), args.out)
     return 0
 
 
