@@ -14,7 +14,8 @@ A request is a plain dict (DDP walks its tensors like any other input):
   (:func:`pydistill.boundary.hidden_states`: the logit scale folded in).
 - ``labels`` [B, keep]: the scored token ids, ``-100`` on rows to skip (they cost nothing, give 0).
 - ``temperature`` and the divergence options of ``token_stats``: ``teacher_hidden`` [B, keep, H_t],
-  ``teacher_weight``, ``teacher_bias``, ``teacher_softcap``, ``divergence``, ``beta``, ``clip``.
+  ``teacher_head`` (the teacher model's :func:`pydistill.boundary.read_head`; None or the same weight: the
+  teacher context is read through this model's head), ``divergence``, ``beta``, ``clip``.
 - ``head``: the model's :func:`pydistill.boundary.read_head`, when the caller already read it this step (the
   forward then reads it no more: under FSDP2 each read gathers the head's shards).
 Returns :class:`pydistill.TokenStats` with [B, keep] fields.
@@ -45,14 +46,6 @@ def set_memory_budget(trainer, memory_budget_mb) -> None:
 
 def memory_budget(trainer) -> float:
     return getattr(trainer, BUDGET_ATTRIBUTE, DEFAULT_MEMORY_BUDGET_MB)
-
-
-def head_parameters(model):
-    """(weight, bias, the op's teacher_softcap) of the output head as the op reads it
-    (:func:`pydistill.boundary.read_head`: FSDP2 shards gathered, the bias times the logit scale; the cap 0 when
-    the head has none)."""
-    head = read_head(model)
-    return head.weight, head.bias, head.teacher_softcap
 
 
 def install(model) -> None:
@@ -89,8 +82,7 @@ def _fused_forward(model, args, kwargs, request):
     if request.get("hidden_only"):
         return hidden
     return head_stats(model, hidden, request["labels"], head=head, temperature=float(request.get("temperature", 1.0)),
-                      teacher_hidden=request.get("teacher_hidden"), teacher_weight=request.get("teacher_weight"),
-                      teacher_bias=request.get("teacher_bias"), teacher_softcap=request.get("teacher_softcap"),
+                      teacher_hidden=request.get("teacher_hidden"), teacher_head=request.get("teacher_head"),
                       divergence=request.get("divergence"),
                       beta=request.get("beta", 0.5), clip=request.get("clip"),
                       support_topk=request.get("support_topk"), topk_tail=request.get("topk_tail", True),
@@ -100,17 +92,16 @@ def _fused_forward(model, args, kwargs, request):
                       differentiated=request.get("differentiated"))
 
 
-def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, teacher_weight=None,
-               teacher_bias=None, teacher_softcap=None, divergence=None, beta=0.5, clip=None, support_topk=None,
-               topk_tail=True, teacher_topk_ids=None, teacher_topk_logprobs=None,
+def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, teacher_head=None, divergence=None,
+               beta=0.5, clip=None, support_topk=None, topk_tail=True, teacher_topk_ids=None, teacher_topk_logprobs=None,
                memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB, differentiated=None, head=None) -> TokenStats:
     """:func:`pydistill.token_stats` through ``model``'s head (:func:`pydistill.boundary.read_head`) of [B, K, H]
     hidden states from the fused forward (already the op's input), scoring ``labels`` [B, K] (``-100``: skipped
     row). Returns [B, K] fields.
 
     A teacher context (``teacher_hidden`` [B, K, H_t], from the fused forward too) is read through the same
-    head, or through ``teacher_weight`` / ``teacher_bias`` / ``teacher_softcap`` (from :func:`head_parameters`)
-    when it is another model. With ``support_topk`` k the divergence is over the student's k most likely tokens (plus a
+    head, or through ``teacher_head`` (its :func:`pydistill.boundary.read_head`: weight, bias and softcap) when it
+    is another model. With ``support_topk`` k the divergence is over the student's k most likely tokens (plus a
     tail bucket with ``topk_tail``), the teacher's log-probs taken at those ids (TRL's
     ``distillation_mode="topk_logits"``). A teacher given as top-k log-probs (``teacher_topk_ids`` /
     ``teacher_topk_logprobs`` [B, K, k], from a server) is used as given: no logit scale or temperature applies.
@@ -119,10 +110,9 @@ def head_stats(model, hidden, labels, *, temperature=1.0, teacher_hidden=None, t
     labels = labels.to(head.weight.device)
     options = {}
     if teacher_hidden is not None:
-        options = dict(teacher_hidden=teacher_hidden.to(device=head.weight.device, dtype=head.weight.dtype
-                                                        if teacher_weight is None else teacher_weight.dtype),
-                       teacher_weight=teacher_weight, teacher_bias=teacher_bias, teacher_softcap=teacher_softcap,
-                       divergence=divergence, beta=beta, clip=clip)
+        teacher_dtype = (head if teacher_head is None else teacher_head).weight.dtype
+        options = dict(teacher_hidden=teacher_hidden.to(device=head.weight.device, dtype=teacher_dtype),
+                       teacher_head=teacher_head, divergence=divergence, beta=beta, clip=clip)
         if support_topk is not None:
             options.update(support_topk=support_topk, topk_tail=topk_tail)
     if teacher_topk_ids is not None:

@@ -155,23 +155,25 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
         self._metrics[mode]["self_distillation/server_logprob_abs_diff"].append(
             self.accelerator.gather(gap).mean().item())
     else:
+        # each distinct model's head read once per step (under FSDP2 each read gathers its shards), handed to
+        # both forwards and the op; a teacher that is the student model itself reuses the student's read
+        student, teacher = _head.unwrap(model), _head.unwrap(self.teacher_model)
+        head = _head.read_head(student)
+        teacher_head = head if teacher is student else _head.read_head(teacher)
+        request["head"] = head
         with torch.no_grad(), self._get_teacher_context_for_self_distillation():
             teacher_hidden = self.teacher_model(input_ids=inputs["teacher_input_ids"],
                                                 attention_mask=inputs["teacher_attention_mask"],
-                                                pydistill=dict(keep=keep, hidden_only=True))
-        student, teacher = _head.unwrap(model), _head.unwrap(self.teacher_model)
-        if full:
-            teacher_weight, teacher_bias, teacher_softcap = _head.head_parameters(teacher)
-            shared = teacher_weight is _head.head_parameters(student)[0]  # one model: one GEMM for both contexts
-            request.update(divergence, teacher_hidden=teacher_hidden, teacher_softcap=teacher_softcap,
-                           teacher_weight=None if shared else teacher_weight.detach(),
-                           teacher_bias=None if shared else teacher_bias)
+                                                pydistill=dict(keep=keep, hidden_only=True, head=teacher_head))
+        if full:  # a shared head weight (one model): one GEMM per vocabulary tile serves both contexts
+            request.update(divergence, teacher_hidden=teacher_hidden, teacher_head=teacher_head)
             if topk:  # the student's own top-k support, the teacher's log-probs there
                 request.update(support_topk=int(args.distillation_topk), topk_tail=bool(args.distillation_add_tail))
         stats = model(input_ids=ids, attention_mask=attention, pydistill=request)
         if not full:
             with torch.no_grad():
-                teacher_logp = _head.head_stats(teacher, teacher_hidden, labels, temperature=self.temperature).logp
+                teacher_logp = _head.head_stats(teacher, teacher_hidden, labels, temperature=self.temperature,
+                                                head=teacher_head).logp
     if full:
         per_token = stats.divergence
     else:  # sampled_token, reverse KL: stopgrad(logp_s - logp_t) * logp_s
