@@ -46,15 +46,17 @@ def tile_shares(grad, threshold: float, tiles=TILES) -> dict:
 def measure(args) -> dict:
     import torch
 
+    from benchmarks.teacher_signal import head_log_probs
     from benchmarks.topk_teacher import opsd_rollout_rows
 
-    student, teacher, weight, rollouts, targets = opsd_rollout_rows(args)
+    student, teacher, head, rollouts, targets = opsd_rollout_rows(args)
     threshold = 2.0 ** args.threshold_log2
-    result = dict(rollouts=rollouts, tokens=int(student.shape[0]), vocab=int(weight.shape[0]),
+    result = dict(rollouts=rollouts, tokens=int(student.shape[0]), vocab=int(head.weight.shape[0]),
                   threshold=threshold, gradients={})
     with torch.no_grad():
-        q = torch.softmax(student.double() @ weight.double().t(), -1)
-        p = torch.softmax(teacher.double() @ weight.double().t(), -1)
+        # the model's own probabilities: the whole head (bias, softcap), float32 log-probs widened for the sums
+        q = head_log_probs(head, student).double().exp()
+        p = head_log_probs(head, teacher).double().exp()
         grads = {"logp": -q.scatter_add(1, targets.unsqueeze(1), -torch.ones_like(q[:, :1])),
                  "forward_kl": q - p}
         for name, grad in grads.items():

@@ -87,17 +87,18 @@ def cost(args) -> list:
 
 
 def opsd_rollout_rows(args):
-    """(student rows [N, H], teacher rows [N, H], head weight [V, H], rollouts, targets [N]) of the embedded model's
+    """(student rows [N, H], teacher rows [N, H], the model's head, rollouts, targets [N]) of the embedded model's
     own rollouts on the arithmetic task, scored under the student prompt and under OPSD's teacher context (the
-    reference solution): the rows a distillation step on them would hand to the op."""
+    reference solution): the rows a distillation step on them would hand to the op. The head is the model's
+    ``read_head`` (weight, bias times the logit scale, softcap); the rows are in the op's input space."""
     import torch
 
     from benchmarks.teacher_signal import hidden_rows
+    from pydistill.boundary import read_head
     from pydistill.evaluation import generate_completions
     from pydistill.models import load_model
     from pydistill.prompts import opsd_teacher_messages, render, student_messages
     from pydistill.tasks import get_task
-    from pydistill.boundary import read_head
 
     model, tokenizer = load_model(args.model)
     model.eval()
@@ -113,33 +114,46 @@ def opsd_rollout_rows(args):
     student_ids = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in keep]
     teacher_ids = [tokenizer(render(tokenizer, opsd_teacher_messages(repeated[i].question, repeated[i].solution)),
                              add_special_tokens=False)["input_ids"] for i in keep]
-    student = torch.cat(hidden_rows(model, tokenizer, student_ids, completions))
-    teacher = torch.cat(hidden_rows(model, tokenizer, teacher_ids, completions))
+    head = read_head(model)  # read once, for both contexts' rows and every scoring
+    student = torch.cat(hidden_rows(model, tokenizer, student_ids, completions, head=head))
+    teacher = torch.cat(hidden_rows(model, tokenizer, teacher_ids, completions, head=head))
     targets = torch.tensor([t for c in completions for t in c], dtype=torch.long)
-    return student, teacher, read_head(model).weight.detach(), len(keep), targets
+    return student, teacher, head, len(keep), targets
 
 
-def gap(args) -> dict:
+def topk_gap(student, teacher, head, ks) -> dict:
+    """Per-token forward KL of ``student`` rows [N, H] to the full teacher (``teacher`` rows [N, H], the same
+    model) and to its top-k for each k (with the tail bucket and renormalized), all through the whole ``head``
+    (its bias and softcap too): the means, their ratio, the top-k's share of the teacher's mass, and the
+    per-token correlation."""
     import torch
 
+    from benchmarks.teacher_signal import head_log_probs
     from pydistill.token_stats import token_stats
 
-    student, teacher, weight, rollouts, _ = opsd_rollout_rows(args)
+    weight, scoring = head.weight.detach(), dict(bias=head.bias, softcap=head.softcap)
     with torch.no_grad():
-        full = token_stats(student, weight, teacher_hidden=teacher, divergence="forward_kl").divergence
-        result = dict(tokens=int(full.numel()), rollouts=rollouts, full_forward_kl=float(full.mean()), ks={})
-        for k in args.ks:
-            logprobs, ids = torch.log_softmax(teacher @ weight.t(), -1).topk(k, dim=-1)
+        full = token_stats(student, weight, teacher_hidden=teacher, divergence="forward_kl", **scoring).divergence
+        result = dict(tokens=int(full.numel()), full_forward_kl=float(full.mean()), ks={})
+        teacher_logprobs = head_log_probs(head, teacher)
+        for k in ks:
+            logprobs, ids = teacher_logprobs.topk(k, dim=-1)
             row = dict(teacher_mass=float(logprobs.exp().sum(-1).mean()))
             for tail in (True, False):
                 topk = token_stats(student, weight, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
-                                   divergence="forward_kl", topk_tail=tail).divergence
+                                   divergence="forward_kl", topk_tail=tail, **scoring).divergence
                 name = "tail" if tail else "renormalized"
                 row[f"{name}_forward_kl"] = float(topk.mean())
                 row[f"{name}_ratio_to_full"] = float(topk.mean() / full.mean())
                 row[f"{name}_pearson_r"] = float(torch.corrcoef(torch.stack([topk, full]))[0, 1])
             result["ks"][k] = row
             print(f"k={k}: " + " ".join(f"{name}={value:.4f}" for name, value in row.items()), flush=True)
+    return result
+
+
+def gap(args) -> dict:
+    student, teacher, head, rollouts, _ = opsd_rollout_rows(args)
+    result = dict(rollouts=rollouts, **topk_gap(student, teacher, head, args.ks))
     print(f"full-vocabulary forward KL {result['full_forward_kl']:.4f} over {result['tokens']} tokens")
     return result
 

@@ -258,3 +258,27 @@ def test_topk_teacher_benchmark_smoke(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert [r["variant"] for r in records] == ["full", "topk3", "topk3-renorm"]
     assert all(r["seconds"] > 0 for r in records)
+
+
+def test_topk_gap_scores_through_the_whole_head():
+    """benchmarks.topk_teacher's gap reads the model's whole head (bias and softcap): in the full teacher, in the
+    top-k teacher's log-probs and in the student."""
+    from benchmarks.topk_teacher import topk_gap
+    from pydistill.boundary import Head
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v, cap = 12, 8, 40, 4.0
+    head = Head(torch.randn(v, h, generator=g) * 2.0, torch.randn(v, generator=g) * 3.0, cap, 1.0)
+    student, teacher = torch.randn(n, h, generator=g), torch.randn(n, h, generator=g)
+    result = topk_gap(student, teacher, head, [5, v])
+
+    def log_probs(x):
+        logits = x.double() @ head.weight.double().t() + head.bias.double()
+        return torch.log_softmax(cap * torch.tanh(logits / cap), -1)
+
+    p_log, q_log = log_probs(teacher), log_probs(student)
+    kl = float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+    assert result["full_forward_kl"] == pytest.approx(kl, rel=1e-4)
+    assert result["ks"][v]["tail_forward_kl"] == pytest.approx(kl, rel=1e-4)  # the top-V teacher is the full one
+    mass = float(p_log.exp().topk(5, dim=-1).values.sum(-1).mean())
+    assert result["ks"][5]["teacher_mass"] == pytest.approx(mass, rel=1e-4)
