@@ -54,9 +54,9 @@ def measure(args) -> dict:
     result = dict(rollouts=rollouts, tokens=int(student.shape[0]), vocab=int(head.weight.shape[0]),
                   threshold=threshold, gradients={})
     with torch.no_grad():
-        # the model's own probabilities: the whole head (bias, softcap), float32 log-probs widened for the sums
-        q = head_log_probs(head, student).double().exp()
-        p = head_log_probs(head, teacher).double().exp()
+        # the model's own probabilities through the whole head (bias, softcap), in float64 as recorded
+        q = head_log_probs(head, student, torch.float64).exp()
+        p = head_log_probs(head, teacher, torch.float64).exp()
         grads = {"logp": -q.scatter_add(1, targets.unsqueeze(1), -torch.ones_like(q[:, :1])),
                  "forward_kl": q - p}
         for name, grad in grads.items():

@@ -76,14 +76,16 @@ def _answer_position(tokenizer, ids, text_start: int) -> int:
     return len(ids) - 1
 
 
-def head_log_probs(head, hidden):
-    """log-softmax of the model's own logits ``cap(h W^T + b)`` [..., V], float32, from hidden states in the op's
-    input space (:func:`hidden_rows`: the logit scale folded in) and the model's ``read_head`` (bias, softcap)."""
+def head_log_probs(head, hidden, dtype=None):
+    """log-softmax of the model's own logits ``cap(h W^T + b)`` [..., V] in ``dtype`` (float32 by default), from
+    hidden states in the op's input space (:func:`hidden_rows`: the logit scale folded in) and the model's
+    ``read_head`` (bias, softcap)."""
     import torch
 
-    logits = hidden.float() @ head.weight.detach().float().t()
+    dtype = torch.float32 if dtype is None else dtype
+    logits = hidden.to(dtype) @ head.weight.detach().to(dtype).t()
     if head.bias is not None:
-        logits = logits + head.bias.detach().float()
+        logits = logits + head.bias.detach().to(dtype)
     if head.softcap is not None:
         logits = head.softcap * torch.tanh(logits / head.softcap)
     return torch.log_softmax(logits, -1)

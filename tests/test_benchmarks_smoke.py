@@ -236,3 +236,31 @@ def test_gradient_sparsity_counts_all_small_tiles():
     # rows 2-4 lose all six entries (6e-5), rows 0-1 only columns 4-5
     assert shares["2x4"]["max_row_dropped"] == pytest.approx(6e-5, rel=1e-6)
     assert shares["5x6"] == {"share": 0.0, "max_row_dropped": 0.0}
+
+
+def test_gradient_sparsity_measures_the_models_own_float64_gradients(monkeypatch):
+    """measure() scores through the whole head (bias, softcap) in float64: its entry share is that of
+    onehot - q and q - p computed here from the capped, biased logits."""
+    import argparse
+
+    import benchmarks.topk_teacher as topk_teacher
+    from benchmarks.gradient_sparsity import measure
+    from pydistill.boundary import Head
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    weight, bias = torch.randn(300, 5, generator=g) * 3, torch.randn(300, generator=g) * 3
+    targets = torch.randint(0, 300, (7,), generator=g)
+    head = Head(weight=weight, bias=bias, softcap=2.0, scale=1.0)
+    monkeypatch.setattr(topk_teacher, "opsd_rollout_rows", lambda args: (student, teacher, head, 2, targets))
+    got = measure(argparse.Namespace(threshold_log2=-12))
+
+    def probs(h):
+        z = h.double() @ weight.double().t() + bias.double()
+        return torch.softmax(2.0 * torch.tanh(z / 2.0), -1)
+
+    q, p = probs(student), probs(teacher)
+    onehot = torch.nn.functional.one_hot(targets, 300).double()
+    for name, grad in (("logp", onehot - q), ("forward_kl", q - p)):
+        want = float((grad.abs() < 2.0 ** -12).double().mean())
+        assert got["gradients"][name]["entries_below"] == pytest.approx(want, abs=1e-12)
