@@ -15,7 +15,7 @@ def main(out_path, run_dir):
 
     model, tok = tiny_model(seed=0)
     cfg = tiny_config(pathlib.Path(run_dir), max_steps=1, batch_size=4, micro_batch_size=2, learning_rate=1e-2,
-                      divergence="jsd", clip=None)
+                      divergence="jsd", clip=None, overwrite=True)  # overwrite: a repeated attempt (tests.ranks)
     with torch.no_grad():  # a student away from its teacher, so the step has a real gradient
         torch.manual_seed(1)
         for p in model.parameters():

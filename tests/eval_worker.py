@@ -32,7 +32,8 @@ def main(out_path, run_dir):
     held_out.evaluate = counting
     model, tok = tiny_model(seed=0)
     cfg = tiny_config(pathlib.Path(run_dir), eval_problems=7, eval_samples=2, eval_max_new_tokens=3,
-                      batch_size=4, micro_batch_size=2)
+                      batch_size=4, micro_batch_size=2,
+                      overwrite=True)  # a repeated attempt (tests.ranks) starts clean
     trainer = OPSDTrainer(cfg, model=model, tokenizer=tok, task=EvenAnswers(), rollout_engine=ScriptedEngine(tok))
     metrics = trainer.evaluate()
     expected = sum(int(p.answer) % 2 == 0 for p in trainer.eval_set) / len(trainer.eval_set)

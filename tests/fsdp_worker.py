@@ -57,7 +57,8 @@ def main(out_path, run_dir, mode="gradients"):
     if mode != "gradients":
         return checkpoint_run(model, tok, pathlib.Path(run_dir), sharded, resume=mode == "resume")
     cfg = tiny_config(pathlib.Path(run_dir), max_steps=1, batch_size=4, micro_batch_size=2, learning_rate=1e-2,
-                      divergence="jsd", clip=None, eval_problems=3, eval_max_new_tokens=4)
+                      divergence="jsd", clip=None, eval_problems=3, eval_max_new_tokens=4,
+                      overwrite=True)  # a repeated attempt (tests.ranks) starts clean
     trainer = OPSDTrainer(cfg, model=model, tokenizer=tok, task=EvenAnswers(), rollout_engine=ScriptedEngine(tok))
     trainer.teacher.copy.load_state_dict(tiny_model(seed=0)[0].state_dict())
     assert trainer.sharded == sharded
@@ -79,7 +80,8 @@ def main(out_path, run_dir, mode="gradients"):
 def checkpoint_run(model, tok, run_dir, sharded, resume):
     """One step and a checkpoint (with its save_pretrained folder), or the resumed run's second step."""
     cfg = tiny_config(run_dir, max_steps=2 if resume else 1, batch_size=4, micro_batch_size=2, learning_rate=1e-2,
-                      divergence="jsd", clip=None, resume=resume, save_pretrained=True)
+                      divergence="jsd", clip=None, resume=resume, save_pretrained=True,
+                      overwrite=not resume)  # a repeated attempt (tests.ranks) starts clean
     trainer = OPSDTrainer(cfg, model=model, tokenizer=tok, task=EvenAnswers(), rollout_engine=ScriptedEngine(tok))
     trainer.teacher.copy.load_state_dict(tiny_model(seed=0)[0].state_dict())
     assert trainer.sharded == sharded

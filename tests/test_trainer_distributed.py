@@ -1,58 +1,13 @@
 """Two CPU processes (gloo, through accelerate) agree with one process on the same global batch, and share
 the held-out evaluation between them with gathered metrics."""
-import os
-import socket
-import subprocess
-import sys
-
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-# A gloo process sometimes aborts in C++ teardown at interpreter exit ("terminate called without an active
-# exception", SIGABRT) after its work is done, more often on a loaded machine; such a run is repeated once.
-_TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def _run(module, args, world, attempts=2):
-    """Run ``python -m module args`` as ``world`` processes (one plain process when world is 1)."""
-    if world == 1:
-        subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(), check=True, timeout=300)
-        return
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    try:
-        results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
-    finally:  # a rank that timed out (or whose peer died) must not outlive the test, waiting on its peer forever
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if attempts > 1 and any(code == -6 and _TEARDOWN_ABORT in err for code, err in results):
-        return _run(module, args, world, attempts - 1)
-    for code, err in results:
-        assert code == 0, err[-3000:]
+from tests.ranks import run_ranks
 
 
 def test_evaluation_is_sharded_and_gathered(tmp_path):
-    _run("tests.eval_worker", [str(tmp_path / "one"), str(tmp_path / "s")], 1)
-    _run("tests.eval_worker", [str(tmp_path / "two"), str(tmp_path / "d")], 2)
+    run_ranks("tests.eval_worker", [str(tmp_path / "one"), str(tmp_path / "s")], 1)
+    run_ranks("tests.eval_worker", [str(tmp_path / "two"), str(tmp_path / "d")], 2)
     single = torch.load(tmp_path / "one.0")
     assert 0 < single["expected"] < 1  # a mix of right and wrong: the gathered share is informative
     ranks = [torch.load(tmp_path / f"two.{r}") for r in range(2)]
@@ -69,8 +24,8 @@ def _one_and_two_processes(worker: str, tmp_path):
     """The worker's saved results with 1 and with 2 processes, after checking both states agree: the same
     names and values to float32 tolerance, with a real (non-zero) gradient behind them."""
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    _run(worker, [str(single), str(tmp_path / "s")], 1)
-    _run(worker, [str(double), str(tmp_path / "d")], 2)
+    run_ranks(worker, [str(single), str(tmp_path / "s")], 1)
+    run_ranks(worker, [str(double), str(tmp_path / "d")], 2)
     one, two = torch.load(single), torch.load(double)
     assert one["world"] == 1 and two["world"] == 2
     scale = max(v.abs().max().item() for v in one["state"].values())
@@ -103,8 +58,8 @@ def test_fsdp2_checkpoint_holds_whole_weights_and_resumes(tmp_path):
     weights = {}
     for world, name in ((1, "one"), (2, "two")):
         run = tmp_path / name
-        _run("tests.fsdp_worker", [str(tmp_path / "unused"), str(run), "train"], world)
-        _run("tests.fsdp_worker", [str(tmp_path / "unused"), str(run), "resume"], world)
+        run_ranks("tests.fsdp_worker", [str(tmp_path / "unused"), str(run), "train"], world)
+        run_ranks("tests.fsdp_worker", [str(tmp_path / "unused"), str(run), "resume"], world)
         weights[name] = {step: load_file(run / "run" / f"checkpoint-{step}" / "weights.safetensors")
                          for step in (1, 2)}
         exported = AutoModelForCausalLM.from_pretrained(run / "run" / "checkpoint-1" / "model")

@@ -196,22 +196,13 @@ def test_lm_head_adapters_are_refused(tmp_path):
 def test_grpo_under_two_ddp_processes_matches_trl(tmp_path):
     """Two CPU processes (gloo, through accelerate): the fused forward goes through DDP like TRL's."""
     import os
-    import subprocess
-    import sys
 
     import torch
 
-    from .test_trainer_distributed import ROOT, _env, _free_port
+    from .ranks import run_ranks
 
-    port, out = str(_free_port()), tmp_path / "runs.pt"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.trl_ddp_worker", str(out), str(tmp_path / f"r{r}")],
-                              cwd=ROOT, env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                                 TRL_EXPERIMENTAL_SILENCE="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    out = tmp_path / "runs.pt"
+    run_ranks("tests.trl_ddp_worker", [str(out), str(tmp_path / "r{rank}")], 2, env=dict(TRL_EXPERIMENTAL_SILENCE="1"))
     runs = torch.load(out)
     assert runs["ours"]["world"] == 2 and runs["ours"]["wrapped"] == "DistributedDataParallel"
     assert_close_runs((runs["ours"]["losses"], runs["ours"]["grads"]), (runs["trl"]["losses"], runs["trl"]["grads"]))
