@@ -140,3 +140,23 @@ def test_auto_takes_the_torch_folds_for_float64_on_cuda(as_cuda):
     want = run(token_stats, inputs, grads, impl="eager", **opts)
     as_cuda("2.11")
     assert max(_rel_errors(run(token_stats, inputs, grads, **opts), want)) < 1e-10
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_auto_takes_the_torch_folds_for_a_float64_teacher_with_support_topk(as_cuda, dtype, tolerance):
+    """support_topk takes the teacher's log-probs at the student's top-k ids in the teacher's own dtype: with a
+    float64 teacher beside a 16/32-bit student, impl="auto" on CUDA runs the student's op in the Triton folds and
+    the teacher's in the torch folds (it passed the student's choice, Triton, to the teacher and raised)."""
+    inputs = make_inputs(n=9, width=6, vocab=50, dtype=dtype, separate_teacher=True, seed=1)
+    inputs["teacher_hidden"] = inputs["teacher_hidden"].double()
+    inputs["teacher_weight"] = inputs["teacher_weight"].double()
+    grads = upstream(9)
+    opts = dict(divergence="jsd", beta=0.3, support_topk=4)
+    want = run(token_stats, inputs, grads, impl="eager", **opts)
+    as_cuda("2.11")
+    errors = _rel_errors(run(token_stats, inputs, grads, **opts), want)
+    assert max(errors[:3]) < 1e-5 and max(errors[3:]) < tolerance, errors
+    with pytest.raises(ValueError, match="impl='triton' with support_topk takes a float32, bfloat16 or float16 "
+                                         "teacher_hidden"):
+        run(token_stats, inputs, grads, impl="triton", **opts)

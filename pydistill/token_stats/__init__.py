@@ -180,7 +180,9 @@ def token_stats(
             still over the full vocabulary (the chunk loop, one context); no [N, V] tensor exists.
         support_topk: k, with ``teacher_hidden``: the divergence over the student's own k most likely tokens
             (plus a tail bucket with ``topk_tail``), the teacher's log-probs taken at those ids (SDPO/SDFT's
-            ``topk_logits``, ROSD's original top-100 + tail). The ids carry no gradient.
+            ``topk_logits``, ROSD's original top-100 + tail). The ids carry no gradient. The teacher's log-probs
+            are computed in ``teacher_hidden``'s dtype (``impl="auto"`` picks their folds by it; ``"triton"``
+            refuses a float64 teacher there).
         memory_budget_mb: the one speed/memory knob: extra memory the op may use beyond its inputs and returned
             gradients (logits and dlogits chunks, the float32 dH accumulator, fold temporaries, the gradient
             basis). It picks the mode: *fast* when the basis of every row fits (``N * len(differentiated) * V``
@@ -322,6 +324,7 @@ def token_stats(
     differentiated = _resolve_differentiated(differentiated, cfg)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         differentiated = ()  # no backward will come: forming a basis would only cost
+    requested_impl = impl
     if impl == "auto":
         # the Triton folds take no float64 (the torch folds compute it in float64)
         cuda = loop.device_kind(device) == "cuda" and hidden.dtype != torch.float64
@@ -334,11 +337,15 @@ def token_stats(
     if support_topk is not None:
         if resolved is None or topk:
             raise ValueError("support_topk needs a teacher given as teacher_hidden and a divergence")
+        if requested_impl == "triton" and teacher_hidden.dtype == torch.float64:
+            raise ValueError("impl='triton' with support_topk takes a float32, bfloat16 or float16 teacher_hidden "
+                             "(its log-probs run in its own dtype), got float64")
         from .topk import student_support
 
+        # The teacher's log-probs run in the teacher's own dtype: "auto" chooses its folds by that dtype.
         teacher_topk_ids, teacher_topk_logprobs = student_support(
-            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, support_topk, active, cfg, impl,
-            memory_budget_mb, lean_op=token_stats)
+            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, support_topk, active, cfg,
+            requested_impl, memory_budget_mb, lean_op=token_stats)
         topk = True
     if topk:
         from .topk import topk_token_stats
