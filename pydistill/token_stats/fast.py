@@ -184,10 +184,8 @@ def fast_backward(basis, gradients, hidden, weight, need_weight_grad: bool, d_we
                 (torch.zeros_like(weight) if d_weight is None else d_weight) if need_weight_grad else None)
     k0, g = present[0]
     dz = basis[k0]
-    if len(present) > 1:  # dZ = sum_k g_k B_k in place, then a unit row gradient
-        dz.mul_(g.to(dz.dtype).unsqueeze(1))
-        for k, gk in present[1:]:
-            dz.addcmul_(basis[k], gk.to(dz.dtype).unsqueeze(1))
+    if len(present) > 1:  # dZ = sum_k g_k B_k into the first basis's storage, then a unit row gradient
+        _combine(dz, [(basis[k], gk) for k, gk in present], acc)
         g = torch.ones_like(g)
     g = g.to(acc)
     # g (B W): the per-row factor after the GEMM; B^T (g h): the factor on the small [N, H] side
@@ -213,3 +211,24 @@ def fast_backward(basis, gradients, hidden, weight, need_weight_grad: bool, d_we
         elif need_weight_grad:
             loop._write_weight_grad(d_weight[c0:c1], dz[:, c0:c1].t(), gh)
     return d_hidden.mul_(g.unsqueeze(1)), d_weight
+
+
+def _combine(dz, terms, acc):
+    """dz = sum_k g_k B_k over the (basis, row gradient) ``terms``, dz being the first term's basis. A 16-bit
+    basis is summed in the compute dtype a row block at a time and rounded once, as the lean mode's fold rounds
+    its dlogits (rounding each g_k, product and partial sum to bfloat16 cost about a fifth more gradient error);
+    a block's float32 sum is no larger than one context's logits of the smallest fast block the forward kept."""
+    rows = lambda g, r0, r1: g[r0:r1].to(acc).unsqueeze(1)  # noqa: E731
+    n = dz.shape[0]
+    if dz.dtype == acc:
+        dz.mul_(rows(terms[0][1], 0, n))
+        for b, gk in terms[1:]:
+            dz.addcmul_(b, rows(gk, 0, n))
+        return
+    step = max(1, min(n, MIN_FAST_BLOCK_ROWS[loop.device_kind(dz.device)]))
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        total = dz[r0:r1] * rows(terms[0][1], r0, r1)  # 16-bit times float32: a float32 block
+        for b, gk in terms[1:]:
+            total.addcmul_(b[r0:r1], rows(gk, r0, r1))
+        dz[r0:r1].copy_(total)
