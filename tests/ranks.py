@@ -101,8 +101,9 @@ def _attempt(module, args, world, env_extra, timeout):
 
 def run_ranks(module: str, args: list, world: int, timeout: float = 240, env: dict | None = None):
     """Run ``python -m module *args`` as ``world`` processes (one plain process when ``world`` is 1) and assert
-    that every rank exits 0; ``{rank}`` in an argument becomes the process's rank. A gloo teardown abort after the work, or a hang, is repeated once (a hang with a
-    warning holding the stacks, so that it stays visible); a second one fails with the stacks."""
+    that every rank exits 0; ``{rank}`` in an argument becomes the process's rank. A gloo teardown abort after the
+    work, or a hang, is repeated once (a hang with a warning holding the stacks, so that it stays visible); a
+    second one fails (a hang with the stacks). A repeated worker must start its run folder afresh."""
     for attempt in (1, 2):
         try:
             results = _attempt(module, args, world, env or {}, timeout)
