@@ -7,6 +7,7 @@ import torch
 
 from pydistill.models import tiny_model
 from pydistill.trainers import OPSDTrainer
+from tests.ranks import finish_worker
 from tests.trainer_helpers import TASK, ScriptedEngine, tiny_config
 
 
@@ -28,6 +29,7 @@ def main(out_path, run_dir):
     metrics = trainer.training_step()
     if trainer.is_main:
         torch.save(dict(state=grads, loss=metrics["loss"], world=trainer.world), out_path)
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pydistill.trainers.held_out as held_out
 from pydistill.models import tiny_model
 from pydistill.tasks import ArithmeticTask
 from pydistill.trainers import OPSDTrainer
+from tests.ranks import finish_worker
 from tests.trainer_helpers import ScriptedEngine, tiny_config
 
 
@@ -39,9 +40,7 @@ def main(out_path, run_dir):
     expected = sum(int(p.answer) % 2 == 0 for p in trainer.eval_set) / len(trainer.eval_set)
     torch.save(dict(metrics=metrics, seen=seen, expected=expected, world=trainer.world),
                f"{out_path}.{trainer.accelerator.process_index}")
-    if torch.distributed.is_initialized():  # an orderly exit: gloo's threads otherwise may abort at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pydistill.trainers.core as core
 from pydistill.models import tiny_model
 from pydistill.trainers import OPSDTrainer
 from tests.eval_worker import EvenAnswers
+from tests.ranks import finish_worker
 from tests.trainer_helpers import ScriptedEngine, tiny_config
 
 
@@ -74,7 +75,7 @@ def main(out_path, run_dir, mode="gradients"):
     evaluation = trainer.evaluate()
     if trainer.is_main:
         torch.save(dict(state=grads, loss=metrics["loss"], world=trainer.world, eval=evaluation), out_path)
-    _exit()
+    finish_worker()
 
 
 def checkpoint_run(model, tok, run_dir, sharded, resume):
@@ -86,13 +87,7 @@ def checkpoint_run(model, tok, run_dir, sharded, resume):
     trainer.teacher.copy.load_state_dict(tiny_model(seed=0)[0].state_dict())
     assert trainer.sharded == sharded
     trainer.train()
-    _exit()
-
-
-def _exit():
-    if torch.distributed.is_initialized():  # an orderly exit: gloo's threads otherwise abort at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

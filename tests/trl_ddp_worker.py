@@ -10,6 +10,7 @@ def main(out_path, run_dir):
     import trl
 
     from pydistill.integrations.trl import GRPOTrainer
+    from tests.ranks import finish_worker
     from tests.trl_helpers import run_grpo
 
     torch.set_num_threads(1)
@@ -21,10 +22,7 @@ def main(out_path, run_dir):
                           wrapped=type(trainer.model_wrapped).__name__)
     if trainer.accelerator.is_main_process:
         torch.save(runs, out_path)
-    # Leave together: a rank that exits while the other still holds the gloo group aborts ("terminate called").
-    trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":
