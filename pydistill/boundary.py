@@ -84,6 +84,14 @@ class Head(NamedTuple):
         none (the op's None would give the teacher the student's cap)."""
         return float(self.softcap or 0.0)
 
+    def teacher_options(self, student: Optional["Head"] = None) -> dict:
+        """The op's keyword arguments for a teacher context read through this head: its softcap, and its weight
+        and bias unless it is ``student``'s weight (one GEMM per vocabulary tile then serves both contexts)."""
+        options = dict(teacher_softcap=self.teacher_softcap)
+        if student is None or self.weight is not student.weight:
+            options.update(teacher_weight=self.weight.detach(), teacher_bias=self.bias)
+        return options
+
 
 def read_head(model) -> Head:
     """The output head of ``model`` (any wrapper :func:`unwrap` sees through), for the op."""

@@ -62,15 +62,7 @@ def teacher_head(teacher) -> Optional[Head]:
 def head_options(head: Head, teacher: Optional[Head] = None) -> dict:
     """The head keyword arguments of a fused loss on ``head`` (and a teacher context on ``teacher``'s: its weight,
     bias and softcap)."""
-    return dict(bias=head.bias, softcap=head.softcap, **teacher_head_options(teacher))
-
-
-def teacher_head_options(teacher: Optional[Head]) -> dict:
-    """A fused loss's keyword arguments for a teacher context on its own head (weight, bias, softcap); none for a
-    teacher that reads the student's head."""
-    if teacher is None:
-        return {}
-    return dict(teacher_weight=teacher.weight, teacher_bias=teacher.bias, teacher_softcap=teacher.teacher_softcap)
+    return dict(bias=head.bias, softcap=head.softcap, **({} if teacher is None else teacher.teacher_options()))
 
 
 def response_hidden_states(model, batch: ContextBatch, head: Optional[Head] = None) -> torch.Tensor:

@@ -11,8 +11,7 @@ from ...losses import blended_loss, distillation_loss
 from ...prompts import feedback_teacher_messages, render
 from ...boundary import Head, head_token_stats, read_head
 from ..config import loss_temperature
-from ..contexts import (build_context_batch, head_options, response_hidden_states, teacher_head,
-                        teacher_head_options)
+from ..contexts import build_context_batch, head_options, response_hidden_states, teacher_head
 from ..groups import sample_groups
 from ..grpo.trainer import GRPOLoopTrainer
 from ..rollout import HFRolloutEngine, SamplingSettings
@@ -168,7 +167,8 @@ class FDTrainer(GRPOLoopTrainer):
             t_head = teacher_head(self.teacher)
             teacher_hidden = self.teacher.hidden_states(teacher, t_head or head)
             teacher_side["teacher_temperature"] = teacher_t
-            teacher_side.update(teacher_head_options(t_head))  # a copy's head: its own weight, bias and cap
+            if t_head is not None:  # a copy's head: its own weight, bias and cap
+                teacher_side.update(t_head.teacher_options())
         distill = dict(divergence=cfg.divergence, beta=cfg.jsd_beta, clip=cfg.clip, temperature=loss_temperature(cfg),
                        **teacher_side)
         if cfg.distillation_weight == 1:
